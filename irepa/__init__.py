@@ -1,0 +1,1 @@
+"""iREPA: representation alignment for diffusion transformers."""

@@ -1,0 +1,135 @@
+"""Representation alignment: projectors, spatial normalization and the cosine loss.
+
+REPA aligns the diffusion hidden state h [B, T, D] after block `depth` to frozen encoder
+patch tokens y [B, T, E] through an MLP projector; iREPA replaces the MLP with one 3x3
+convolution on the sqrt(T) x sqrt(T) token grid and spatially normalizes the target
+(per channel over the token axis, with the mean scaled by gamma). See SPEC.md section 2.
+
+The functions here are the eager references: all norm and cosine math in fp32, since
+fp16 cosine normalization was reported to produce NaNs late in training.
+`irepa.kernels.fused_alignment_loss` computes the same thing in one fused pass.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+COSINE_EPS = 1e-12  # F.normalize's clamp on the L2 norm; the fused kernel uses the same
+
+
+def spatial_norm(y: torch.Tensor, gamma: float = 0.6, eps: float = 1e-6) -> torch.Tensor:
+    """iREPA target normalization: (y - gamma * mean_T(y)) / (std_T(y) + eps), fp32.
+
+    y: [B, T, E]; mean and unbiased std are taken per (sample, channel) over the T axis.
+    """
+    if y.dim() != 3:
+        raise ValueError(f"spatial_norm expects [B, T, E] features, got shape {tuple(y.shape)}")
+    if y.shape[1] < 2:
+        raise ValueError(f"spatial_norm needs at least 2 tokens for an unbiased std, got T={y.shape[1]}")
+    y32 = y.float()
+    mean = y32.mean(dim=1, keepdim=True)
+    std = y32.std(dim=1, keepdim=True)
+    return (y32 - gamma * mean) / (std + eps)
+
+
+def alignment_loss(z: torch.Tensor, y: torch.Tensor, gamma: float | None = None) -> torch.Tensor:
+    """Negative mean cosine similarity between projected hidden states z and targets y.
+
+    z, y: [B, T, E]. gamma None aligns to y as given (REPA); a float applies
+    `spatial_norm(y, gamma)` first (iREPA). The target never receives a gradient.
+    """
+    if z.shape != y.shape:
+        raise ValueError(f"alignment_loss: projection {tuple(z.shape)} and target {tuple(y.shape)} differ")
+    with torch.no_grad():
+        y32 = spatial_norm(y, gamma) if gamma is not None else y.float()
+        y_n = F.normalize(y32, dim=-1, eps=COSINE_EPS)
+    z_n = F.normalize(z.float(), dim=-1, eps=COSINE_EPS)
+    return -(z_n * y_n).sum(dim=-1).mean()
+
+
+class MLPProjector(nn.Module):
+    """REPA projector: Linear(D, H), SiLU, Linear(H, H), SiLU, Linear(H, E), Xavier init."""
+
+    def __init__(self, dim: int, out_dim: int, hidden_dim: int = 2048):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden_dim), nn.SiLU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.SiLU(),
+            nn.Linear(hidden_dim, out_dim),
+        )
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        return self.net(h_BTD)
+
+
+def token_grid(num_tokens: int, where: str = "tokens") -> int:
+    """Side of the square token grid, or a ValueError naming the offending count."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(
+            f"{where}: {num_tokens} tokens do not form a square grid; the conv projector "
+            f"needs T = side*side (e.g. 256 = 16x16). Drop CLS/register tokens first."
+        )
+    return side
+
+
+class ConvProjector(nn.Module):
+    """iREPA projector: one Conv2d(D, E, 3x3, padding 1) on the row-major token grid."""
+
+    def __init__(self, dim: int, out_dim: int, kernel_size: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, out_dim, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = h_BTD.shape
+        side = token_grid(T, "ConvProjector")
+        h_BDHW = h_BTD.transpose(1, 2).reshape(B, D, side, side)
+        return self.conv(h_BDHW).flatten(2).transpose(1, 2)
+
+
+def build_projector(kind: str, dim: int, out_dim: int, hidden_dim: int = 2048) -> nn.Module:
+    if kind == "mlp":
+        return MLPProjector(dim, out_dim, hidden_dim)
+    if kind == "conv":
+        return ConvProjector(dim, out_dim)
+    raise ValueError(f"unknown projector {kind!r}; choose 'mlp' (REPA) or 'conv' (iREPA)")
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, "float | None"], torch.Tensor]
+
+
+class AlignmentHead(nn.Module):
+    """One projector per encoder; the alignment loss is the mean over encoders.
+
+    `loss_fn` is the eager `alignment_loss` or the fused Triton op with the same contract.
+    """
+
+    def __init__(self, dim: int, encoder_dims: Sequence[int], projector: str = "conv",
+                 gamma: float | None = 0.6, hidden_dim: int = 2048, loss_fn: LossFn | None = None):
+        super().__init__()
+        if not encoder_dims:
+            raise ValueError("AlignmentHead needs at least one encoder dimension")
+        self.projectors = nn.ModuleList(build_projector(projector, dim, e, hidden_dim) for e in encoder_dims)
+        self.gamma = gamma
+        self.loss_fn: LossFn = loss_fn or alignment_loss
+
+    def forward(self, h_BTD: torch.Tensor, targets: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(targets) != len(self.projectors):
+            raise ValueError(f"got {len(targets)} encoder targets for {len(self.projectors)} projectors")
+        losses = []
+        for proj, y in zip(self.projectors, targets):
+            z = proj(h_BTD)
+            if z.shape != y.shape:
+                raise ValueError(
+                    f"projected hidden state {tuple(z.shape)} does not match encoder features "
+                    f"{tuple(y.shape)}: token count or encoder dim disagree with the model config")
+            losses.append(self.loss_fn(z, y, self.gamma))
+        return torch.stack(losses).mean()

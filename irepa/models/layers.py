@@ -1,0 +1,93 @@
+"""Layers shared by SiT and JiT: embeddings, fixed 2-D sin-cos positions, modulation."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def modulate_norm_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """adaLN: LayerNorm without affine, then x * (1 + scale) + shift per sample.
+
+    x [B, T, D]; shift, scale [B, D]. The fused Triton version is irepa.kernels.fused_adaln.
+    """
+    xn = F.layer_norm(x, (x.shape[-1],), eps=eps)
+    return xn * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def get_modulate_norm(fused: bool):
+    """The adaLN function blocks call: the fused kernel on request, else the reference."""
+    if fused:
+        from irepa.kernels import fused_adaln  # imported lazily: triton is optional at import time
+        return fused_adaln
+    return modulate_norm_ref
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding [grid*grid, dim] (MAE / DiT convention)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos pos-embed needs dim divisible by 4, got {dim}")
+    gh, gw = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))
+    # DiT puts the w coordinate first
+    def axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    return np.concatenate([axis(dim // 2, gh), axis(dim // 2, gw)], axis=1).astype(np.float32)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar t -> sinusoidal features (256) -> MLP -> [B, D]."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    @staticmethod
+    def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.sinusoid(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> [B, D]; index `num_classes` is the null class used for CFG.
+
+    Label dropout is decided by the caller (`drop_mask`), so the trainer's seeded
+    generator controls it and resume stays exact.
+    """
+
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
+
+    def forward(self, y: torch.Tensor, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if drop_mask is not None:
+            if self.dropout_prob <= 0:
+                raise ValueError("label dropout requested but the model has no null class (dropout_prob=0)")
+            y = torch.where(drop_mask, torch.full_like(y, self.num_classes), y)
+        return self.embedding_table(y)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, approximate: str = "tanh"):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate=approximate)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
