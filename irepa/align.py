@@ -21,6 +21,11 @@ import torch.nn.functional as F
 COSINE_EPS = 1e-12  # F.normalize's clamp on the L2 norm; the fused kernel uses the same
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Accumulation dtype: at least fp32 (float64 stays float64, for reference checks)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def spatial_norm(y: torch.Tensor, gamma: float = 0.6, eps: float = 1e-6) -> torch.Tensor:
     """iREPA target normalization: (y - gamma * mean_T(y)) / (std_T(y) + eps), fp32.
 
@@ -30,7 +35,7 @@ def spatial_norm(y: torch.Tensor, gamma: float = 0.6, eps: float = 1e-6) -> torc
         raise ValueError(f"spatial_norm expects [B, T, E] features, got shape {tuple(y.shape)}")
     if y.shape[1] < 2:
         raise ValueError(f"spatial_norm needs at least 2 tokens for an unbiased std, got T={y.shape[1]}")
-    y32 = y.float()
+    y32 = _acc(y)
     mean = y32.mean(dim=1, keepdim=True)
     std = y32.std(dim=1, keepdim=True)
     return (y32 - gamma * mean) / (std + eps)
@@ -39,15 +44,18 @@ def spatial_norm(y: torch.Tensor, gamma: float = 0.6, eps: float = 1e-6) -> torc
 def alignment_loss(z: torch.Tensor, y: torch.Tensor, gamma: float | None = None) -> torch.Tensor:
     """Negative mean cosine similarity between projected hidden states z and targets y.
 
+    Math in fp32 for 16/32-bit inputs (float64 inputs stay float64); the result is fp32
+    (float64 for float64 z).
+
     z, y: [B, T, E]. gamma None aligns to y as given (REPA); a float applies
     `spatial_norm(y, gamma)` first (iREPA). The target never receives a gradient.
     """
     if z.shape != y.shape:
         raise ValueError(f"alignment_loss: projection {tuple(z.shape)} and target {tuple(y.shape)} differ")
     with torch.no_grad():
-        y32 = spatial_norm(y, gamma) if gamma is not None else y.float()
+        y32 = spatial_norm(y, gamma) if gamma is not None else _acc(y)
         y_n = F.normalize(y32, dim=-1, eps=COSINE_EPS)
-    z_n = F.normalize(z.float(), dim=-1, eps=COSINE_EPS)
+    z_n = F.normalize(_acc(z), dim=-1, eps=COSINE_EPS)
     return -(z_n * y_n).sum(dim=-1).mean()
 
 

@@ -1,0 +1,267 @@
+"""Typed configuration tree, named presets for the published recipes, CLI overrides.
+
+A run is described by `Config` (model, align, data, optim, train). `resolve(preset,
+overrides)` starts from a preset and applies overrides given as dotted keys
+("train.batch_size") or unique leaf names ("batch_size"); every section validates itself
+in __post_init__ and the resolved tree is written to the run folder as config.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    name: str = "SiT-XL/2"
+    """registry name: SiT-S/2, SiT-B/2, SiT-L/2, SiT-XL/2, JiT-B/16, ... (irepa.models.names())"""
+    input_size: int = 32
+    """spatial side of the model input: latent side for SiT (256 px / 8), pixel side for JiT"""
+    in_channels: int = 4
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    """label dropout for classifier-free guidance; the null class is index num_classes"""
+    align_depth: int | None = None
+    """block (1-indexed) whose output is aligned; None = the size's published default"""
+    attn_backend: str = "auto"
+    """auto | sdpa | flash | xformers"""
+    fused_kernels: bool | None = None
+    """fused Triton adaLN in the blocks; None = on when training on CUDA"""
+
+    def __post_init__(self):
+        if self.input_size <= 0 or self.in_channels <= 0 or self.num_classes <= 0:
+            raise ValueError(f"model: input_size, in_channels, num_classes must be positive ({self})")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+
+
+@dataclass
+class AlignConfig:
+    encoders: list[str] = field(default_factory=lambda: ["dinov2-vit-b"])
+    """target encoders (irepa.encoders.names()); one projector each, losses averaged; [] = no alignment"""
+    projector: str = "conv"
+    """conv (iREPA: 3x3 conv on the token grid) or mlp (REPA)"""
+    gamma: float | None = 0.6
+    """spatial-norm mean scale (iREPA: 0.6 SiT, 0.8 JiT); None = no spatial norm (REPA)"""
+    weight: float = 1.0
+    """lambda: total = denoising + weight * alignment"""
+    hidden_dim: int = 2048
+    """MLP projector width"""
+    fused_loss: bool | None = None
+    """fused Triton alignment loss; None = on when training on CUDA"""
+
+    def __post_init__(self):
+        if self.projector not in ("conv", "mlp"):
+            raise ValueError(f"align.projector must be 'conv' or 'mlp', got {self.projector!r}")
+        if isinstance(self.encoders, str):
+            self.encoders = [self.encoders]
+        if self.weight < 0:
+            raise ValueError(f"align.weight must be >= 0, got {self.weight}")
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"
+    """'digits' (built in, scikit-learn) or the path of a dataset made by launch/prepare.py"""
+    resolution: int = 256
+    """image side the encoders see (tokens = (resolution/16)^2)"""
+    backend: str = "auto"
+    """loader for prepared data: auto | ffcv | memmap"""
+    online_encoders: bool = False
+    """run the encoders in the train step on streamed images instead of stored features"""
+
+    def __post_init__(self):
+        if self.resolution % 16:
+            raise ValueError(f"data.resolution must be a multiple of 16 (encoder patch grid), got {self.resolution}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    """max global grad norm; None = no clipping (JiT)"""
+    warmup_steps: int = 0
+    """linear warm-up from 0 to lr, then constant"""
+    scale_lr_with_batch: bool = False
+    """lr * batch / 256 (JiT)"""
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.lr <= 0 or len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim: lr must be > 0 and betas two numbers in [0, 1), got lr={self.lr} betas={self.betas}")
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "sit"
+    """sit (velocity, t=1 noise) or jit (x-prediction, t=1 data)"""
+    steps: int = 400_000
+    batch_size: int = 256
+    """global batch over all ranks"""
+    seed: int = 0
+    time_sampling: str = "uniform"
+    """sit: uniform | lognormal"""
+    ema_decays: list[float] = field(default_factory=lambda: [0.9999])
+    precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32"""
+    compile: bool = False
+    """torch.compile the model per block (fullgraph; the Triton kernels run inside the graphs)"""
+    parallel: str = "auto"
+    """data parallelism: auto (fsdp when several ranks, else none) | none | ddp | fsdp (FSDP2 fully_shard)"""
+    activation_checkpointing: bool = False
+    """recompute each block's activations in the backward (less memory, ~1/3 more compute)"""
+    out_dir: str = "runs"
+    run_name: str | None = None
+    """folder under out_dir; None = preset name"""
+    resume: bool = True
+    """continue from the newest complete checkpoint in the run folder"""
+    log_every: int = 100
+    ckpt_every: int = 10_000
+    keep_checkpoints: int = 2
+    sample_every: int = 0
+    """write a sample grid every N steps (0 = only at the end)"""
+    sample_steps: int = 50
+    sample_method: str = "euler"
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.objective not in ("sit", "jit"):
+            raise ValueError(f"train.objective must be 'sit' or 'jit', got {self.objective!r}")
+        if self.steps <= 0 or self.batch_size <= 0 or self.log_every <= 0 or self.ckpt_every <= 0:
+            raise ValueError("train: steps, batch_size, log_every and ckpt_every must be positive")
+        if self.parallel not in ("auto", "none", "ddp", "fsdp"):
+            raise ValueError(f"train.parallel must be auto|none|ddp|fsdp, got {self.parallel!r}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"train.precision must be auto|bf16|fp16|fp32, got {self.precision!r}")
+        if isinstance(self.ema_decays, (int, float)):
+            self.ema_decays = [float(self.ema_decays)]
+        if not self.ema_decays or not all(0 < d < 1 for d in self.ema_decays):
+            raise ValueError(f"train.ema_decays must be numbers in (0, 1), got {self.ema_decays}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kw = {}
+        for name, value in d.items():
+            if name not in sections:
+                raise ValueError(f"config: unknown section {name!r}")
+            if name == "preset":
+                kw[name] = value
+                continue
+            sec_cls = _SECTION_TYPES[name]
+            known = {f.name for f in dataclasses.fields(sec_cls)}
+            bad = set(value) - known
+            if bad:
+                raise ValueError(f"config: unknown key(s) {sorted(bad)} in section {name!r}")
+            kw[name] = sec_cls(**value)
+        return cls(**kw)
+
+
+_SECTION_TYPES = {"model": ModelConfig, "align": AlignConfig, "data": DataConfig, "optim": OptimConfig,
+                  "train": TrainConfig}
+
+_SIT = {"SiT-B/2": ("sit-b2", 4), "SiT-L/2": ("sit-l2", 8), "SiT-XL/2": ("sit-xl2", 8)}
+
+
+def _published_presets() -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for model, (tag, depth) in _SIT.items():
+        base = {"model": {"name": model, "align_depth": depth, "input_size": 32, "in_channels": 4},
+                "data": {"source": "data/imagenet256", "resolution": 256},
+                "train": {"steps": 400_000, "batch_size": 256, "ema_decays": [0.9999]},
+                "optim": {"lr": 1e-4, "betas": (0.9, 0.999), "grad_clip": 1.0}}
+        out[f"{tag}-repa"] = _merge(base, {"align": {"encoders": ["dinov2-vit-b"], "projector": "mlp",
+                                                     "gamma": None, "weight": 0.5}})
+        out[f"{tag}-irepa"] = _merge(base, {"align": {"encoders": ["dinov2-vit-b"], "projector": "conv",
+                                                      "gamma": 0.6, "weight": 1.0}})
+    # the embedded default: a small SiT on scikit-learn's digits with a HOG target, CPU, minutes
+    out["digits-sit-irepa"] = {
+        "model": {"name": "SiT-T/2", "input_size": 16, "in_channels": 1, "num_classes": 10,
+                  "align_depth": 2, "attn_backend": "sdpa"},
+        "align": {"encoders": ["hog"], "projector": "conv", "gamma": 0.6, "weight": 1.0},
+        "data": {"source": "digits", "resolution": 128},
+        "optim": {"lr": 1e-3, "betas": (0.9, 0.999), "grad_clip": 1.0, "warmup_steps": 50},
+        "train": {"steps": 1200, "batch_size": 64, "ema_decays": [0.995], "log_every": 50,
+                  "ckpt_every": 400, "sample_steps": 40, "sample_method": "heun"},
+    }
+    out["digits-sit-repa"] = _merge(out["digits-sit-irepa"], {"align": {"projector": "mlp", "gamma": None,
+                                                                        "weight": 0.5, "hidden_dim": 256}})
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for k, v in over.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+PRESETS: dict[str, dict] = _published_presets()
+DEFAULT_PRESET = "digits-sit-irepa"
+
+
+def register_presets(presets: dict[str, dict]) -> None:
+    """Add presets (e.g. the JiT recipes) to the table."""
+    PRESETS.update(presets)
+
+
+def _leaf_index() -> dict[str, list[str]]:
+    idx: dict[str, list[str]] = {}
+    for sec, cls in _SECTION_TYPES.items():
+        for f in dataclasses.fields(cls):
+            idx.setdefault(f.name, []).append(sec)
+    return idx
+
+
+def resolve(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None) -> Config:
+    """Preset + overrides -> validated Config. Unknown preset or key -> ValueError naming it."""
+    _load_extra_presets()
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    tree = _merge(PRESETS[preset], {})
+    leaves = _leaf_index()
+    for key, value in (overrides or {}).items():
+        if "." in key:
+            sec, name = key.split(".", 1)
+        else:
+            secs = leaves.get(key, [])
+            if not secs:
+                raise ValueError(f"unknown config key {key!r}: no section has it "
+                                 f"(sections: {list(_SECTION_TYPES)})")
+            if len(secs) > 1:
+                raise ValueError(f"override {key!r} is in sections {secs}; write it as section.{key}")
+            sec, name = secs[0], key
+        if sec not in _SECTION_TYPES or name not in {f.name for f in dataclasses.fields(_SECTION_TYPES[sec])}:
+            raise ValueError(f"unknown config key {key!r}")
+        tree.setdefault(sec, {})[name] = value
+    cfg = Config.from_dict({**tree, "preset": preset})
+    return cfg
+
+
+def _load_extra_presets() -> None:
+    try:  # JiT recipes live with the JiT objective
+        from irepa.train.objective_jit import JIT_PRESETS
+    except ImportError:
+        return
+    register_presets(JIT_PRESETS)

@@ -1,0 +1,129 @@
+"""The trainer end to end on tiny digits runs: exact resume after a kill, SIGTERM, bad checkpoints."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from irepa.config import resolve
+from irepa.train import checkpoint as ckpt_io
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model.name", "SiT-Tiny/2", "--model.input_size", "8", "--data.resolution", "64",
+        "--batch_size", "16", "--log_every", "1", "--ckpt_every", "3", "--sample_steps", "4",
+        "--ema_decays", "[0.9]", "--warmup_steps", "0"]
+
+
+def run_train(out_dir, name, *extra, env_extra=None, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), *TINY, "--out_dir", str(out_dir), "--run_name", name,
+           *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, tuple]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = (r["loss"], r["denoise"], r["align"], r["grad_norm"])  # last entry per step wins
+    return out
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+    run_train(tmp_path, "full", "--steps", "8")
+    killed = run_train(tmp_path, "killed", "--steps", "8", env_extra={"IREPA_SIGNAL_AT": f"5:{int(signal.SIGKILL)}"},
+                       check=False)
+    assert killed.returncode == -signal.SIGKILL
+    ckpts = [p.name for p in ckpt_io.complete_checkpoints(tmp_path / "killed")]
+    assert ckpts == ["step-0000003"]
+    resumed = run_train(tmp_path, "killed", "--steps", "8")
+    assert "resumed from" in resumed.stderr and "step 3" in resumed.stderr
+    full, res = losses(tmp_path / "full"), losses(tmp_path / "killed")
+    assert sorted(full) == sorted(res) == list(range(1, 9))
+    for step in full:
+        assert full[step] == pytest.approx(res[step], rel=1e-6, abs=1e-7), step
+    # losses fall and the alignment term is live
+    assert full[8][0] < full[1][0] and all(v[2] < 0 for v in full.values())
+    assert (tmp_path / "full" / "samples" / "step-0000008.png").stat().st_size > 0
+    assert list((tmp_path / "full").glob("events.out.tfevents.*"))
+
+
+def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path):
+    proc = run_train(tmp_path, "term", "--steps", "50", env_extra={"IREPA_SIGNAL_AT": f"4:{int(signal.SIGTERM)}"})
+    assert proc.returncode == 0
+    last = ckpt_io.latest_checkpoint(tmp_path / "term")
+    assert last.name == "step-0000004"
+    state = ckpt_io.load_checkpoint(last)
+    assert state["trainer"]["step"] == 4 and state["trainer"]["data"]["index"] == 4
+
+
+def _finished_run(tmp_path):
+    run_train(tmp_path, "bad", "--steps", "3")
+    return ckpt_io.latest_checkpoint(tmp_path / "bad")
+
+
+def test_truncated_checkpoint_is_refused_naming_the_file(tmp_path):
+    ckpt = _finished_run(tmp_path)
+    target = ckpt / "model.safetensors"
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    proc = run_train(tmp_path, "bad", "--steps", "6", check=False)
+    assert proc.returncode != 0
+    assert str(target) in proc.stderr and "truncated" in proc.stderr
+    assert target.stat().st_size == len(data) // 2  # nothing rewritten over it
+
+
+def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
+    ckpt = _finished_run(tmp_path)
+    target = ckpt / "optimizer.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-5] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(ckpt_io.CheckpointError, match=str(target).replace(".", r"\.") + ".*corrupt"):
+        ckpt_io.load_checkpoint(ckpt)
+    (ckpt / "manifest.json").unlink()  # an interrupted writer leaves no manifest: it is skipped, not loaded
+    assert ckpt_io.latest_checkpoint(tmp_path / "bad") is None
+
+
+def test_unparseable_safetensors_names_file(tmp_path):
+    ckpt = _finished_run(tmp_path)
+    target = ckpt / "ema.safetensors"
+    target.write_bytes(b"\x00" * 64)
+    with pytest.raises(ckpt_io.CheckpointError, match="ema.safetensors"):
+        ckpt_io.load_checkpoint(ckpt, verify=False)
+
+
+def test_run_folder_with_other_model_is_refused(tmp_path):
+    run_train(tmp_path, "r", "--steps", "1")
+    proc = run_train(tmp_path, "r", "--steps", "2", "--model.align_depth", "1", check=False)
+    assert proc.returncode != 0 and "different model/align/data config" in proc.stderr
+
+
+def test_load_for_inference_gives_ema_model(tmp_path):
+    run_train(tmp_path, "inf", "--steps", "3")
+    model, cfg = ckpt_io.load_for_inference(tmp_path / "inf")
+    assert cfg.model.name == "SiT-Tiny/2" and not model.training
+    out, hidden = model(torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 2]))
+    assert out.shape == (2, 1, 8, 8) and hidden.shape[1] == 16
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown preset"):
+        resolve("nope")
+    with pytest.raises(ValueError, match="unknown config key"):
+        resolve(overrides={"train.nope": 1})
+    with pytest.raises(ValueError, match="unknown config key 'eps_typo'"):
+        resolve(overrides={"eps_typo": 1})
+    with pytest.raises(ValueError, match="projector"):
+        resolve(overrides={"align.projector": "linear"})
+    cfg = resolve("sit-xl2-irepa", {"batch_size": 32})
+    assert (cfg.model.name, cfg.model.align_depth, cfg.align.gamma, cfg.align.weight) == ("SiT-XL/2", 8, 0.6, 1.0)
+    repa = resolve("sit-b2-repa")
+    assert (repa.align.projector, repa.align.gamma, repa.align.weight, repa.model.align_depth) == ("mlp", None, 0.5, 4)
