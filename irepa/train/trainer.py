@@ -348,9 +348,9 @@ class Trainer:
         return model
 
     def velocity_fn(self, model):
-        if self.cfg.train.objective == "jit":
-            from irepa.sampling import velocity_from_x_prediction
-            return velocity_from_x_prediction(lambda x, t, y: model(x, t, y)[0])
+        if self.cfg.train.objective == "jit":  # x-prediction at JiT time 1 - t -> SiT-convention velocity
+            from irepa.models.jit import jit_velocity_fn
+            return jit_velocity_fn(model)
         return lambda x, t, y: model(x, t, y)[0]
 
 
