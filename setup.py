@@ -15,7 +15,7 @@ setup(
     extras_require={
         "gpu": ["triton>=3.0", "flash-attn", "xformers"],
         "data": ["ffcv", "diffusers"],
-        "encoders": ["timm", "transformers", "open_clip_torch"],
+        "encoders": ["transformers>=5.0"],
         "test": ["pytest", "triton>=3.0"],
     },
 )

@@ -1,0 +1,199 @@
+"""Classical spatial features as alignment targets: HOG, dense SIFT, VGG16 pool4.
+
+The paper (SPEC.md sections 1 and 7) shows that features with strong spatial structure
+but no learned semantics still help REPA. All three give one 128-d (HOG, SIFT) or 512-d
+(VGG16 pool4) token per 16 px patch of the model input, so no resize is needed.
+
+HOG and SIFT are weight free and written as batched tensor ops (GPU and torch.compile
+friendly); they compute in fp32 (fp64 if the encoder is moved to float64, which the
+tests use to compare against scikit-image bit for bit).
+
+- HOG per 16 px patch = one block of 4x4 cells of 4 px with 8 unsigned orientation bins,
+  L2-Hys block normalization; this is exactly scikit-image's
+  hog(gray, orientations=8, pixels_per_cell=(4, 4), cells_per_block=(4, 4),
+  block_norm="L2-Hys") taken at every 4th block (the non-overlapping ones).
+- Dense SIFT per 16 px patch (Lowe's descriptor, upright, no scale space): 4x4 spatial
+  bins x 8 signed orientations, Gaussian window sigma = 8 px, trilinear (bilinear in
+  space, linear in angle) vote spreading, L2 normalize -> clip 0.2 -> L2 normalize.
+- VGG16 conv1_1..pool4 (torchvision layer indices, so torchvision's
+  vgg16-397923af.pth loads as is), ImageNet normalization, stride 16, 512 channels.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import GRID_PATCH, Encoder, grid_to_tokens, load_checked, load_state_dict, resolve_weights
+
+GRAY_WEIGHTS = (0.2125, 0.7154, 0.0721)  # scikit-image rgb2gray (ITU-R BT.709)
+
+
+def rgb_to_gray(x_B3HW: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, H, W] luminance."""
+    return (x_B3HW * weights.view(1, 3, 1, 1)).sum(1)
+
+
+def central_gradients(gray_BHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalized central differences, zero on the border rows/cols (scikit-image's rule)."""
+    g_row = F.pad(gray_BHW[:, 2:, :] - gray_BHW[:, :-2, :], (0, 0, 1, 1))
+    g_col = F.pad(gray_BHW[:, :, 2:] - gray_BHW[:, :, :-2], (1, 1, 0, 0))
+    return g_row, g_col
+
+
+def _normalize_l2_hys(v: torch.Tensor, clip: float, eps: float) -> torch.Tensor:
+    v = v / torch.sqrt((v * v).sum(-1, keepdim=True) + eps * eps)
+    v = v.clamp(max=clip)
+    return v / torch.sqrt((v * v).sum(-1, keepdim=True) + eps * eps)
+
+
+class _WeightFree(Encoder):
+    """Shared plumbing: grayscale weights kept as a buffer so .to(float64) switches precision."""
+
+    mean = None
+    std = None
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+        self.register_buffer("gray_weights", torch.tensor(GRAY_WEIGHTS), persistent=False)
+        self.freeze()
+
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float64 if self.gray_weights.dtype == torch.float64 else torch.float32
+
+    def preprocess(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return images.to(self.compute_dtype())  # native resolution: one token per 16 px patch
+
+    def gray(self, x: torch.Tensor) -> torch.Tensor:
+        # from the Python floats, not the buffer: a float32 buffer cast to float64 is not 0.2125
+        return rgb_to_gray(x, torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device))
+
+
+class HOG(_WeightFree):
+    """Histogram of oriented gradients, one L2-Hys block per 16 px patch: [B, T, 128]."""
+
+    def __init__(self, name: str = "hog", cell: int = 4, orientations: int = 8,
+                 clip: float = 0.2, eps: float = 1e-5):
+        super().__init__(name)
+        if GRID_PATCH % cell:
+            raise ValueError(f"HOG cell size {cell} must divide the {GRID_PATCH} px patch")
+        self.cell, self.orientations, self.clip, self.eps = cell, orientations, clip, eps
+        self.cells = GRID_PATCH // cell
+        self.dim = self.cells * self.cells * orientations
+        edges = torch.arange(orientations + 1, dtype=torch.float64) * (180.0 / orientations)
+        self.register_buffer("edges", edges, persistent=False)
+
+    def orientation_bins(self, g_row: torch.Tensor, g_col: torch.Tensor) -> torch.Tensor:
+        """Unsigned orientation, hard voting: bin i holds [i, i+1) * 180/n degrees.
+
+        Same float ops as scikit-image (atan2 in degrees, mod 180, compare with the
+        edges); a gradient within an ulp of an edge (e.g. exactly 45 degrees, common in
+        8-bit images) may land on either side depending on the atan2 implementation.
+        """
+        angle = torch.rad2deg(torch.atan2(g_row, g_col)) % 180.0
+        edges = self.edges.to(angle.dtype)
+        return (torch.bucketize(angle, edges, right=True) - 1).clamp_(0, self.orientations - 1)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        g_row, g_col = central_gradients(self.gray(x))
+        mag = torch.hypot(g_col, g_row)
+        bins = self.orientation_bins(g_row, g_col)
+        votes = torch.zeros(B, self.orientations, H, W, dtype=mag.dtype, device=mag.device)
+        votes.scatter_(1, bins.unsqueeze(1), mag.unsqueeze(1))
+        cells = F.avg_pool2d(votes, self.cell)  # [B, n, H/cell, W/cell], mean over cell pixels
+        gh, gw, c = H // GRID_PATCH, W // GRID_PATCH, self.cells
+        blocks = cells.view(B, self.orientations, gh, c, gw, c).permute(0, 2, 4, 3, 5, 1)
+        blocks = blocks.reshape(B, gh * gw, self.dim)  # per patch: (cell row, cell col, orientation)
+        return _normalize_l2_hys(blocks, self.clip, self.eps)
+
+
+def sift_spatial_weights(patch: int = GRID_PATCH, bins: int = 4, sigma: float | None = None) -> torch.Tensor:
+    """[patch, bins] per-axis weight of pixel u to spatial bin c: Gaussian x bilinear.
+
+    Pixel centres sit at u + 0.5, bin centres at (c + 0.5) * patch / bins; bilinear weight
+    max(0, 1 - |distance| / bin width); Gaussian window centred on the patch, sigma =
+    patch / 2 (Lowe's half the descriptor width).
+    """
+    sigma = patch / 2 if sigma is None else sigma
+    width = patch / bins
+    u = torch.arange(patch, dtype=torch.float64) + 0.5
+    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) * width
+    bilinear = (1 - (u[:, None] - centres[None, :]).abs() / width).clamp(min=0)
+    gauss = torch.exp(-((u - patch / 2) ** 2) / (2 * sigma * sigma))
+    return gauss[:, None] * bilinear
+
+
+class DenseSIFT(_WeightFree):
+    """Upright SIFT descriptor on every 16 px patch: [B, T, 128], unit L2 norm."""
+
+    def __init__(self, name: str = "sift", bins: int = 4, orientations: int = 8, clip: float = 0.2, eps: float = 1e-7):
+        super().__init__(name)
+        self.bins, self.orientations, self.clip, self.eps = bins, orientations, clip, eps
+        self.dim = bins * bins * orientations
+        self.register_buffer("spatial", sift_spatial_weights(GRID_PATCH, bins), persistent=False)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        n = self.orientations
+        g_row, g_col = central_gradients(self.gray(x))
+        mag = torch.hypot(g_col, g_row)
+        pos = torch.remainder(torch.atan2(g_row, g_col), 2 * math.pi) * (n / (2 * math.pi))
+        lo = pos.floor()
+        frac = pos - lo
+        lo = lo.long() % n
+        votes = torch.zeros(B, n, H, W, dtype=mag.dtype, device=mag.device)
+        votes.scatter_add_(1, lo.unsqueeze(1), (mag * (1 - frac)).unsqueeze(1))
+        votes.scatter_add_(1, ((lo + 1) % n).unsqueeze(1), (mag * frac).unsqueeze(1))
+        gh, gw, p = H // GRID_PATCH, W // GRID_PATCH, GRID_PATCH
+        A = self.spatial.to(mag.dtype)
+        hist = torch.einsum("bohpwq,pc,qd->bhwcdo", votes.view(B, n, gh, p, gw, p), A, A)
+        return _normalize_l2_hys(hist.reshape(B, gh * gw, self.dim), self.clip, self.eps)
+
+
+VGG16_POOL4 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M")
+VGG16_FILE = "vgg16-397923af.pth"
+
+
+class VGG16Pool4(Encoder):
+    """VGG16 up to pool4 (stride 16): [B, T, 512]. Layer indices follow torchvision."""
+
+    def __init__(self, name: str = "vgg16", width_div: int = 1):
+        super().__init__()
+        self.name = name
+        layers: list[nn.Module] = []
+        c_in = 3
+        for v in VGG16_POOL4:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                c_out = v // width_div
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+                c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.dim = c_in
+
+    def load(self, path: Path) -> "VGG16Pool4":
+        sd = load_state_dict(path)
+        load_checked(self, sd, self.name, path)
+        return self
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return grid_to_tokens(self.features(x))
+
+
+def build_vgg16(name: str, tiny: bool = False, weights=None) -> VGG16Pool4:
+    """tiny: 1/16 channel widths (random init, or `weights` loaded into that shape for tests)."""
+    if tiny:
+        model = VGG16Pool4(name, width_div=16)
+        return (model.load(Path(weights)) if weights is not None else model).freeze()
+    path = resolve_weights(name, filename=VGG16_FILE, weights=weights)
+    if path.is_dir():
+        path = path / VGG16_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"encoder {name!r}: expected {path} (torchvision's VGG16 ImageNet weights)")
+    return VGG16Pool4(name).load(path).freeze()
