@@ -1,0 +1,193 @@
+"""irepa.kernels.fused_alignment_loss under the Triton interpreter, against float64.
+
+Three-way check (flash-attention style): the kernel's error against a float64 oracle must
+be at most a small multiple of the eager reference's own error in the same dtype plus an
+atol per dtype. Outputs are poisoned with NaN so an element a kernel forgets to write shows.
+Shapes stay small: the interpreter runs every program in numpy.
+"""
+import os
+
+_prev = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+from irepa.align import alignment_loss  # noqa: E402
+from irepa.kernels import alignment as K  # noqa: E402
+from irepa.kernels import fused_alignment_loss  # noqa: E402
+
+# restore at once so collecting this file changes nothing for other tests; the fixture
+# below turns the interpreter on for this file's tests only
+if _prev is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _prev
+
+# atol relative to the largest reference value; bf16 has room for the interpreter's
+# fp32 -> bf16 cast, which truncates where the GPU rounds to nearest
+ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+    if not K.INTERPRETED:
+        pytest.fail("irepa.kernels was imported before TRITON_INTERPRET=1 was set: the kernels are "
+                    "compiled for a GPU; run this file on its own or import it first")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(K, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+
+
+def _inputs(shape, dtype, offset=3.0):
+    z = torch.randn(shape, dtype=torch.float32).to(dtype).requires_grad_()
+    y = (torch.randn(shape) * 2 + offset).to(dtype)  # channel offset: spatial norm must remove it
+    return z, y
+
+
+def _loss_and_grad(fn, z, y, gamma):
+    z = z.detach().requires_grad_()
+    loss = fn(z, y, gamma)
+    loss.backward()
+    return loss.detach(), z.grad
+
+
+def _check(z, y, gamma):
+    dtype = z.dtype
+    loss_64, dz_64 = _loss_and_grad(K._ref, z.detach().double(), y.double(), gamma)
+    loss_e, dz_e = _loss_and_grad(alignment_loss, z, y, gamma)
+    loss_k, dz_k = _loss_and_grad(fused_alignment_loss, z, y, gamma)
+    assert loss_k.dtype == torch.float32 and dz_k.dtype == dtype and dz_k.shape == z.shape
+    assert torch.isfinite(loss_k) and torch.isfinite(dz_k).all()
+    for got, eager, ref in [(loss_k, loss_e, loss_64), (dz_k, dz_e, dz_64)]:
+        err = (got.double() - ref).abs().max().item()
+        err_eager = (eager.double() - ref).abs().max().item()
+        atol = ATOL[dtype] * ref.abs().max().item() + 1e-9
+        assert err <= 2 * err_eager + atol, f"{dtype} gamma={gamma}: err {err:.3g}, eager {err_eager:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gamma", [None, 0.6])
+def test_matches_float64(dtype, gamma):
+    _check(*_inputs((2, 13, 40), dtype), gamma)
+
+
+def test_odd_shape_T257_E1000_B1():
+    _check(*_inputs((1, 257, 1000), torch.bfloat16), 0.6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous(dtype):
+    # z as the conv projector hands it over ([B, E, T] memory), y a channel slice
+    z = torch.randn(2, 24, 36).to(dtype).transpose(1, 2).requires_grad_()
+    y = (torch.randn(2, 36, 50) + 1).to(dtype)[:, :, 3:27]
+    assert not z.is_contiguous() and not y.is_contiguous()
+    _check(z, y, 0.8)
+    dz = _loss_and_grad(fused_alignment_loss, z, y, 0.8)[1]
+    assert dz.stride() == z.stride()  # the gradient keeps the caller's layout
+
+
+def test_zero_token_and_large_offset():
+    # a zero projection token (norm clamp: the norm's derivative is blocked) and a
+    # channel offset 1e3 times the spread (cancellation in a naive sum of squares)
+    z, _ = _inputs((2, 10, 33), torch.float32)
+    y = torch.randn(2, 10, 33) + 1e3
+    z = z.detach().clone()
+    z[0, 3] = 0
+    _check(z.requires_grad_(), y, 0.6)
+
+
+def test_target_gets_no_gradient():
+    z, y = _inputs((1, 6, 8), torch.float32)
+    y.requires_grad_()
+    fused_alignment_loss(z, y, 0.6).backward()
+    assert y.grad is None and z.grad is not None
+
+
+def test_compile_fullgraph():
+    z, y = _inputs((2, 9, 24), torch.float32)
+
+    def step(z, y):
+        return 0.5 * fused_alignment_loss(z, y, 0.6)
+
+    # aot_eager traces forward and backward through register_fake / register_autograd like
+    # inductor does, without a C++ build per test run
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got, dz = _loss_and_grad(lambda z, y, _: compiled(z, y), z, y, None)
+    want, dz_want = _loss_and_grad(lambda z, y, g: 0.5 * alignment_loss(z, y, g), z, y, 0.6)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(dz, dz_want)
+
+
+def test_opcheck():
+    z, y = _inputs((2, 4, 8), torch.float32)
+    torch.library.opcheck(K._alignment_fwd_op, (z, y, 0.6))
+    torch.library.opcheck(K._alignment_fwd_op, (z, y, None))
+
+
+def test_cpu_falls_back_to_reference_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    z, y = _inputs((2, 5, 7), torch.bfloat16)
+    assert torch.equal(fused_alignment_loss(z, y, 0.6), alignment_loss(z, y, 0.6))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="same shape"):
+        fused_alignment_loss(torch.randn(2, 4, 8), torch.randn(2, 4, 9))
+    with pytest.raises(ValueError, match="2 tokens"):
+        fused_alignment_loss(torch.randn(2, 1, 8), torch.randn(2, 1, 8), 0.6)
+
+
+def _saved_bytes(fn, *args) -> int:
+    """Bytes autograd keeps for backward, each storage counted once."""
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(storages.values())
+
+
+def test_saves_a_third_of_eager():
+    z, y = _inputs((2, 16, 64), torch.bfloat16)
+    eager = _saved_bytes(alignment_loss, z, y, 0.6)
+    fused = _saved_bytes(fused_alignment_loss, z, y, 0.6)
+    inputs = z.untyped_storage().nbytes() + y.untyped_storage().nbytes()
+    # beyond its inputs (which the train step holds anyway) the op keeps only statistics
+    assert fused - inputs <= eager / 3, (fused, inputs, eager)
+    # counting the inputs too: two bf16 tensors against eager's two fp32 ones
+    assert fused <= eager * 0.5 + 4 * (2 * 2 * 16 + 2 * 2 * 64), (fused, eager)
+
+
+
+def compile_check(bench: str) -> dict:
+    """Run perf/<bench>.py --compile-check in a fresh process: real Triton compilation for
+    sm_90 (no GPU needed) cannot share a process with the interpreter."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "perf" / f"{bench}.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, str(script), "--compile-check"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    if res.returncode != 0 and ("ptxas" in res.stderr or "No module named 'triton.backends.nvidia'" in res.stderr):
+        pytest.skip("this triton cannot compile for sm_90 here")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_compiles_for_sm90_with_vector_loads():
+    # the interpreter accepts code the compiler rejects: compile the real thing too
+    kinds = compile_check("bench_alignment")
+    assert set(kinds) == {"stats", "token_fwd_contiguous", "token_fwd_transposed",
+                          "token_bwd_contiguous", "token_bwd_transposed"}
+    for name, instrs in kinds.items():
+        assert "ld.global.v4.b32" in instrs, (name, instrs)  # 16-byte loads of the [B, T, E] tensors
+        if name.startswith("token_bwd"):
+            assert "st.global.v4.b32" in instrs, (name, instrs)
