@@ -1,0 +1,223 @@
+"""FID, sFID, Inception Score, precision and recall as the ADM evaluation suite defines them.
+
+Definitions (guided-diffusion's evaluations/evaluator.py, Dhariwal & Nichol 2021):
+- FID: Frechet distance between Gaussians fitted (mean, unbiased covariance) to the
+  2048-d pool_3 features of the reference batch and of the samples.
+- sFID: the same on the spatial mixed_6/conv features (first 7 channels, 17x17x7).
+- IS: exp(E_x KL(p(y|x) || p(y))) over splits of 5000 samples, softmax over the 1008
+  Inception logits, mean over splits.
+- Precision / recall (Kynkaanniemi et al. 2019): k-NN manifolds (k = 3) on pool_3
+  features with squared Euclidean distances; precision = fraction of samples inside the
+  reference manifold, recall = fraction of reference images inside the sample manifold.
+  Distances are computed in fp32 blocks (ADM uses fp16 blocks; the difference is below
+  its rounding).
+A reference .npz holds images under 'arr_0' and may hold precomputed 'mu', 'sigma',
+'mu_s', 'sigma_s' (ADM's VIRTUAL_imagenet256 batches); the stats are then used as given
+and the images only serve precision/recall.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from .inception import InceptionV3, load_inception
+from .npz import iter_npz_array, npz_array_info, npz_keys
+
+
+# ---------------------------------------------------------------- Frechet distance
+def _sqrt_psd(m: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((m + m.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64.
+
+    tr (S1 S2)^(1/2) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2))): a symmetric eigenproblem, stable
+    where scipy's sqrtm of the non-symmetric product needs ADM's eps fallback.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
+        raise ValueError(f"statistics disagree: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    r1 = _sqrt_psd(s1)
+    ev = np.linalg.eigvalsh(r1 @ s2 @ r1)
+    tr_covmean = np.sqrt(np.clip(ev, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+@dataclass
+class Stats:
+    mu: np.ndarray
+    sigma: np.ndarray
+
+    @classmethod
+    def of(cls, acts: np.ndarray) -> "Stats":
+        acts = np.asarray(acts, np.float64)
+        if acts.ndim != 2 or acts.shape[0] < 2:
+            raise ValueError(f"need activations [N >= 2, D], got {acts.shape}")
+        return cls(acts.mean(0), np.cov(acts, rowvar=False))
+
+    def fd(self, other: "Stats") -> float:
+        return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
+
+
+# ---------------------------------------------------------------- Inception Score
+def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
+    p = torch.from_numpy(np.asarray(logits, np.float64)).softmax(-1).numpy()
+    scores = []
+    for i in range(0, len(p), split_size):
+        part = p[i:i + split_size]
+        kl = part * (np.log(part + 1e-30) - np.log(part.mean(0, keepdims=True) + 1e-30))
+        scores.append(np.exp(kl.sum(1).mean()))
+    return float(np.mean(scores))
+
+
+# ---------------------------------------------------------------- precision / recall
+def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    d = (a * a).sum(1, keepdim=True) + (b * b).sum(1)[None] - 2 * a @ b.t()
+    return d.clamp_min_(0)
+
+
+def manifold_radii(feats: torch.Tensor, k: int = 3, batch: int = 10000) -> torch.Tensor:
+    """Squared distance of every point to its k-th nearest neighbour (itself excluded) [N]."""
+    if feats.shape[0] <= k:
+        raise ValueError(f"k-NN radii need more than k={k} points, got {feats.shape[0]}")
+    out = []
+    for i in range(0, len(feats), batch):
+        rows = feats[i:i + batch]
+        best = None  # running k+1 smallest per row (self included, at ~0)
+        for j in range(0, len(feats), batch):
+            d = _sq_dists(rows, feats[j:j + batch])
+            cand = d if best is None else torch.cat([best, d], 1)
+            best = cand.topk(min(k + 1, cand.shape[1]), dim=1, largest=False).values
+        out.append(best[:, k])
+    return torch.cat(out)
+
+
+def precision_recall(ref: np.ndarray, samples: np.ndarray, k: int = 3, batch: int = 10000,
+                     device="cpu") -> tuple[float, float]:
+    """ADM's improved precision and recall on feature sets [N, D] (k-NN manifolds)."""
+    r = torch.as_tensor(np.asarray(ref), dtype=torch.float32, device=device)
+    s = torch.as_tensor(np.asarray(samples), dtype=torch.float32, device=device)
+    rad_r, rad_s = manifold_radii(r, k, batch), manifold_radii(s, k, batch)
+    s_in_r = torch.zeros(len(s), dtype=torch.bool, device=device)
+    r_in_s = torch.zeros(len(r), dtype=torch.bool, device=device)
+    for i in range(0, len(r), batch):
+        for j in range(0, len(s), batch):
+            d = _sq_dists(r[i:i + batch], s[j:j + batch])
+            s_in_r[j:j + batch] |= (d <= rad_r[i:i + batch, None]).any(0)
+            r_in_s[i:i + batch] |= (d <= rad_s[None, j:j + batch]).any(1)
+    return s_in_r.double().mean().item(), r_in_s.double().mean().item()
+
+
+# ---------------------------------------------------------------- activations
+@torch.no_grad()
+def activations(net: InceptionV3, batches: Iterable, device="cpu") -> dict[str, np.ndarray]:
+    """Run Inception over image batches (uint8 [B, H, W, 3] arrays or tensors) -> pool/spatial/logits."""
+    out: dict[str, list] = {"pool": [], "spatial": [], "logits": []}
+    for b in batches:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # the metric is defined in fp32
+            feats = net(b.to(device) if torch.is_tensor(b) else torch.from_numpy(np.array(b)).to(device))
+        for key in out:
+            out[key].append(feats[key].double().cpu().numpy())
+    if not out["pool"]:
+        raise ValueError("no images to evaluate")
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def npz_activations(net: InceptionV3, path: str | Path, batch: int = 100, device="cpu") -> dict[str, np.ndarray]:
+    shape, dtype = npz_array_info(path, "arr_0")
+    if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
+        raise ValueError(f"{path}: 'arr_0' must be uint8 [N, H, W, 3] (ADM format), got {dtype} {shape}")
+    return activations(net, iter_npz_array(path, "arr_0", batch), device)
+
+
+@dataclass
+class Reference:
+    """A reference batch: FID/sFID statistics, plus pool features when images are present."""
+    pool: Stats
+    spatial: Stats | None
+    pool_acts: np.ndarray | None
+
+
+def load_reference(net: InceptionV3 | None, path: str | Path, batch: int = 100, device="cpu") -> Reference:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference batch not found: {path}")
+    keys = set(npz_keys(path))
+    acts = npz_activations(net, path, batch, device) if "arr_0" in keys and net is not None else None
+    with np.load(path) as z:
+        if "mu" in keys and "sigma" in keys:
+            pool = Stats(z["mu"], z["sigma"])
+            spatial = Stats(z["mu_s"], z["sigma_s"]) if "mu_s" in keys and "sigma_s" in keys else None
+        elif acts is not None:
+            pool, spatial = Stats.of(acts["pool"]), Stats.of(acts["spatial"])
+        else:
+            raise ValueError(f"{path}: needs images under 'arr_0' or statistics 'mu'/'sigma' (has {sorted(keys)})")
+    if spatial is None and acts is not None:
+        spatial = Stats.of(acts["spatial"])
+    return Reference(pool, spatial, None if acts is None else acts["pool"])
+
+
+def evaluate(ref: Reference, sample_acts: dict[str, np.ndarray], k: int = 3, pr_batch: int = 10000,
+             device="cpu") -> dict[str, float]:
+    """The ADM suite on sample activations against a reference: fid, sfid, is, precision, recall."""
+    res = {"num_samples": int(len(sample_acts["pool"])),
+           "inception_score": inception_score(sample_acts["logits"]),
+           "fid": ref.pool.fd(Stats.of(sample_acts["pool"]))}
+    if ref.spatial is not None:
+        res["sfid"] = ref.spatial.fd(Stats.of(sample_acts["spatial"]))
+    if ref.pool_acts is not None:
+        res["precision"], res["recall"] = precision_recall(ref.pool_acts, sample_acts["pool"], k, pr_batch, device)
+    return res
+
+
+def evaluate_npz(ref_path: str | Path, sample_path: str | Path, weights: str | Path | None = None,
+                 batch: int = 100, device="cpu") -> dict[str, float]:
+    net = load_inception(weights, device)
+    ref = load_reference(net, ref_path, batch, device)
+    return evaluate(ref, npz_activations(net, sample_path, batch, device), device=device)
+
+
+# ---------------------------------------------------------------- online FID for training
+_NETS: dict[tuple, InceptionV3] = {}
+
+
+def reference_stats(path: str | Path, weights=None, device="cpu") -> Stats:
+    """Pool statistics of a reference .npz (precomputed mu/sigma or from its images)."""
+    keys = set(npz_keys(path))
+    net = None if {"mu", "sigma"} <= keys else _cached_net(weights, device)
+    return load_reference(net, path, device=device).pool
+
+
+def _cached_net(weights, device) -> InceptionV3:
+    key = (str(weights), str(device))
+    if key not in _NETS:
+        _NETS[key] = load_inception(weights, device)
+    return _NETS[key]
+
+
+@torch.no_grad()
+def online_fid(sample_fn: Callable[[int], torch.Tensor], ref_stats: Stats, n: int = 5000, batch: int = 250,
+               weights: str | Path | None = None, device="cpu", net: InceptionV3 | None = None) -> float:
+    """FID of `n` fresh samples against `ref_stats` (a small-N, biased-upward training monitor).
+
+    sample_fn(b) -> b images, float [b, 3, H, W] in [0, 1] or uint8 [b, H, W, 3]. Call it on
+    every rank with a rank-dependent seed and reduce, or on rank 0 only; it does not sync.
+    """
+    net = net or _cached_net(weights, device)
+    pools, done = [], 0
+    while done < n:
+        imgs = sample_fn(min(batch, n - done))
+        if imgs.dtype != torch.uint8:
+            imgs = imgs.float().clamp(0, 1).mul(255).round()
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            pools.append(net(imgs.to(device))["pool"].double().cpu().numpy())
+        done += imgs.shape[0]
+    return ref_stats.fd(Stats.of(np.concatenate(pools)))

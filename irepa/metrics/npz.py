@@ -1,0 +1,119 @@
+"""Sample batches in the ADM format: a .npz with uint8 images [N, H, W, 3] under 'arr_0'.
+
+Generated batches also carry the labels under 'arr_1' (as ADM's image_sample.py writes
+them). 50K images at 256 px are ~10 GB, so both directions stream: `NpzArrayWriter`
+appends rows to an .npy member of an uncompressed zip, `iter_npz_array` reads one batch
+of rows at a time. Plain `np.load` reads the result too.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+
+class NpzArrayWriter:
+    """Write arrays to an .npz row block by row block; the file appears only on close (atomic)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
+        self.zf = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+
+    def write_array(self, name: str, shape: tuple[int, ...], dtype, blocks) -> None:
+        """Write `name` ([shape], dtype) from an iterable of row blocks; rows must add up to shape[0]."""
+        dtype = np.dtype(dtype)
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+        rows = 0
+        with self.zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_2_0(f, header)
+            for block in blocks:
+                block = np.ascontiguousarray(block, dtype=dtype)
+                if block.shape[1:] != tuple(shape[1:]):
+                    raise ValueError(f"{self.path}:{name}: block rows of shape {block.shape[1:]}, expected {shape[1:]}")
+                rows += block.shape[0]
+                f.write(block.tobytes())
+        if rows != shape[0]:
+            raise ValueError(f"{self.path}:{name}: wrote {rows} rows, header says {shape[0]}")
+
+    def close(self) -> Path:
+        self.zf.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.zf.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def npz_keys(path: str | Path) -> list[str]:
+    with zipfile.ZipFile(path) as zf:
+        return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+
+
+def npz_array_info(path: str | Path, name: str = "arr_0") -> tuple[tuple[int, ...], np.dtype]:
+    with zipfile.ZipFile(path) as zf, zf.open(f"{name}.npy") as f:
+        shape, _, dtype = _read_header(f, path, name)
+    return shape, dtype
+
+
+def _read_header(f, path, name):
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f"{path}:{name}: unsupported .npy version {version}")
+    if fortran:
+        raise ValueError(f"{path}:{name}: Fortran-ordered arrays are not supported")
+    return shape, fortran, dtype
+
+
+def iter_npz_array(path: str | Path, name: str = "arr_0", batch: int = 1000) -> Iterator[np.ndarray]:
+    """Yield `name` from an .npz in blocks of `batch` rows without loading it whole."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sample batch not found: {path}")
+    with zipfile.ZipFile(path) as zf:
+        if f"{name}.npy" not in zf.namelist():
+            raise KeyError(f"{path}: no array {name!r} (has {npz_keys(path)})")
+        with zf.open(f"{name}.npy") as f:
+            shape, _, dtype = _read_header(f, path, name)
+            row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            for start in range(0, shape[0], batch):
+                n = min(batch, shape[0] - start)
+                buf = f.read(n * row)
+                if len(buf) != n * row:
+                    raise ValueError(f"{path}:{name}: truncated at row {start}")
+                yield np.frombuffer(buf, dtype=dtype).reshape((n, *shape[1:]))
+
+
+def to_uint8_nhwc(images_BCHW) -> np.ndarray:
+    """Float images [B, 3, H, W] in [0, 1] (torch or numpy) -> uint8 [B, H, W, 3], ADM rounding."""
+    import torch
+    x = torch.as_tensor(images_BCHW).float()
+    return (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def save_grid(images_BHWC: np.ndarray, path: str | Path, nrow: int | None = None) -> Path:
+    """uint8 [B, H, W, 3] -> one PNG grid (2 px gaps), written atomically."""
+    from PIL import Image
+
+    b, h, w, c = images_BHWC.shape
+    nrow = nrow or max(1, int(np.ceil(np.sqrt(b))))
+    ncol = int(np.ceil(b / nrow))
+    pad = 2
+    grid = np.zeros((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
+    for i in range(b):
+        r, q = divmod(i, nrow)
+        y0, x0 = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y0:y0 + h, x0:x0 + w] = images_BHWC[i]
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(grid).save(tmp)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,55 @@
+"""ADM evaluation suite (FID, sFID, IS, precision, recall) of a sample batch against a reference.
+
+  python launch/evaluate.py VIRTUAL_imagenet256_labeled.npz samples/xl-400k/samples.npz
+  python launch/evaluate.py REF.npz SAMPLES.npz --out results.json --logdir runs/sit-xl2-irepa --step 400000
+
+Both files are ADM batches (uint8 [N, H, W, 3] under arr_0); the reference may carry
+precomputed mu/sigma/mu_s/sigma_s. Inception weights (pt_inception-2015-12-05-6726825d.pth)
+are read from --weights, $IREPA_INCEPTION_WEIGHTS or the local caches, never downloaded.
+Results are printed, written as JSON (default: next to the samples, <name>.eval.json) and,
+with --logdir, logged to TensorBoard under eval/* at --step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import fire
+import torch
+
+from irepa.metrics import fid
+
+
+def main(ref: str, samples: str, out: str | None = None, weights: str | None = None, batch: int = 100,
+         logdir: str | None = None, step: int = 0, device: str = "auto"):
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.time()
+    net = fid.load_inception(weights, device)
+    reference = fid.load_reference(net, ref, batch, device)
+    acts = fid.npz_activations(net, samples, batch, device)
+    res = fid.evaluate(reference, acts, device=device)
+    res.update(ref=str(Path(ref).resolve()), samples=str(Path(samples).resolve()), seconds=round(time.time() - t0, 1))
+    text = json.dumps(res, indent=2)
+    print(text)
+    out_path = Path(out) if out else Path(samples).with_suffix(".eval.json")
+    tmp = out_path.with_name(out_path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, out_path)
+    if logdir:
+        from torch.utils.tensorboard import SummaryWriter
+        with SummaryWriter(logdir) as w:
+            for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+                if key in res:
+                    w.add_scalar(f"eval/{key}", res[key], step)
+    return res
+
+
+def _cli(*args, **kw) -> None:
+    main(*args, **kw)
+
+
+if __name__ == "__main__":
+    fire.Fire(_cli)

@@ -1,0 +1,141 @@
+"""Generate N samples (default 50,000) as an ADM .npz batch plus a PNG grid.
+
+  torchrun --nproc_per_node=8 launch/sample.py runs/sit-xl2-irepa --out samples/xl-400k \\
+      --vae /models/sd-vae-ft-mse --cfg 1.8 --interval 0,0.7
+  python launch/sample.py runs/digits-sit-irepa --out samples/digits --n 1000 --method heun --steps 40
+  torchrun --nproc_per_node=8 launch/sample.py SiT-XL-2-iREPA.pt --model_name SiT-XL/2 \\
+      --vae /models/sd-vae-ft-mse --latent_scale 0.18215 --out samples/ref
+
+MODEL is a run folder (newest checkpoint), a checkpoint folder (checkpoints/step-N), or a
+released reference .pt state dict (read with weights_only=True). Shards already in
+OUT/shards are skipped, so re-running the same command resumes. The result is
+OUT/samples.npz (arr_0 uint8 [N, H, W, 3], arr_1 labels) and OUT/grid.png.
+
+Decoding: digits runs use the pixel codec, JiT runs plain pixels; latent models need
+--vae (a local diffusers AutoencoderKL folder) and the latent scaling the model was trained
+with: --latent_stats FILE (json/npz with per-channel mean and std; default: the data
+manifest of the run, DATA/manifest.json) or --latent_scale 0.18215 (the default for
+released .pt checkpoints). Model calls run in fp32 unless --precision bf16; the time grid
+and the state are float64 (irepa.sampling).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import fire
+import torch
+import torch.distributed as dist
+
+from irepa.metrics import generate as gen
+from irepa.sampling import model_velocity_fn, sample, velocity_from_x_prediction
+
+
+def _interval(v) -> tuple[float, float]:
+    if isinstance(v, str):
+        v = v.split(",")
+    lo, hi = (float(x) for x in v)
+    return lo, hi
+
+
+def load_model(path: str, which: str, model_name: str | None, device):
+    """-> (model, info dict with kind/objective/num_classes/data source)."""
+    p = Path(path)
+    if p.is_file():
+        from irepa.models.convert import load_reference_checkpoint
+        model, _, info = load_reference_checkpoint(p, which=which, name=model_name)
+        return model.to(device), {"objective": "sit", "num_classes": info["num_classes"], "data": None,
+                                  "source": str(p.resolve())}
+    from irepa.train.checkpoint import load_for_inference
+    model, cfg = load_for_inference(p, which=which, device=device)
+    return model, {"objective": cfg.train.objective, "num_classes": cfg.model.num_classes,
+                   "data": cfg.data.source, "source": str(p.resolve())}
+
+
+def build_decoder(info: dict, channels: int, vae: str | None, latent_stats: str | None,
+                  latent_scale: float | None, device):
+    if info["data"] == "digits":
+        return gen.pixel_codec_decoder, "pixel-codec"
+    if info["objective"] == "jit":
+        return gen.pixels_decoder, "pixels"
+    if vae is None:
+        raise ValueError("a latent model needs --vae DIR (local diffusers AutoencoderKL folder, e.g. sd-vae-ft-mse)")
+    if latent_stats:
+        scaling, how = gen.LatentScaling.from_file(latent_stats), f"stats:{latent_stats}"
+    elif latent_scale:
+        scaling, how = gen.LatentScaling.factor(latent_scale, channels), f"scale:{latent_scale}"
+    elif info["data"] and (Path(info["data"]) / "manifest.json").is_file():
+        path = Path(info["data"]) / "manifest.json"
+        scaling, how = gen.LatentScaling.from_file(path), f"stats:{path}"
+    elif info["data"] is None:  # released reference checkpoints (REPA/iREPA) use the SD-VAE factor
+        scaling, how = gen.LatentScaling.factor(0.18215, channels), "scale:0.18215"
+    else:
+        raise ValueError("latent scaling unknown: pass --latent_stats FILE or --latent_scale 0.18215")
+    return gen.VAEDecoder(vae, scaling, device), f"vae:{Path(vae).resolve()}:{how}"
+
+
+def main(model: str, out: str, n: int = 50_000, batch: int = 64, method: str = "sde", steps: int = 250,
+         cfg: float = 1.0, interval=(0.0, 1.0), labels: str = "random", seed: int = 0, which: str = "ema",
+         shard_size: int = 1000, model_name: str | None = None, vae: str | None = None,
+         latent_stats: str | None = None, latent_scale: float | None = None, precision: str = "fp32",
+         noise_scale: float = 1.0, grid: int = 64, keep_shards: bool = False, device: str = "auto"):
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    log = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
+
+    net, info = load_model(model, which, model_name, dev)
+    channels = net.in_channels
+    decode, decoder_desc = build_decoder(info, channels, vae, latent_stats, latent_scale, dev)
+    plan = gen.SamplePlan(num_samples=n, num_classes=info["num_classes"], labels=labels, seed=seed,
+                          shard_size=shard_size, batch_size=batch, method=method, steps=steps, cfg=cfg,
+                          interval=_interval(interval), latent_shape=(channels, net.input_size, net.input_size),
+                          extra={"model": info["source"], "which": which, "decoder": decoder_desc,
+                                 "noise_scale": noise_scale})
+    out_dir = Path(out)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        gen.check_plan(out_dir, plan)
+    if world > 1:
+        dist.barrier()
+
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    use_bf16 = precision == "bf16"  # fp32 (the default) is what published FIDs were sampled with
+    vfn = velocity_from_x_prediction(net) if info["objective"] == "jit" else model_velocity_fn(net, channels)
+
+    def velocity_fn(x, t, y):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+            return vfn(x, t, y).float()
+
+    def sample_batch(noise, y, g):
+        x = sample(velocity_fn, noise * noise_scale, y, method, steps, cfg, plan.interval,
+                   null_class=info["num_classes"], generator=g)
+        return decode(x)
+
+    final = out_dir / "samples.npz"
+    if final.is_file():
+        log(f"{final} already exists; nothing to do")
+    else:
+        gen.generate_shards(plan, out_dir, sample_batch, rank, world, dev,
+                            log=lambda m: print(m, flush=True))
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            gen.merge_shards(plan, out_dir, grid=grid, keep_shards=keep_shards)
+            log(f"wrote {final} and {out_dir / 'grid.png'}")
+        if world > 1:
+            dist.barrier()
+    if world > 1:
+        dist.destroy_process_group()
+    return str(final)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,136 @@
+"""launch/sample.py: a tiny run folder -> ADM .npz; shards resume; output independent of rank count."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from irepa.config import resolve
+from irepa.metrics import generate as gen
+from irepa.train.build import build_model
+from irepa.train.checkpoint import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_launch(name):
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run folder as the trainer writes it: config.json + checkpoints/step-N (digits, tiny SiT)."""
+    run = tmp_path_factory.mktemp("run")
+    cfg = resolve("digits-sit-irepa", {"model.name": "SiT-Tiny/2", "model.input_size": 8, "model.align_depth": 1,
+                                       "align.encoders": []})
+    (run / "config.json").write_text(cfg.to_json())
+    torch.manual_seed(0)
+    model = build_model(cfg, fused=False)
+    with torch.no_grad():  # a non-zero output layer, so samples depend on noise and labels
+        model.final_layer.linear.weight.normal_(0, 0.5)
+        model.final_layer.adaLN_modulation[-1].weight.normal_(0, 0.5)
+    sd = model.state_dict()
+    save_checkpoint(run, 5, model_sd={f"model.{k}": v for k, v in sd.items()}, ema_sds=[sd],
+                    optimizer_sd={"state": {}, "param_groups": []}, trainer_state={},
+                    rng_tensors={"cpu": torch.get_rng_state()})
+    return run
+
+
+def test_sample_resumes_and_skips_finished_shards(run_dir, tmp_path, capsys):
+    sample = _load_launch("sample")
+    out = tmp_path / "samples"
+    kw = dict(n=10, batch=3, method="euler", steps=2, shard_size=4, labels="balanced", keep_shards=True,
+              device="cpu", seed=3)
+    sample.main(str(run_dir), str(out), **kw)
+    with np.load(out / "samples.npz") as z:
+        first, labels = z["arr_0"], z["arr_1"]
+    assert first.shape == (10, 8, 8, 3) and first.dtype == np.uint8
+    assert sorted(labels.tolist()) == list(range(10))  # balanced: N / C per class
+    assert (out / "grid.png").is_file() and first.std() > 0
+    shards = sorted((out / "shards").glob("shard-*.npz"))
+    assert [p.name for p in shards] == ["shard-000000.npz", "shard-000001.npz", "shard-000002.npz"]
+
+    # kill-and-restart: the final file and one shard are gone, the others must be reused as they are
+    (out / "samples.npz").unlink()
+    shards[1].unlink()
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (shards[0], shards[2])}
+    capsys.readouterr()
+    sample.main(str(run_dir), str(out), **kw)
+    assert "resuming: 2 of 3 shards already done" in capsys.readouterr().out
+    for p in (shards[0], shards[2]):
+        assert (p.stat().st_ino, p.stat().st_mtime_ns) == before[p.name]
+    with np.load(out / "samples.npz") as z:
+        np.testing.assert_array_equal(z["arr_0"], first)  # the redone shard is bit-identical
+
+    with pytest.raises(ValueError, match="steps"):
+        sample.main(str(run_dir), str(out), **{**kw, "steps": 3})
+
+
+def test_output_does_not_depend_on_rank_count(tmp_path):
+    plan = gen.SamplePlan(num_samples=11, num_classes=10, shard_size=3, batch_size=2, latent_shape=(1, 4, 4))
+
+    def sample_batch(noise, labels, g):
+        return ((noise + labels.view(-1, 1, 1, 1) / 10 + torch.randn(noise.shape, generator=g)) / 4 + 0.5
+                ).clamp(0, 1).expand(-1, 3, -1, -1)
+
+    results = []
+    for world in (1, 3):
+        out = tmp_path / f"w{world}"
+        for rank in range(world):
+            gen.generate_shards(plan, out, sample_batch, rank, world, log=lambda m: None)
+        final = gen.merge_shards(plan, out, grid=4)
+        assert not (out / "shards").exists()
+        with np.load(final) as z:
+            results.append((z["arr_0"].copy(), z["arr_1"].copy()))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    with pytest.raises(FileNotFoundError, match="missing"):
+        gen.merge_shards(plan, tmp_path / "empty")
+
+
+def test_latent_scaling(tmp_path):
+    z = torch.randn(2, 4, 3, 3)
+    f = gen.LatentScaling.factor(0.18215)
+    torch.testing.assert_close(f.unscale(z), z / 0.18215)
+    (tmp_path / "m.json").write_text(json.dumps({"latent_stats": {"mean": [1, 2, 3, 4], "std": [2, 2, 2, 2]}}))
+    s = gen.LatentScaling.from_file(tmp_path / "m.json")
+    torch.testing.assert_close(s.unscale(z), z * 2 + torch.tensor([1.0, 2, 3, 4]).view(1, 4, 1, 1))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        gen.VAEDecoder(tmp_path, f)
+
+
+def test_vae_decoder_from_local_folder(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    vae.save_pretrained(tmp_path / "vae")
+    dec = gen.VAEDecoder(tmp_path / "vae", gen.LatentScaling.factor(0.18215))
+    z = torch.randn(2, 4, 6, 6)
+    img = dec(z)
+    assert img.shape == (2, 3, 6, 6) and img.min() >= 0 and img.max() <= 1
+    with torch.no_grad():
+        want = ((vae.decode(z / 0.18215).sample + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(img, want)
+
+
+def test_cli_with_cfg_interval(run_dir, tmp_path):
+    out = tmp_path / "cli"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "sample.py"), str(run_dir), "--out", str(out),
+                        "--n", "4", "--batch", "4", "--method", "sde", "--steps", "3", "--cfg", "1.5",
+                        "--interval", "0.2,0.9", "--device", "cpu"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["interval"] == [0.2, 0.9] and plan["cfg"] == 1.5 and plan["extra"]["decoder"] == "pixel-codec"
+    with np.load(out / "samples.npz") as z:
+        assert z["arr_0"].shape == (4, 8, 8, 3)
