@@ -10,8 +10,13 @@ independent). One CSV row per measurement with device, commit and date.
   python perf/bench_alignment.py --saved-only          # any machine: saved-for-backward bytes
   python perf/bench_alignment.py --device cpu --quick  # flow check on CPU (Triton interpreter)
 
-GB/s uses the bytes the op must move at least (read z and y, write dz); the `kernel_bytes`
-column is what the fused kernels move by design (the spatial-norm statistics re-read y).
+GB/s uses the bytes any implementation must move at least, n = B*T*E elements of the
+input dtype: fwd reads z and y (2n), bwd reads a saved tensor of z's size and writes dz
+(2n), full reads z and y and writes dz (3n). `kernel_frac_copy` uses the bytes the fused
+kernels move by design (kernels/alignment.py header): fwd 4n (y for the spatial-norm
+statistics, z and y for the tokens, write the gradient direction; the second read of the
+token rows is counted as an L2 hit), bwd 2n (read it, write dz), full 6n.
+--saved-only also prints what a forward-only (no grad) call of the fused op allocates.
 The helpers here are shared with bench_adaln.py.
 """
 from __future__ import annotations
@@ -209,23 +214,25 @@ def finish(rows: list[dict], path: Path) -> None:
 # ---- this op ---------------------------------------------------------------------------------
 
 def alignment_specs(K, dt: str) -> dict:
-    """The three kernels at B=256, T=256, E=768, z contiguous and as the conv projector's view."""
+    """The three kernels at B=256, T=256, E=768, z contiguous and as the conv projector's view
+    (then the gradient buffers share z's [B, E, T] memory order); the forward with WRITE_GRAD."""
     t = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dt]
     bt, be, w = K._token_blocks(256, 768)
-    strides = {"s_zb": "i64", "s_zt": "i64", "s_ze": "i64", "s_yb": "i64", "s_yt": "i64", "s_ye": "i64"}
-    tok = {"HAS_NORM": True, "BLOCK_T": bt, "BLOCK_E": be}
-    fwd_sig = {"z_ptr": f"*{t}", "y_ptr": f"*{t}", "chan_ptr": "*fp32", "cos_ptr": "*fp32", "coef_ptr": "*fp32",
-               "B": "i32", "T": "i32", "E": "i32", "eps": "fp32", **strides, "HAS_NORM": "", "BLOCK_T": "", "BLOCK_E": ""}
-    bwd_sig = {"grad_ptr": "*fp32", "z_ptr": f"*{t}", "y_ptr": f"*{t}", "chan_ptr": "*fp32", "coef_ptr": "*fp32",
-               "dz_ptr": f"*{t}", "B": "i32", "T": "i32", "E": "i32", "inv_n": "fp32", **strides,
-               "s_db": "i64", "s_dt": "i64", "s_de": "i64", "HAS_NORM": "", "BLOCK_T": "", "BLOCK_E": ""}
+    blocks = {"BLOCK_T": bt, "BLOCK_E": be}
+    fwd_sig = {"z_ptr": f"*{t}", "y_ptr": f"*{t}", "chan_ptr": "*fp32", "cos_ptr": "*fp32", "rz_ptr": "*fp32",
+               "w_ptr": f"*{t}", "B": "i32", "T": "i32", "E": "i32", "eps": "fp32",
+               **{f"s_{x}{d}": "i64" for x in "zyw" for d in "bte"},
+               "HAS_NORM": "", "WRITE_GRAD": "", "BLOCK_T": "", "BLOCK_E": ""}
+    bwd_sig = {"grad_ptr": "*fp32", "w_ptr": f"*{t}", "rz_ptr": "*fp32", "dz_ptr": f"*{t}", "T": "i32", "E": "i32",
+               "inv_n": "fp32", "s_b": "i64", "s_t": "i64", "s_e": "i64", "BLOCK_T": "", "BLOCK_E": ""}
     specs = {"stats": (K._channel_stats_kernel, {
         "y_ptr": f"*{t}", "chan_ptr": "*fp32", "B": "i32", "T": "i32", "E": "i32", "gamma": "fp32",
         "eps_std": "fp32", "s_yb": "i64", "s_yt": "i64", "s_ye": "i64", "BLOCK_T": "", "BLOCK_E": ""},
         {"s_ye": 1, "BLOCK_T": 32, "BLOCK_E": 128}, 4)}
-    for layout, unit in [("contiguous", {"s_ze": 1, "s_ye": 1, "s_de": 1}), ("transposed", {"s_zt": 1, "s_ye": 1, "s_dt": 1})]:
-        specs[f"token_fwd_{layout}"] = (K._token_fwd_kernel, fwd_sig, {**{k: 1 for k in unit if k != "s_de" and k != "s_dt"}, **tok}, w)
-        specs[f"token_bwd_{layout}"] = (K._token_bwd_kernel, bwd_sig, {**unit, **tok}, w)
+    for layout, z_unit in [("contiguous", "e"), ("transposed", "t")]:
+        fwd_consts = {f"s_z{z_unit}": 1, "s_ye": 1, f"s_w{z_unit}": 1, "HAS_NORM": True, "WRITE_GRAD": True, **blocks}
+        specs[f"token_fwd_{layout}"] = (K._token_fwd_kernel, fwd_sig, fwd_consts, w)
+        specs[f"token_bwd_{layout}"] = (K._token_bwd_kernel, bwd_sig, {f"s_{z_unit}": 1, **blocks}, w)
     return specs
 
 
@@ -249,16 +256,20 @@ def main() -> None:
     print(f"{info['device_name']}: copy {copy_gbps:.0f} GB/s")
     for B, T, E in shapes:
         es, n = torch.finfo(dtype).bits // 8, B * T * E
-        min_bytes = {"fwd": 2 * n * es, "bwd": 3 * n * es, "full": 3 * n * es}
-        kernel_bytes = {"fwd": 3 * n * es, "bwd": 3 * n * es, "full": 6 * n * es}
+        min_bytes = {"fwd": 2 * n * es, "bwd": 2 * n * es, "full": 3 * n * es}
+        fwd_passes = 4 if gamma is not None else 3  # (y for the statistics), z, y, write w
+        kernel_bytes = {"fwd": fwd_passes * n * es, "bwd": 2 * n * es, "full": (fwd_passes + 2) * n * es}
         with FakeTensorMode():  # saved bytes need no device and no compute
-            zf = torch.empty(B, T, E, dtype=dtype).requires_grad_()
+            zf = make_input((B, T, E), "cpu", dtype, args.layout).requires_grad_()
             yf = torch.empty(B, T, E, dtype=dtype)
             saved = {"eager": saved_bytes(alignment_loss, zf, yf, gamma),
-                     "fused": saved_bytes(lambda z, y, g: K._alignment_fwd_op(z, y, g)[0], zf, yf, gamma)}
+                     # the op itself: fake CPU tensors would send the public function to eager
+                     "fused": saved_bytes(lambda z, y, g: K._alignment_fwd_op(z, y, g, True)[0], zf, yf, gamma)}
+            with torch.no_grad():  # eval: the forward must make no gradient
+                extra = sum(o.untyped_storage().nbytes() for o in K._alignment_fwd_op(zf, yf, gamma, False)[1:])
         print(f"B={B} T={T} E={E} {args.dtype}: saved for backward: eager {saved['eager'] / 2**20:.1f} MiB, "
               f"fused {saved['fused'] / 2**20:.1f} MiB (ratio {saved['fused'] / saved['eager']:.3f}; "
-              f"inputs z, y are {2 * n * es / 2**20:.1f} MiB of it)")
+              f"z, y are {2 * n * es / 2**20:.1f} MiB and not saved); fused forward-only extra outputs {extra} B")
         base = {**info, "bench": "alignment", "B": B, "T": T, "E": E, "dtype": args.dtype, "gamma": gamma,
                 "layout": args.layout,
                 "quick": args.quick, "copy_gbps": round(copy_gbps, 1)}
