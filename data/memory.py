@@ -3,7 +3,8 @@
 Loader interface (every loader in irepa.data follows it):
 - iterating yields dicts: "x" [B, C, H, W] float (latent mean or pixels, already scaled),
   optional "x_std" [B, C, H, W] (posterior std: the step draws x + x_std * eps), "y" [B]
-  int64, "feats" list of [B, T, E] tensors (one per encoder, in config order), all on
+  int64, "feats" list of [B, T, E] tensors (one per encoder, in config order), optional
+  "images" [B, 3, H, W] float in [0, 1] (the same view, for encoders run online), all on
   `device`;
 - `state_dict()` / `load_state_dict()` give the exact position (epoch, batch index), so a
   resumed run sees the same batches as an uninterrupted one;
@@ -15,6 +16,19 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 import torch
+
+
+def epoch_order(seed: int, epoch: int, n: int, rank: int, world_size: int, count: int) -> torch.Tensor:
+    """Sample ids rank `rank` visits in `epoch`: a permutation from (seed, epoch), strided
+    over ranks, the first `count` kept. Shared by every loader so they agree batch for batch."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)[rank::world_size][:count]
+
+
+def epoch_flips(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """[n] bool: which samples are seen mirrored in `epoch` (fixed by seed, epoch, sample)."""
+    g = torch.Generator().manual_seed(seed * 7_919 + epoch)
+    return torch.rand(n, generator=g) < 0.5
 
 
 class TensorLoader:
@@ -42,9 +56,8 @@ class TensorLoader:
         self.epoch, self.index = int(sd["epoch"]), int(sd["index"])
 
     def _order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(self.x.shape[0], generator=g)
-        return perm[self.rank::self.world_size][: self.batches_per_epoch * self.batch_size]
+        return epoch_order(self.seed, epoch, self.x.shape[0], self.rank, self.world_size,
+                           self.batches_per_epoch * self.batch_size)
 
     def __iter__(self) -> Iterator[dict]:
         while True:
@@ -61,8 +74,7 @@ class TensorLoader:
         if self.flip_feats is not None:
             # one of the two flips per sample, fixed by (seed, epoch, sample): x is mirrored
             # with it and the features of the mirrored image are taken
-            g = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch)
-            pick = torch.rand(self.x.shape[0], generator=g)[idx] < 0.5
+            pick = epoch_flips(self.seed, self.epoch, self.x.shape[0])[idx]
             x = torch.where(pick[:, None, None, None], x.flip(-1), x)
             feats = [torch.where(pick[:, None, None], ff[idx], f) for f, ff in zip(feats, self.flip_feats)]
         out = {"x": x.to(dev, non_blocking=True), "y": self.y[idx].to(dev, non_blocking=True),

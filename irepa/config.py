@@ -71,6 +71,8 @@ class DataConfig:
     """loader for prepared data: auto | ffcv | memmap"""
     online_encoders: bool = False
     """run the encoders in the train step on streamed images instead of stored features"""
+    cache_dir: str | None = None
+    """where the built-in dataset is prepared once; None = <train.out_dir>/datasets"""
 
     def __post_init__(self):
         if self.resolution % 16:
@@ -200,7 +202,7 @@ def _published_presets() -> dict[str, dict]:
         "model": {"name": "SiT-T/2", "input_size": 16, "in_channels": 1, "num_classes": 10,
                   "align_depth": 2, "attn_backend": "sdpa"},
         "align": {"encoders": ["hog"], "projector": "conv", "gamma": 0.6, "weight": 1.0},
-        "data": {"source": "digits", "resolution": 128},
+        "data": {"source": "digits", "resolution": 128, "backend": "memmap"},
         "optim": {"lr": 1e-3, "betas": (0.9, 0.999), "grad_clip": 1.0, "warmup_steps": 50},
         "train": {"steps": 1200, "batch_size": 64, "ema_decays": [0.995], "log_every": 50,
                   "ckpt_every": 400, "sample_steps": 40, "sample_method": "heun"},

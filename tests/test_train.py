@@ -18,10 +18,19 @@ TINY = ["--model.name", "SiT-Tiny/2", "--model.input_size", "8", "--data.resolut
         "--ema_decays", "[0.9]", "--warmup_steps", "0"]
 
 
+_CACHE = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _shared_dataset_cache(tmp_path_factory):
+    """The digits are prepared once for the module, not once per run folder."""
+    _CACHE["dir"] = str(tmp_path_factory.mktemp("datasets"))
+
+
 def run_train(out_dir, name, *extra, env_extra=None, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), *TINY, "--out_dir", str(out_dir), "--run_name", name,
-           *extra]
+           "--data.cache_dir", _CACHE["dir"], *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"train exited {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -62,6 +71,17 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path):
     assert last.name == "step-0000004"
     state = ckpt_io.load_checkpoint(last)
     assert state["trainer"]["step"] == 4 and state["trainer"]["data"]["index"] == 4
+
+
+def test_prepared_data_must_fit_the_model(tmp_path):
+    proc = run_train(tmp_path, "mismatch", "--steps", "1", "--model.input_size", "16", check=False)
+    assert proc.returncode != 0 and "stored latent shape (1, 8, 8) != model input shape (1, 16, 16)" in proc.stderr
+
+
+def test_jit_digits_preset_trains_and_samples(tmp_path):
+    run_train(tmp_path, "jit", "--preset", "digits-jit-irepa", "--model.name", "JiT-T/16", "--model.input_size", "64",
+              "--steps", "2", "--ema_decays", "[0.9,0.8]")
+    assert (tmp_path / "jit" / "samples" / "step-0000002.png").stat().st_size > 0
 
 
 def _finished_run(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -45,7 +46,6 @@ class DataBundle:
     encoder_dims: list[int]
     decode: object = None
     """latents -> images in [0, 1] for sample grids (None: no decoder on this machine)"""
-    latent_scale: dict = field(default_factory=dict)
     online_encoders: list = field(default_factory=list)
     """frozen encoders run in the step on batch["images"] when features are not stored"""
 
@@ -59,45 +59,72 @@ class DataBundle:
             return [enc(images) for enc in self.online_encoders]
 
 
-@torch.no_grad()
-def encode_features(encoders, images: torch.Tensor, batch: int = 256) -> list[torch.Tensor]:
-    out = []
-    for enc in encoders:
-        chunks = [enc(images[i:i + batch]).float() for i in range(0, images.shape[0], batch)]
-        out.append(torch.cat(chunks).to(torch.bfloat16))
-    return out
-
-
 def build_encoders(names: list[str], device) -> list[nn.Module]:
     from irepa import encoders
     return [encoders.build(n).to(device).eval().requires_grad_(False) for n in names]
 
 
-def build_data(cfg: Config, rank: int, world_size: int, device) -> DataBundle:
+def build_data(cfg: Config, model: nn.Module, rank: int, world_size: int, device) -> DataBundle:
+    """The loader for cfg.data.source, checked against the model before step 0.
+
+    "digits" is prepared once (prepare -> manifest -> loader, like any dataset) into
+    data.cache_dir; a path is a folder made by launch/prepare.py.
+    """
+    from irepa import data as data_pkg
+
     local_batch = cfg.train.batch_size // world_size
     if cfg.train.batch_size % world_size:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world_size} ranks")
-    if cfg.data.source == "digits":
-        return _digits(cfg, local_batch, rank, world_size, device)
+    path = _prepare_builtin(cfg, rank, world_size) if cfg.data.source == "digits" else cfg.data.source
+    manifest = data_pkg.read_manifest(path)
+    online = cfg.data.online_encoders
+    encs = build_encoders(cfg.align.encoders, device) if online else []
+    stored = {e["name"]: e["dim"] for e in manifest["encoders"]}
+    dims = [e.dim for e in encs] if online else [stored.get(n, -1) for n in cfg.align.encoders]
+    data_pkg.check_manifest(manifest, latent_shape=(model.in_channels, model.input_size, model.input_size),
+                            num_tokens=model.num_tokens,
+                            encoder_dims=None if online else dict(zip(cfg.align.encoders, dims)))
+    if manifest.get("num_classes", 0) > cfg.model.num_classes:
+        raise ValueError(f"{path}: {manifest['num_classes']} classes, model.num_classes is {cfg.model.num_classes}")
+    loader = data_pkg.build_loader(path, local_batch, [] if online else cfg.align.encoders, seed=cfg.train.seed,
+                                   rank=rank, world_size=world_size, device=device, backend=cfg.data.backend,
+                                   images=online)
+    return DataBundle(loader, dims, decode=_decoder(manifest, loader, device), online_encoders=encs)
+
+
+def _prepare_builtin(cfg: Config, rank: int, world_size: int) -> str:
+    import torch.distributed as dist
+
     from irepa import data as data_pkg
-    if not hasattr(data_pkg, "build_loader"):
-        raise ValueError(f"data.source={cfg.data.source!r}: prepared datasets need irepa.data.build_loader")
-    return data_pkg.build_bundle(cfg, local_batch, rank, world_size, device)
+
+    root = Path(cfg.data.cache_dir or Path(cfg.train.out_dir) / "datasets")
+    kind = "pixels" if cfg.train.objective == "jit" else "latent"
+    tag = "-".join(cfg.align.encoders) or "noenc"
+    out = root / f"{cfg.data.source}-{kind}-{cfg.data.resolution}px-{tag}"
+    if rank == 0 and not (out / "manifest.json").is_file():
+        formats = ("ffcv", "memmap") if data_pkg.ffcv_available() else ("memmap",)
+        data_pkg.prepare(cfg.data.source, str(out), resolution=cfg.data.resolution, encoders=cfg.align.encoders,
+                         kind=kind, formats=formats, rank=0, world_size=1, device="cpu")
+    if world_size > 1 and dist.is_initialized():
+        dist.barrier()
+    return str(out)
 
 
-def _digits(cfg: Config, local_batch: int, rank: int, world_size: int, device) -> DataBundle:
-    from irepa.data.digits import load_digits_images, pixel_codec_decode, pixel_codec_encode
-    from irepa.data.memory import TensorLoader
+def _decoder(manifest: dict, loader, device):
+    """Model-space latents -> images in [0, 1], or None when no decoder is available here."""
+    if manifest["kind"] == "pixels":
+        return lambda x: ((x + 1) / 2).clamp(0, 1)
+    shift, scale = loader.shift, loader.scale
+    vae = manifest.get("latent", {}).get("vae")
+    if vae == "digits-codec":
+        from irepa.data.digits import pixel_codec_decode
+        return lambda x: pixel_codec_decode(x * scale.to(x.device) + shift.to(x.device))
+    if vae and Path(vae).is_dir():
+        from diffusers import AutoencoderKL
+        ae = AutoencoderKL.from_pretrained(vae, local_files_only=True).to(device).eval().requires_grad_(False)
 
-    if cfg.model.num_classes != 10:
-        raise ValueError(f"digits has 10 classes, model.num_classes is {cfg.model.num_classes}")
-    if cfg.model.in_channels != 1:
-        raise ValueError(f"digits uses the 1-channel pixel codec, model.in_channels is {cfg.model.in_channels}")
-    images, labels = load_digits_images(cfg.data.resolution)
-    latents = pixel_codec_encode(images, cfg.model.input_size)
-    encs = build_encoders(cfg.align.encoders, "cpu") if cfg.align.encoders else []
-    feats = encode_features(encs, images)
-    flips = encode_features(encs, images.flip(-1))
-    loader = TensorLoader(latents, labels, feats, local_batch, seed=cfg.train.seed, rank=rank,
-                          world_size=world_size, device=device, flip_feats=flips)
-    return DataBundle(loader, [e.dim for e in encs], decode=pixel_codec_decode)
+        @torch.no_grad()
+        def decode(x):
+            return ((ae.decode(x * scale.to(x.device) + shift.to(x.device)).sample + 1) / 2).clamp(0, 1)
+        return decode
+    return None

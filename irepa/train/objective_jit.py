@@ -76,15 +76,15 @@ def _published() -> dict[str, dict]:
     for model, tag, depth in (("JiT-B/16", "jit-b16", 4), ("JiT-L/16", "jit-l16", 8), ("JiT-H/16", "jit-h16", 8)):
         out[f"{tag}-repa"] = {**jit_recipe(model, depth), "align": copy.deepcopy(REPA_ALIGN)}
         out[f"{tag}-irepa"] = {**jit_recipe(model, depth), "align": copy.deepcopy(IREPA_ALIGN)}
-    # a tiny pixel-space JiT on the embedded digits with a HOG target: the trainer's digits
-    # "pixel codec" at input_size = resolution is the gray image itself in [-1, 1]; 16 px
+    # a tiny pixel-space JiT on the embedded digits with a HOG target: the built-in digits
+    # are prepared as a pixel dataset (RGB in [-1, 1] at the data resolution); 16 px
     # patches at 128 px give the 8x8 grid HOG yields. The published lr is far too small for
     # a 1,200-step demo, so this one uses 1e-3 unscaled.
     out["digits-jit-irepa"] = {
-        "model": {"name": "JiT-T/16", "input_size": 128, "in_channels": 1, "num_classes": 10,
+        "model": {"name": "JiT-T/16", "input_size": 128, "in_channels": 3, "num_classes": 10,
                   "class_dropout_prob": 0.1, "align_depth": 2, "attn_backend": "sdpa"},
         "align": {"encoders": ["hog"], "projector": "conv", "gamma": 0.8, "weight": 0.5},
-        "data": {"source": "digits", "resolution": 128},
+        "data": {"source": "digits", "resolution": 128, "backend": "memmap"},
         "optim": {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.0, "grad_clip": None,
                   "warmup_steps": 50},
         "train": {"objective": "jit", "steps": 1200, "batch_size": 64, "ema_decays": [0.995, 0.99],

@@ -1,0 +1,234 @@
+"""The prepared-dataset format: manifest, field layout, feature codecs, integrity checks.
+
+A prepared dataset is a folder:
+
+    manifest.json        written last; its presence means the folder is complete
+    data.beton           FFCV file (formats "ffcv")
+    memmap/<field>.npy   one numpy array per field, rows = records (formats "memmap")
+
+Records are views: record 2*i + v holds sample i seen as is (v = 0) or mirrored
+left-right (v = 1). Each view has its own latent (the SD-VAE is not flip-equivariant, so
+the latent of the mirrored image is encoded, not approximated by flipping the latent),
+its own encoder tokens and, optionally, its own uint8 image. A loader picks one view per
+sample per epoch and reads only that record.
+
+Fields (names are the same in both backends):
+    label      int64 []                class index
+    latent     float32 [2, C, h, w]    posterior mean and std (kind "latent")
+    pixels     uint8 [3, R, R]         the crop itself (kind "pixels", for JiT)
+    images     uint8 [3, R, R]         optional crop beside latents (online-encoder mode)
+    feat_<k>   int16 [T, E]            encoder k, bf16 bit patterns (storage "bf16")
+               uint8 [T, E]            encoder k, fp8 e4m3 bit patterns (storage "fp8")
+    scale_<k>  float32 [T]             per-token fp8 scale (storage "fp8" only)
+FFCV's NDArrayField refuses float16/bfloat16, hence the integer bit patterns.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+FORMAT = "irepa-prepared"
+VERSION = 1
+MANIFEST = "manifest.json"
+FFCV_FILE = "data.beton"
+MEMMAP_DIR = "memmap"
+NUM_VIEWS = 2
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+STORAGES = ("bf16", "fp8")
+
+
+# ---------------------------------------------------------------------------------------
+# feature codecs
+
+def encode_bf16(y: torch.Tensor) -> np.ndarray:
+    """[..., E] float -> int16 array of bf16 bit patterns."""
+    return y.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy()
+
+
+def decode_bf16(bits: torch.Tensor) -> torch.Tensor:
+    """int16 bit patterns -> bf16 tensor (a reinterpretation, no copy)."""
+    return bits.view(torch.bfloat16)
+
+
+def encode_fp8(y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """[..., T, E] float -> (uint8 fp8-e4m3 bits [..., T, E], float32 scales [..., T]).
+
+    One scale per token maps its largest magnitude to the top of the e4m3 range, so the
+    3-bit mantissa keeps ~6% relative error per element whatever the token's norm.
+    """
+    y32 = y.detach().float()
+    scale = (y32.abs().amax(dim=-1) / FP8_MAX).clamp_min(1e-30)
+    q = (y32 / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(torch.uint8).cpu().numpy(), scale.cpu().numpy().astype(np.float32)
+
+
+def decode_fp8(bits: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """uint8 bits [..., T, E] + scales [..., T] -> features [..., T, E] in `dtype`."""
+    return (bits.view(torch.float8_e4m3fn).float() * scale.float()[..., None]).to(dtype)
+
+
+def fp8_cosine_fidelity(y: torch.Tensor) -> dict:
+    """Per-token cosine between bf16-stored and fp8-stored features [..., T, E].
+
+    Returns {"mean", "min", "p001"} over tokens (p001 = 0.1% quantile); tokens that are
+    all zero in bf16 are skipped (their cosine is undefined, and both codecs give zero).
+    """
+    ref = y.detach().to(torch.bfloat16).float()
+    bits, scale = encode_fp8(y)
+    rec = decode_fp8(torch.from_numpy(bits), torch.from_numpy(scale), torch.float32)
+    ref, rec = ref.reshape(-1, ref.shape[-1]), rec.reshape(-1, rec.shape[-1])
+    keep = ref.norm(dim=-1) > 0
+    cos = torch.nn.functional.cosine_similarity(ref[keep].double(), rec[keep].double(), dim=-1)
+    return {"mean": cos.mean().item(), "min": cos.min().item(),
+            "p001": torch.quantile(cos, 0.001).item(), "tokens": int(keep.sum())}
+
+
+# ---------------------------------------------------------------------------------------
+# field layout
+
+def field_specs(manifest: Mapping) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Field name -> (numpy dtype, per-record shape), from a manifest."""
+    return {k: (np.dtype(v["dtype"]), tuple(v["shape"])) for k, v in manifest["fields"].items()}
+
+
+def build_fields(kind: str, resolution: int, latent_shape: Sequence[int] | None,
+                 encoders: Sequence[Mapping], store_images: bool) -> dict:
+    """Manifest "fields" entry: name -> {"dtype", "shape"} (json-ready)."""
+    f: dict = {"label": {"dtype": "int64", "shape": []}}
+    if kind == "latent":
+        f["latent"] = {"dtype": "float32", "shape": [2, *latent_shape]}
+        if store_images:
+            f["images"] = {"dtype": "uint8", "shape": [3, resolution, resolution]}
+    elif kind == "pixels":
+        f["pixels"] = {"dtype": "uint8", "shape": [3, resolution, resolution]}
+    else:
+        raise ValueError(f"kind must be 'latent' or 'pixels', got {kind!r}")
+    for k, e in enumerate(encoders):
+        T, E = e["tokens"], e["dim"]
+        if e["storage"] == "bf16":
+            f[f"feat_{k}"] = {"dtype": "int16", "shape": [T, E]}
+        elif e["storage"] == "fp8":
+            f[f"feat_{k}"] = {"dtype": "uint8", "shape": [T, E]}
+            f[f"scale_{k}"] = {"dtype": "float32", "shape": [T]}
+        else:
+            raise ValueError(f"feature storage must be one of {STORAGES}, got {e['storage']!r}")
+    return f
+
+
+# ---------------------------------------------------------------------------------------
+# integrity
+
+def file_digest(path: str | os.PathLike, full: bool = False, blocks: int = 64, block: int = 1 << 16) -> str:
+    """Content digest: blake2b of the size and of 64 evenly spaced 64 KiB blocks (head and
+    tail included), or of every byte with full=True.
+
+    The sampled digest is cheap enough to verify at every open of a terabyte file and
+    catches truncation, a foreign file and most partial overwrites; use full=True (and
+    `verify="full"` in the loaders) to rule out corruption inside unsampled bytes.
+    """
+    size = os.path.getsize(path)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        if full or size <= blocks * block:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        else:
+            for off in np.linspace(0, size - block, blocks).astype(np.int64):
+                f.seek(int(off))
+                h.update(f.read(block))
+    return ("full:" if full else "sampled:") + h.hexdigest()
+
+
+def record_files(root: Path, names: Sequence[str], full: bool = False) -> dict:
+    return {n: {"bytes": os.path.getsize(root / n), "digest": file_digest(root / n, full=full)} for n in names}
+
+
+def verify_files(root: str | os.PathLike, manifest: Mapping, names: Sequence[str], verify: str = "sampled") -> None:
+    """Refuse a truncated, extended or foreign data file before any batch is read."""
+    if verify == "none":
+        return
+    root = Path(root)
+    for n in names:
+        rec = manifest["files"].get(n)
+        if rec is None:
+            raise ValueError(f"{root / MANIFEST}: no size/digest recorded for {n}")
+        p = root / n
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: listed in the manifest but missing")
+        size = os.path.getsize(p)
+        if size != rec["bytes"]:
+            raise ValueError(f"{p}: {size} bytes on disk, the manifest records {rec['bytes']} "
+                             f"(truncated or not the file this manifest describes)")
+        full = verify == "full" and rec["digest"].startswith("full:")
+        if file_digest(p, full=full) != rec["digest"]:
+            raise ValueError(f"{p}: content digest does not match the manifest "
+                             f"(corrupt, or a file from another preparation)")
+
+
+# ---------------------------------------------------------------------------------------
+# manifest
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """Manifest of a prepared dataset folder (or of the manifest file itself), validated."""
+    p = Path(path)
+    mp = p / MANIFEST if p.is_dir() or not p.suffix == ".json" else p
+    if not mp.exists():
+        partial = p.with_name(p.name + ".partial")
+        hint = f"; an unfinished preparation is in {partial}, rerun prepare to finish it" if partial.exists() else ""
+        raise FileNotFoundError(f"{mp}: no manifest, so not a complete prepared dataset{hint}")
+    try:
+        m = json.loads(mp.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{mp}: manifest is not valid json ({e})") from None
+    if m.get("format") != FORMAT:
+        raise ValueError(f"{mp}: format {m.get('format')!r}, expected {FORMAT!r}")
+    if m.get("version") != VERSION:
+        raise ValueError(f"{mp}: format version {m.get('version')}, this code reads version {VERSION}")
+    for key in ("kind", "num_samples", "num_views", "resolution", "fields", "encoders", "files"):
+        if key not in m:
+            raise ValueError(f"{mp}: manifest lacks {key!r}")
+    return m
+
+
+def check_manifest(manifest: Mapping, latent_shape: Sequence[int] | None = None, num_tokens: int | None = None,
+                   encoder_dims: Mapping[str, int] | None = None) -> None:
+    """Raise ValueError unless the prepared data fits the model config.
+
+    latent_shape: the model's input (C, H, W): latent shape for kind "latent", (3, R, R)
+    for kind "pixels". num_tokens: the model's token count at the alignment depth, which
+    every stored encoder used must match. encoder_dims: name -> projector output dim for
+    each encoder the config aligns to; each must be stored with that dim.
+    """
+    src = manifest.get("source", {}).get("root", "prepared data")
+    if latent_shape is not None:
+        R = manifest["resolution"]
+        have = manifest["latent"]["shape"] if manifest["kind"] == "latent" else [3, R, R]
+        if list(latent_shape) != list(have):
+            raise ValueError(f"{src}: stored {manifest['kind']} shape {tuple(have)} != model input shape "
+                             f"{tuple(latent_shape)} (prepare at the model's resolution / VAE)")
+    stored = {e["name"]: e for e in manifest["encoders"]}
+    for name, dim in (encoder_dims or {}).items():
+        if name not in stored:
+            raise ValueError(f"{src}: encoder {name!r} is not stored (stored: {sorted(stored) or 'none'}); "
+                             f"prepare with it or run it online")
+        if stored[name]["dim"] != dim:
+            raise ValueError(f"{src}: encoder {name!r} stored with dim {stored[name]['dim']}, config expects {dim}")
+        if num_tokens is not None and stored[name]["tokens"] != num_tokens:
+            raise ValueError(f"{src}: encoder {name!r} stored with {stored[name]['tokens']} tokens per image, "
+                             f"the model has {num_tokens}")

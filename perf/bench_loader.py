@@ -1,0 +1,194 @@
+"""Benchmark: prepared-data loaders (FFCV, memmap) vs a per-file .npy + PIL DataLoader.
+
+Synthetic data at SiT-B/2 + DINOv2-B shapes, both flips stored: latent mean+std
+[2, 4, 32, 32] float32, tokens [256, 768] bf16, label; per step one view per sample.
+The baseline is how the reference release trains: a torch DataLoader over one .npy per
+sample (latents, tokens of both flips) plus, with --png, the 256 px image decoded by PIL.
+All loaders read the same bytes per sample in the same run on the same machine; files
+sit in the page cache (created just before), so this measures the loader, not the disk.
+Samples/s and MB/s (payload delivered to the step) per loader; one CSV row each with host,
+cores, commit and date.
+
+  python perf/bench_loader.py                     # N=4096, batch 256, all cores
+  python perf/bench_loader.py --n 256 --batch 32  # small (2-core dev box)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from irepa.data import build_loader, ffcv_available
+from irepa.data import format as fmt
+
+HERE = Path(__file__).resolve().parent
+LATENT, TOKENS, DIM, RES = (4, 32, 32), 256, 768, 256
+
+
+def make_prepared(root: Path, n: int, with_ffcv: bool) -> None:
+    """A prepared folder (manifest + memmaps [+ FFCV]) of random data, as prepare writes it."""
+    enc = [{"name": "dinov2-b", "dim": DIM, "tokens": TOKENS, "storage": "bf16"}]
+    fields = fmt.build_fields("latent", RES, LATENT, enc, store_images=False)
+    mm = root / fmt.MEMMAP_DIR
+    mm.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, (dt, sh) in fmt.field_specs({"fields": fields}).items():
+        a = np.lib.format.open_memmap(mm / f"{name}.npy", mode="w+", dtype=dt, shape=(2 * n, *sh))
+        for i in range(0, 2 * n, 256):  # chunks: bounded memory at any n
+            k = min(256, 2 * n - i)
+            if name == "label":
+                a[i:i + k] = rng.integers(0, 1000, k)
+            elif name == "latent":
+                a[i:i + k] = rng.standard_normal((k, *sh), dtype=np.float32)
+            else:
+                a[i:i + k] = fmt.encode_bf16(torch.randn(k, *sh))
+        a.flush()
+        del a
+    formats = ["memmap"]
+    files = [f"{fmt.MEMMAP_DIR}/{f}.npy" for f in fields]
+    if with_ffcv:
+        from irepa.data.prepare import write_ffcv
+
+        write_ffcv(mm, fields, root / fmt.FFCV_FILE)
+        formats.append("ffcv")
+        files.append(fmt.FFCV_FILE)
+    m = {"format": fmt.FORMAT, "version": fmt.VERSION, "kind": "latent", "num_samples": n, "num_views": 2,
+         "num_records": 2 * n, "resolution": RES, "fields": fields, "encoders": enc, "formats": formats,
+         "latent": {"shape": list(LATENT), "channel_mean": [0.0] * 4, "channel_std": [1.0] * 4},
+         "files": fmt.record_files(root, files)}
+    fmt.write_json_atomic(root / fmt.MANIFEST, m)
+
+
+def make_per_file(root: Path, prepared: Path, n: int, png: bool) -> None:
+    lat = np.load(prepared / fmt.MEMMAP_DIR / "latent.npy", mmap_mode="r")
+    feat = np.load(prepared / fmt.MEMMAP_DIR / "feat_0.npy", mmap_mode="r")
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        np.save(root / f"{i}-vae.npy", np.asarray(lat[2 * i:2 * i + 2]))
+        np.save(root / f"{i}-feat.npy", np.asarray(feat[2 * i:2 * i + 2]))
+        if png:
+            Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(root / f"{i}.png")
+
+
+class PerFileDataset(torch.utils.data.Dataset):
+    def __init__(self, root: Path, n: int, png: bool):
+        self.root, self.n, self.png = root, n, png
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        flip = np.random.randint(2)
+        lat = np.load(self.root / f"{i}-vae.npy")[flip]
+        feat = np.load(self.root / f"{i}-feat.npy")[flip]
+        out = {"latent": torch.from_numpy(lat), "feat": torch.from_numpy(feat).view(torch.bfloat16), "y": i % 1000}
+        if self.png:
+            img = np.asarray(Image.open(self.root / f"{i}.png").convert("RGB"))
+            out["image"] = torch.from_numpy(img.copy()).permute(2, 0, 1)
+        return out
+
+
+def timed(batches, steps: int, warmup: int, batch: int) -> tuple[float, float]:
+    """-> (samples/s, seconds) over `steps` batches after `warmup`."""
+    it = iter(batches)
+    for _ in range(warmup):
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        b = next(it)
+        _ = b["x"].sum() if "x" in b else b["latent"].sum()  # touch the batch
+    dt = time.perf_counter() - t0
+    return steps * batch / dt, dt
+
+
+def forever(make):
+    while True:
+        yield from make()
+
+
+def env() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    return {"host": platform.node(), "cpus": os.cpu_count(), "commit": commit or "?",
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=4096, help="samples (2 views each)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=0, help="timed batches per loader (default: 2 epochs)")
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--png", action=argparse.BooleanOptionalAction, default=True,
+                   help="baseline also decodes a 256 px PNG per sample, as the reference does")
+    p.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    p.add_argument("--csv", type=Path, default=HERE / "bench_loader.csv")
+    a = p.parse_args()
+    scratch = Path(tempfile.mkdtemp(dir=a.dir))
+    try:
+        rows = run(a, scratch)
+    finally:
+        shutil.rmtree(scratch)
+    new = not a.csv.exists()
+    with open(a.csv, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    base = {r["loader"]: r["samples_per_s"] for r in rows}
+    ref = base.get("per-file-npy+png", base.get("per-file-npy"))
+    for r in rows:
+        print(f"{r['loader']:>18}: {r['samples_per_s']:9.0f} samples/s {r['mb_per_s']:8.0f} MB/s "
+              f"({r['samples_per_s'] / ref:5.1f}x per-file)")
+    print(f"rows appended to {a.csv}")
+
+
+def run(a, scratch: Path) -> list[dict]:
+    use_ffcv = ffcv_available()
+    t0 = time.time()
+    make_prepared(scratch / "prepared", a.n, use_ffcv)
+    make_per_file(scratch / "perfile", scratch / "prepared", a.n, a.png)
+    print(f"synthetic data: {a.n} samples x 2 views in {time.time() - t0:.0f}s")
+    bytes_per_sample = 4 * 2 * int(np.prod(LATENT)) + 2 * TOKENS * DIM + 8  # what the step receives
+    bpe = a.n // a.batch
+    steps = a.steps or 2 * bpe
+    warmup = min(3, bpe)
+    info = env()
+    rows = []
+
+    def record(name, sps, dt, extra=""):
+        rows.append({**info, "loader": name, "n": a.n, "batch": a.batch, "workers": a.workers, "steps": steps,
+                     "samples_per_s": round(sps, 1), "mb_per_s": round(sps * bytes_per_sample / 1e6, 1),
+                     "seconds": round(dt, 2), "note": extra})
+
+    backends = (["ffcv"] if use_ffcv else []) + ["memmap"]
+    for be in backends:
+        ld = build_loader(scratch / "prepared", a.batch, ["dinov2-b"], seed=0, backend=be, num_workers=a.workers,
+                          latent_norm="none")
+        record(be, *timed(ld, steps, warmup, a.batch))
+    variants = [("per-file-npy+png", True), ("per-file-npy", False)] if a.png else [("per-file-npy", False)]
+    for name, png in variants:
+        ds = PerFileDataset(scratch / "perfile", a.n, png)
+        dl = torch.utils.data.DataLoader(ds, batch_size=a.batch, shuffle=True, num_workers=a.workers, drop_last=True,
+                                         persistent_workers=True, prefetch_factor=2)
+        record(name, *timed(forever(lambda: iter(dl)), steps, warmup, a.batch), "torch DataLoader")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
