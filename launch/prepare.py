@@ -2,7 +2,7 @@
 
   python launch/prepare.py digits data/digits-hog --resolution 128 --encoders hog
   torchrun --nproc_per_node=8 launch/prepare.py /datasets/imagenet/train data/in256-dinov2 \\
-      --vae /models/sd-vae-ft-mse --encoders dinov2-b --storage bf16 --batch_size 64
+      --vae /models/sd-vae-ft-mse --encoders dinov2-vit-b --storage bf16 --batch_size 64
   python launch/prepare.py /datasets/imagenet/train data/in256-px --kind pixels --encoders '[]'
 
 Writes OUT/manifest.json plus OUT/data.beton (FFCV) and/or OUT/memmap/*.npy (--formats).
