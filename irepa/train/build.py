@@ -93,6 +93,11 @@ def build_data(cfg: Config, model: nn.Module, rank: int, world_size: int, device
 
 
 def _prepare_builtin(cfg: Config, rank: int, world_size: int) -> str:
+    """Prepare the built-in dataset once into data.cache_dir (a no-op when it is complete).
+
+    Under torch.distributed every rank calls prepare (it shards the work and synchronizes
+    itself); a single process prepares alone.
+    """
     import torch.distributed as dist
 
     from irepa import data as data_pkg
@@ -101,12 +106,12 @@ def _prepare_builtin(cfg: Config, rank: int, world_size: int) -> str:
     kind = "pixels" if cfg.train.objective == "jit" else "latent"
     tag = "-".join(cfg.align.encoders) or "noenc"
     out = root / f"{cfg.data.source}-{kind}-{cfg.data.resolution}px-{tag}"
-    if rank == 0 and not (out / "manifest.json").is_file():
+    if not (out / "manifest.json").is_file():
         formats = ("ffcv", "memmap") if data_pkg.ffcv_available() else ("memmap",)
+        collective = world_size > 1 and dist.is_initialized()
         data_pkg.prepare(cfg.data.source, str(out), resolution=cfg.data.resolution, encoders=cfg.align.encoders,
-                         kind=kind, formats=formats, rank=0, world_size=1, device="cpu")
-    if world_size > 1 and dist.is_initialized():
-        dist.barrier()
+                         kind=kind, formats=formats, device="cpu", progress=rank == 0,
+                         rank=None if collective else 0, world_size=None if collective else 1)
     return str(out)
 
 

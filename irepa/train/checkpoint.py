@@ -186,7 +186,9 @@ def load_for_inference(path: str | Path, which: str = "ema", device: str | torch
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path}: missing; it is needed to rebuild the model")
     cfg = Config.from_dict(json.loads(cfg_path.read_text()))
-    verify_checkpoint(ckpt)
+    if verify_checkpoint(ckpt).get("sharded"):
+        raise CheckpointError(f"{ckpt}: a sharded (FSDP) checkpoint; export it to single files first: "
+                              f"python -m irepa.train.export {run_dir}")
     fname = {"ema": "ema.safetensors", "model": "model.safetensors"}.get(which, f"{which}.safetensors")
     sd = _load(ckpt / fname)
     if which == "model":  # the trained tree holds model.* and head.*

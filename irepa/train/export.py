@@ -26,7 +26,8 @@ from irepa.train import sharded_checkpoint
 def _find_checkpoint(path: Path) -> Path:
     ckpt = path if (path / "manifest.json").is_file() else ckpt_io.latest_checkpoint(path)
     if ckpt is None:
-        raise ckpt_io.CheckpointError(f"{path}: no complete checkpoint (expected {path}/checkpoints/step-N/manifest.json)")
+        raise ckpt_io.CheckpointError(
+            f"{path}: no complete checkpoint (expected {path}/checkpoints/step-N/manifest.json)")
     return ckpt
 
 

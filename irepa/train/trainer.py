@@ -61,9 +61,10 @@ class Trainer:
         fused_adaln = on_cuda if cfg.model.fused_kernels is None else cfg.model.fused_kernels
         fused_loss = on_cuda if cfg.align.fused_loss is None else cfg.align.fused_loss
 
-        self.data = build_data(cfg, self.rank, self.world, self.device)
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and in every rerun
         model = build_model(cfg, fused_adaln)
+        self.data = build_data(cfg, model, self.rank, self.world, self.device)
+        torch.manual_seed(cfg.train.seed + 1)
         head = build_head(cfg, model.dim, self.data.encoder_dims, fused_loss)
         objective = build_objective(cfg.train.objective, cfg.train.time_sampling)
         self.net = AlignedDiffusion(model, head, objective).to(self.device)
@@ -146,7 +147,10 @@ class Trainer:
                 self.optimizer.load_state_dict(state["optimizer"])
             tr = state["trainer"]
         self.step = int(tr["step"])
-        self.data.loader.load_state_dict(tr["data"][str(self.rank)] if str(self.rank) in tr["data"] else tr["data"])
+        data = tr["data"]
+        if "epoch" not in data:  # one position per rank; a new world size continues from rank 0's (same epoch, batch)
+            data = data.get(str(self.rank), data["0"])
+        self.data.loader.load_state_dict(data)
         torch.set_rng_state(state["rng"]["cpu"])
         self._log(f"resumed from {latest} at step {self.step}")
 
@@ -314,6 +318,7 @@ class Trainer:
     @torch.no_grad()
     def sample_grid(self, writer=None, per_class: int = 8, max_classes: int = 10) -> Path | None:
         if self.data.decode is None:
+            self._log("no sample grid: the dataset's VAE folder is not on this machine")
             return None
         model = self._full_ema_model()  # collective under FSDP
         if not self.is_main:

@@ -1,0 +1,322 @@
+"""Training-step throughput of SiT / JiT with iREPA, per optimization, against a reference-style baseline.
+
+    python perf/bench_step.py                         # GPU: SiT-B/2, SiT-XL/2, JiT-B/16, batch 256, bf16
+    python perf/bench_step.py --models SiT-XL/2 --configs compile+fused+flash,baseline
+    python perf/bench_step.py --quick --device cpu    # tiny models: proves the script runs end to end
+
+One step = what irepa.train.trainer.Trainer.train_step does: autocast forward of the
+trained tree (model + projectors, both losses), backward, grad clipping, AdamW, EMA.
+Built with the trainer's own pieces (irepa.train.build, irepa.train.parallelize).
+Configurations:
+  eager                iREPA (conv projector, spatial norm), stored features, SDPA, bf16
+  compile              + torch.compile per block (fullgraph), as train.compile=True
+  compile+fused        + fused Triton adaLN and alignment loss (CUDA only)
+  compile+fused+flash  + flash-attn (when installed)
+  baseline             reference-style REPA step: whole-model torch.compile (default mode),
+                       SDPA, fp16 autocast + GradScaler (bf16 on CPU), MLP projector, a ViT-B-sized encoder
+                       (random init, stand-in) run online on the images every step
+MFU counts the same useful FLOPs for every configuration: the diffusion model and its
+projector, forward + backward (irepa.train.flops); the baseline's online encoder is
+overhead. Timing: per-step wall time with a device sync per step after warm-up (which
+includes compilation); median and 20/80 % quantiles. Each run appends CSV rows (device,
+commit, date, command) and rewrites the bench_step tables in perf/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from irepa import models  # noqa: E402
+from irepa.align import AlignmentHead, alignment_loss  # noqa: E402
+from irepa.models.attention import available_backends  # noqa: E402
+from irepa.train import parallelize  # noqa: E402
+from irepa.train.ema import EMA  # noqa: E402
+from irepa.train.flops import peak_tflops, train_flops_per_image  # noqa: E402
+from irepa.train.objective import build_objective  # noqa: E402
+from irepa.train.trainer import AlignedDiffusion  # noqa: E402
+
+CONFIGS = ("eager", "compile", "compile+fused", "compile+fused+flash", "baseline")
+# name -> (model kwargs, objective, encoder image side, encoder patch, encoder dim/depth/heads)
+FULL = {
+    "SiT-B/2": (dict(input_size=32, in_channels=4, num_classes=1000), "sit", 224, 14, (768, 12, 12)),
+    "SiT-XL/2": (dict(input_size=32, in_channels=4, num_classes=1000), "sit", 224, 14, (768, 12, 12)),
+    "JiT-B/16": (dict(input_size=256, in_channels=3, num_classes=1000), "jit", 224, 14, (768, 12, 12)),
+}
+QUICK = {
+    "SiT-Tiny/2": (dict(input_size=8, in_channels=4, num_classes=10), "sit", 32, 8, (64, 2, 2)),
+    "JiT-Tiny/4": (dict(input_size=16, in_channels=3, num_classes=10), "jit", 32, 8, (64, 2, 2)),
+}
+FIELDS = ["date", "commit", "device", "torch", "model", "config", "batch", "precision", "step_ms_median",
+          "step_ms_p20", "step_ms_p80", "img_per_s", "tflops", "mfu", "peak_mem_gb", "speedup_vs_baseline",
+          "command"]
+
+
+class StandInViT(nn.Module):
+    """A ViT-B/14-sized encoder (random init) standing in for DINOv2-B in the baseline: pre-norm
+    blocks, SDPA attention, patch tokens out (no CLS), images resized to its input side."""
+
+    def __init__(self, img: int, patch: int, dim: int, depth: int, heads: int):
+        super().__init__()
+        self.img, self.heads = img, heads
+        self.patch = nn.Conv2d(3, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.randn(1, (img // patch) ** 2, dim) * 0.02)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            n1=nn.LayerNorm(dim), qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim), n2=nn.LayerNorm(dim),
+            fc1=nn.Linear(dim, 4 * dim), fc2=nn.Linear(4 * dim, dim))) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, images):
+        x = F.interpolate(images, size=(self.img, self.img), mode="bicubic", align_corners=False)
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        B, T, D = x.shape
+        for b in self.blocks:
+            q, k, v = b.qkv(b.n1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+            x = x + b.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, D))
+            x = x + b.fc2(F.gelu(b.fc1(b.n2(x))))
+        return self.norm(x)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def skip_reason(config: str, device: torch.device) -> str | None:
+    if "fused" in config and device.type != "cuda":
+        return "fused Triton kernels need CUDA"
+    if "flash" in config and "flash" not in available_backends():
+        return "flash-attn not installed (or no CUDA)"
+    return None
+
+
+def build_case(name, spec, config, batch, device):
+    model_kw, objective, enc_img, enc_patch, (enc_dim, enc_depth, enc_heads) = spec
+    baseline = config == "baseline"
+    fused = "fused" in config
+    torch._dynamo.reset()  # cases share code objects: no recompiles with dynamic shapes across them
+    torch.manual_seed(0)
+    model = models.build(name, attn_backend="flash" if "flash" in config else "sdpa", fused_kernels=fused,
+                         **model_kw)
+    loss_fn = alignment_loss
+    if fused:
+        from irepa.kernels import fused_alignment_loss
+        loss_fn = fused_alignment_loss
+    hidden = 2048 if enc_dim >= 512 else 4 * enc_dim  # REPA's MLP width; scaled down for --quick
+    head = AlignmentHead(model.dim, [enc_dim], "mlp" if baseline else "conv", None if baseline else
+                         (0.8 if objective == "jit" else 0.6), hidden, loss_fn)
+    net = AlignedDiffusion(model, head, build_objective(objective)).to(device)
+    flops_per_image = train_flops_per_image(model, head)
+    ema = EMA(net.model, [0.9999])
+    if baseline:
+        train_module = torch.compile(net)
+    else:
+        train_module = parallelize.parallelize(net, "none", device, compile=config != "eager")
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    g = torch.Generator(device=device).manual_seed(0)
+    C, S = model.in_channels, model.input_size
+    x = torch.randn(batch, C, S, S, device=device, generator=g)
+    y = torch.randint(0, model.num_classes, (batch,), device=device, generator=g)
+    if baseline:
+        encoder = StandInViT(enc_img, enc_patch, enc_dim, enc_depth, enc_heads).to(device).eval().requires_grad_(False)
+        images = torch.rand(batch, 3, enc_img, enc_img, device=device, generator=g)
+        feats = None
+    else:
+        encoder, images = None, None
+        feats = [torch.randn(batch, model.num_tokens, enc_dim, device=device, generator=g).to(torch.bfloat16)]
+    # fp16 GEMMs on CPU are emulated (seconds per step): the CPU smoke run uses bf16 throughout
+    amp_dtype = torch.float16 if baseline and device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=baseline and device.type == "cuda")
+
+    def step(i: int):
+        gen = None if baseline else torch.Generator(device=device).manual_seed(i)
+        with torch.autocast(device.type, amp_dtype):
+            f = feats
+            if encoder is not None:
+                with torch.no_grad():
+                    f = [encoder(images)]
+            drop = torch.rand(batch, device=device) < 0.1
+            denoise, align = train_module(x, y, f, gen, drop)
+        loss = denoise + 0.5 * align if baseline else denoise + align
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        parallelize.clip_grad_norm_(list(net.parameters()), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        ema.update(net.model)
+        return loss
+
+    return step, flops_per_image
+
+
+def measure(step, device, warmup: int, steps: int) -> list[float]:
+    for i in range(warmup):
+        step(i)
+    _sync(device)
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        step(warmup + i)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _quantile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    table = QUICK if args.quick else FULL
+    names = args.models.split(",") if args.models else list(table)
+    configs = args.configs.split(",") if args.configs else list(CONFIGS)
+    peak = peak_tflops(device)
+    common = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  commit=_commit(), device=device_name(device), torch=torch.__version__,
+                  command="python " + " ".join(shlex.quote(a) for a in sys.argv))
+    rows = []
+    for name in names:
+        if name not in table:
+            raise SystemExit(f"unknown model {name!r} for this mode; choose from {list(table)}")
+        if name not in models.names():
+            print(f"[bench_step] skip {name}: not in irepa.models (not written yet?)", flush=True)
+            continue
+        case_rows = []
+        for config in configs:
+            reason = skip_reason(config, device)
+            if reason:
+                print(f"[bench_step] skip {name} {config}: {reason}", flush=True)
+                continue
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            step, fpi = build_case(name, table[name], config, args.batch, device)
+            times = measure(step, device, args.warmup, args.steps)
+            med = _quantile(times, 0.5)
+            img_s = args.batch / med
+            tflops = img_s * fpi / 1e12
+            row = dict(common, model=name, config=config, batch=args.batch,
+                       precision="fp16" if config == "baseline" and device.type == "cuda" else "bf16",
+                       step_ms_median=f"{1e3 * med:.2f}", step_ms_p20=f"{1e3 * _quantile(times, 0.2):.2f}",
+                       step_ms_p80=f"{1e3 * _quantile(times, 0.8):.2f}", img_per_s=f"{img_s:.1f}",
+                       tflops=f"{tflops:.4g}", mfu=f"{tflops / peak:.3f}" if peak else "",
+                       peak_mem_gb=f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"
+                       if device.type == "cuda" else "", speedup_vs_baseline="")
+            print(f"[bench_step] {name:10s} {config:20s} {row['step_ms_median']:>9s} ms  {row['img_per_s']:>8s} img/s"
+                  f"  {row['tflops']:>8s} TFLOP/s  MFU {row['mfu'] or 'n/a'}", flush=True)
+            case_rows.append(row)
+            del step
+        base = next((float(r["img_per_s"]) for r in case_rows if r["config"] == "baseline"), None)
+        for r in case_rows:
+            r["speedup_vs_baseline"] = f"{float(r['img_per_s']) / base:.2f}" if base else ""
+        rows += case_rows
+    return rows
+
+
+def append_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+BEGIN, END = "<!-- bench_step:begin -->", "<!-- bench_step:end -->"
+
+
+def render_tables(csv_path: Path) -> str:
+    """Newest row per (device, model, config, batch): GPU table, then the newest CPU smoke run."""
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    latest = {}
+    for r in rows:
+        latest[(r["device"], r["model"], r["config"], r["batch"])] = r
+    cols = ["device", "model", "config", "batch", "precision", "step_ms_median", "img_per_s", "tflops", "mfu",
+            "speedup_vs_baseline", "peak_mem_gb", "commit", "date", "command"]
+    gpu = [r for r in latest.values() if not r["device"].startswith("cpu")]
+    cpu = [r for r in latest.values() if r["device"].startswith("cpu")]
+
+    def table(rs):
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(f"`{r[c]}`" if c == "command" else r[c] for c in cols) + " |" for r in rs]
+        return "\n".join(lines)
+    out = ["### GPU", "", table(gpu) if gpu else "_No GPU run recorded yet: every GPU figure is open._", "",
+           "### CPU smoke runs (`--quick --device cpu`: tiny models; proves the script, not a performance figure)",
+           "", table(cpu) if cpu else "_none_"]
+    return "\n".join(out)
+
+
+def update_results(md_path: Path, csv_path: Path) -> None:
+    text = md_path.read_text() if md_path.is_file() else ""
+    block = f"{BEGIN}\n{render_tables(csv_path)}\n{END}"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## Training step (perf/bench_step.py)\n\n" + block + "\n"
+    md_path.write_text(text)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="tiny models, small batch, few steps")
+    p.add_argument("--models", default="", help="comma list (default: all of the mode)")
+    p.add_argument("--configs", default="", help=f"comma list of {CONFIGS}")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="timed steps")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (compilation happens here)")
+    p.add_argument("--csv", default=str(ROOT / "perf/results/bench_step.csv"))
+    p.add_argument("--results", default=str(ROOT / "perf/RESULTS.md"))
+    p.add_argument("--no_update", action="store_true", help="do not touch RESULTS.md")
+    args = p.parse_args(argv)
+    args.batch = args.batch or (8 if args.quick else 256)
+    args.steps = args.steps or (3 if args.quick else 20)
+    args.warmup = args.warmup or (2 if args.quick else 5)
+    bad = [c for c in (args.configs.split(",") if args.configs else []) if c not in CONFIGS]
+    if bad:
+        raise SystemExit(f"unknown config(s) {bad}; choose from {CONFIGS}")
+    rows = run(args)
+    if rows:
+        append_csv(Path(args.csv), rows)
+        if not args.no_update:
+            update_results(Path(args.results), Path(args.csv))
+        print(f"[bench_step] {len(rows)} rows -> {args.csv}" + ("" if args.no_update else f", {args.results}"))
+
+
+if __name__ == "__main__":
+    main()

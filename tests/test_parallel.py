@@ -1,0 +1,206 @@
+"""FSDP2 / DDP / compile / activation checkpointing against the single-process trainer (CPU, gloo).
+
+The 2-rank run is checked against a single process that replays it exactly: the same
+initial weights (seeded), each rank's batches and per-rank noise, gradients averaged
+over the two shards, then one optimizer step. So losses, weights and EMA must agree to
+float32 round-off, not just statistically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from irepa.config import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, BATCH, WORLD = 4, 8, 2
+TINY = {"model.name": "SiT-Tiny/2", "model.input_size": 4, "data.resolution": 32, "train.batch_size": BATCH,
+        "train.precision": "fp32", "train.log_every": 1, "train.ckpt_every": 2, "train.sample_steps": 2,
+        "train.ema_decays": [0.9], "optim.warmup_steps": 0, "train.device": "cpu"}
+
+
+def _cli(overrides: dict) -> list[str]:
+    out = []
+    for k, v in overrides.items():
+        out += [f"--{k}", json.dumps(v) if isinstance(v, list) else str(v)]
+    return out
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _data_cache(tmp_path_factory):
+    """The digits set is prepared once for every run of this module."""
+    TINY["data.cache_dir"] = str(tmp_path_factory.mktemp("datasets"))
+    yield
+    TINY.pop("data.cache_dir")
+
+
+def _torchrun(out_dir: Path, name: str, **extra) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+           str(ROOT / "launch/train.py"), *_cli({**TINY, "train.steps": STEPS, "train.out_dir": str(out_dir),
+                                                  "train.run_name": name, **extra})]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in (out_dir / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def _cfg(out_dir: Path, name: str, **extra):
+    return resolve(overrides={**TINY, "train.steps": STEPS, "train.out_dir": str(out_dir), "train.run_name": name,
+                              **extra})
+
+
+def _replay(out_dir: Path) -> tuple[list[dict], dict]:
+    """Single process, the 2-rank run by hand; returns per-step logs and a snapshot after step 2."""
+    from irepa.train.build import build_data
+    from irepa.train.trainer import Trainer
+
+    tr = Trainer(_cfg(out_dir, "replay"))
+    loaders = [iter(build_data(tr.cfg, tr.net.model, r, WORLD, "cpu").loader) for r in range(WORLD)]
+    logs, snap = [], {}
+    for step in range(STEPS):
+        losses = []
+        for r in range(WORLD):
+            tr.rank = r  # the per-rank generator of Trainer._generator
+            gen, batch = tr._generator(step), next(loaders[r])
+            x = batch["x"]  # the draws of Trainer.train_step, in its order
+            if "x_std" in batch:
+                x = x + batch["x_std"] * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+            drop = torch.rand(BATCH // WORLD, generator=gen) < tr.cfg.model.class_dropout_prob
+            denoise, align = tr.net(x, batch["y"], batch["feats"], gen, drop)
+            loss = denoise + tr.cfg.align.weight * align
+            (loss / WORLD).backward()
+            losses.append(float(loss.detach()))
+        tr.rank = 0
+        gnorm = torch.nn.utils.clip_grad_norm_(tr.params, tr.cfg.optim.grad_clip)
+        for g in tr.optimizer.param_groups:
+            g["lr"] = tr._lr(step)
+        tr.optimizer.step()
+        tr.optimizer.zero_grad(set_to_none=True)
+        tr.ema.update(tr.net.model)
+        logs.append({"loss": sum(losses) / WORLD, "grad_norm": float(gnorm)})
+        if step + 1 == 2:
+            snap = {"model": {k: v.clone() for k, v in tr.net.state_dict().items()},
+                    "ema": {k: v.clone() for k, v in tr.ema.state_dicts()[0].items()},
+                    "opt": [s["exp_avg_sq"].clone() for s in tr.optimizer.state_dict()["state"].values()]}
+    final = {"model": tr.net.state_dict(), "ema": tr.ema.state_dicts()[0]}
+    return logs, {"step2": snap, "final": final}
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    ref_logs, ref = _replay(out)  # first: it also prepares the digits set in the shared cache, in one process
+    logs = _torchrun(out, "fsdp", **{"train.parallel": "fsdp"})
+    return out, logs, ref_logs, ref
+
+
+def _close(a: dict, b: dict, atol=2e-5, rtol=1e-4, what=""):
+    assert a.keys() == b.keys(), what
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}{k}: {m}")
+
+
+def test_fsdp_two_ranks_matches_single_process(fsdp_run):
+    out, logs, ref_logs, _ = fsdp_run
+    assert [m["step"] for m in logs] == list(range(1, STEPS + 1))
+    assert all(k in logs[-1] for k in ("img_per_s", "tflops", "data_wait"))  # throughput accounting
+    for got, ref in zip(logs, ref_logs):
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-5), (logs, ref_logs)
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4, abs=1e-5)
+    manifest = json.loads((out / "fsdp/checkpoints/step-0000004/manifest.json").read_text())
+    assert manifest["sharded"] and manifest["world_size"] == WORLD
+    assert any(f.startswith("dcp/__1_") for f in manifest["files"])  # rank 1 wrote its own shards
+
+
+def test_export_gives_full_model_and_ema(fsdp_run):
+    from irepa.train.checkpoint import load_checkpoint, load_for_inference
+    out, _, _, ref = fsdp_run
+    proc = subprocess.run([sys.executable, "-m", "irepa.train.export", str(out / "fsdp")], env=_env(),
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = load_checkpoint(out / "fsdp/export/checkpoints/step-0000004")
+    _close(state["model"], ref["final"]["model"], what="model ")
+    _close(state["ema"][0], ref["final"]["ema"], what="ema ")
+    model, cfg = load_for_inference(out / "fsdp/export")  # the EMA, as a plain model
+    _close(model.state_dict(), ref["final"]["ema"], what="inference ")
+    assert state["trainer"]["step"] == STEPS and cfg.model.name == "SiT-Tiny/2"
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(fsdp_run, tmp_path):
+    from irepa.train.trainer import Trainer
+    out, _, _, ref = fsdp_run
+    run = tmp_path / "one"
+    shutil.copytree(out / "fsdp", run, ignore=shutil.ignore_patterns("export", "step-0000004", "events*"))
+    tr = Trainer(_cfg(tmp_path, "one"))  # WORLD_SIZE unset: one process, plain module
+    assert tr.step == 2 and tr.parallel == "none"
+    _close(tr.net.state_dict(), ref["step2"]["model"], what="resumed model ")
+    _close(tr.ema.state_dicts()[0], ref["step2"]["ema"], what="resumed ema ")
+    got = [s["exp_avg_sq"] for s in tr.optimizer.state_dict()["state"].values()]
+    for a, b in zip(got, ref["step2"]["opt"]):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-4)
+    assert tr.data.loader.state_dict() == {"epoch": 0, "index": 2}  # rank 0's position
+    last = tr.train()
+    assert last["step"] == STEPS and torch.isfinite(torch.tensor(last["loss"]))
+
+
+def _trainer_losses(tmp_path, name, steps=2, **extra) -> list[float]:
+    from irepa.train.trainer import Trainer
+    tr = Trainer(_cfg(tmp_path, name, **{"train.steps": steps, "train.ckpt_every": 1000, **extra}))
+    it = iter(tr.data.loader)
+    return [float(tr.train_step(next(it), s)["loss"]) for s in range(steps)]
+
+
+def test_compiled_and_checkpointed_steps_match_eager(tmp_path):
+    eager = _trainer_losses(tmp_path, "eager")
+    ac = _trainer_losses(tmp_path, "ac", **{"train.activation_checkpointing": True})
+    assert ac == pytest.approx(eager, rel=1e-6, abs=1e-7)
+    compiled = _trainer_losses(tmp_path, "compiled", **{"train.compile": True})
+    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    return out, _torchrun(out, "ddp", **{"train.parallel": "ddp"})
+
+
+@pytest.mark.slow  # ~1 min of torchrun on 2 CPU cores; the FSDP tests above cover the sharded path
+def test_ddp_two_ranks_matches_replay(fsdp_run, ddp_run):
+    _, _, ref_logs, _ = fsdp_run
+    out, logs = ddp_run
+    for got, ref in zip(logs, ref_logs):
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-5)
+    assert not json.loads((out / "ddp/checkpoints/step-0000004/manifest.json").read_text()).get("sharded")
+
+
+@pytest.mark.slow  # another torchrun
+def test_single_file_checkpoint_resumes_under_fsdp(ddp_run, tmp_path):
+    out, ddp_logs = ddp_run
+    shutil.copytree(out / "ddp", tmp_path / "ddp", ignore=shutil.ignore_patterns("step-0000004", "events*"))
+    (tmp_path / "ddp/metrics.jsonl").unlink()
+    logs = _torchrun(tmp_path, "ddp", **{"train.parallel": "fsdp"})  # same world: must continue identically
+    assert [m["step"] for m in logs] == [3, 4]
+    for got, ref in zip(logs, ddp_logs[2:]):
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-5)
+
+
+def test_parallel_mode_resolution():
+    from irepa.train.parallelize import resolve_mode
+    assert resolve_mode("auto", 1) == "none" and resolve_mode("auto", 8) == "fsdp"
+    assert resolve_mode("fsdp", 1) == "none" and resolve_mode("ddp", 4) == "ddp"
+    with pytest.raises(ValueError, match="unrelated"):
+        resolve_mode("none", 2)
+    with pytest.raises(ValueError, match="train.parallel"):
+        resolve(overrides={"train.parallel": "zero3"})
