@@ -4,23 +4,17 @@ Same three-way check as test_kernel_alignment.py: the kernel's error against a f
 reference is at most a small multiple of eager's error in the same dtype plus an atol per
 dtype, for the output and the gradients of x, shift and scale. Outputs are NaN-poisoned.
 """
-import os
 
-_prev = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
-from irepa.kernels import adaln as K  # noqa: E402
-from irepa.kernels import fused_adaln  # noqa: E402
-from irepa.models.layers import modulate_norm_ref  # noqa: E402
+from irepa.kernels import adaln as K
+from irepa.kernels import fused_adaln
+from irepa.models.layers import modulate_norm_ref
 
-# restore at once so collecting this file changes nothing for other tests
-if _prev is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _prev
+# tests/conftest.py sets TRITON_INTERPRET=1 before triton is first imported; the
+# fixture below checks it took effect and keeps it on for each test
 
 ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # x max |reference|
 

@@ -8,22 +8,16 @@ the forward; the saved-bytes tests pin what that buys and that forward-only call
 """
 import os
 
-_prev = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
-from irepa.align import alignment_loss  # noqa: E402
-from irepa.kernels import alignment as K  # noqa: E402
-from irepa.kernels import fused_alignment_loss  # noqa: E402
+from irepa.align import alignment_loss
+from irepa.kernels import alignment as K
+from irepa.kernels import fused_alignment_loss
 
-# restore at once so collecting this file changes nothing for other tests; the fixture
-# below turns the interpreter on for this file's tests only
-if _prev is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _prev
+# tests/conftest.py sets TRITON_INTERPRET=1 before triton is first imported; the
+# fixture below checks it took effect and keeps it on for each test
 
 # atol relative to the largest reference value; bf16 has room for the interpreter's
 # fp32 -> bf16 cast, which truncates where the GPU rounds to nearest
@@ -64,7 +58,10 @@ def _check(z, y, gamma, grad_out=1.0):
     for got, eager, ref in [(loss_k, loss_e, loss_64), (dz_k, dz_e, dz_64)]:
         err = (got.double() - ref).abs().max().item()
         err_eager = (eager.double() - ref).abs().max().item()
-        atol = ATOL[dtype] * ref.abs().max().item() + 1e-9
+        # the loss is a mean of cosines, each bounded by 1: rounding scales with the summands,
+        # not with the mean, which is near 0 for unrelated random z and y
+        scale = 1.0 if got.dim() == 0 else ref.abs().max().item()
+        atol = ATOL[dtype] * scale + 1e-9
         assert err <= 2 * err_eager + atol, f"{dtype} gamma={gamma}: err {err:.3g}, eager {err_eager:.3g}"
 
 
@@ -237,3 +234,20 @@ def test_compiles_for_sm90_with_vector_loads():
         assert "ld.global.v4.b32" in instrs, (name, instrs)  # 16-byte loads of the [B, T, E] tensors
         if name.startswith("token_"):  # the forward writes the gradient direction, the backward dz
             assert "st.global.v4.b32" in instrs, (name, instrs)
+
+
+def test_top_level_kernels_name_registers_nothing(monkeypatch):
+    """transformers probes for the Hugging Face `kernels` library by importing `kernels`; from
+    the repo root that finds this folder, which must not register the custom ops again."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    monkeypatch.delitem(sys.modules, "kernels", raising=False)
+    top = importlib.import_module("kernels")
+    try:
+        assert top.__all__ == [] and not hasattr(top, "fused_alignment_loss")
+        assert "kernels.alignment" not in sys.modules and "kernels.adaln" not in sys.modules
+    finally:
+        sys.modules.pop("kernels", None)
