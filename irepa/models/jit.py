@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention, resolve_backend
-from .layers import LabelEmbedder, TimestepEmbedder, sincos_pos_embed_2d
+from .layers import LabelEmbedder, TimestepEmbedder, init_adaln_zero_, sincos_pos_embed_2d
 
 
 @dataclass(frozen=True)
@@ -251,29 +251,17 @@ class JiT(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self):
-        """DiT/JiT init: Xavier linears, patch convs like linears, N(0, 0.02) embeddings, zeroed adaLN and head."""
-        def _basic(m):
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, RMSNorm):
+        """DiT init (irepa.models.layers.init_adaln_zero_) plus JiT's parts: RMSNorm scales,
+        bottleneck patch convs like linears, the in-context position embedding, fixed tables."""
+        init_adaln_zero_(self)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
-        self.apply(_basic)
         for conv in (self.x_embedder.proj1, self.x_embedder.proj2):
             nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj2.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         if self.in_context_len:
             nn.init.normal_(self.in_context_posemb, std=0.02)
-        for blk in self.blocks:
-            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
-            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
-        for p in (self.final_layer.adaLN_modulation[-1].weight, self.final_layer.adaLN_modulation[-1].bias,
-                  self.final_layer.linear.weight, self.final_layer.linear.bias):
-            nn.init.zeros_(p)
         self.init_buffers()
 
     def unpatchify(self, x_BTP: torch.Tensor) -> torch.Tensor:

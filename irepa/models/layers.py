@@ -91,3 +91,23 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
+
+
+@torch.no_grad()
+def init_adaln_zero_(model: nn.Module) -> None:
+    """DiT initialization shared by SiT and JiT: Xavier-uniform linears with zero bias,
+    N(0, 0.02) label and timestep embeddings, and zeroed adaLN modulations and final layer
+    (adaLN-Zero: every block starts as the identity and the output starts at 0).
+    Patch embeddings and family-specific parameters are initialized by the model."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    final = model.final_layer
+    for layer in [blk.adaLN_modulation[-1] for blk in model.blocks] + [final.adaLN_modulation[-1], final.linear]:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .attention import attention, resolve_backend
-from .layers import LabelEmbedder, Mlp, TimestepEmbedder, get_modulate_norm, sincos_pos_embed_2d
+from .layers import LabelEmbedder, Mlp, TimestepEmbedder, get_modulate_norm, init_adaln_zero_, sincos_pos_embed_2d
 
 
 @dataclass(frozen=True)
@@ -104,24 +104,10 @@ class SiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        def _basic(m):
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        self.apply(_basic)
-        w = self.x_embedder.weight.data
+        init_adaln_zero_(self)
+        w = self.x_embedder.weight.data  # the patch conv is initialized like a linear layer
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for blk in self.blocks:
-            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
-            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
-        for p in (self.final_layer.adaLN_modulation[-1].weight, self.final_layer.adaLN_modulation[-1].bias,
-                  self.final_layer.linear.weight, self.final_layer.linear.bias):
-            nn.init.zeros_(p)
 
     def unpatchify(self, x_BTP: torch.Tensor) -> torch.Tensor:
         B, p, c, g = x_BTP.shape[0], self.patch_size, self.out_channels, self.grid
