@@ -58,8 +58,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     assert sorted(full) == sorted(res) == list(range(1, 9))
     for step in full:
         assert full[step] == pytest.approx(res[step], rel=1e-6, abs=1e-7), step
-    # losses fall and the alignment term is live
-    assert full[8][0] < full[1][0] and all(v[2] < 0 for v in full.values())
+    # losses fall and the alignment term is live: from ~0 (random projector) clearly down
+    assert full[8][0] < full[1][0] and full[8][2] < full[1][2] - 0.1
     assert (tmp_path / "full" / "samples" / "step-0000008.png").stat().st_size > 0
     assert list((tmp_path / "full").glob("events.out.tfevents.*"))
 
