@@ -15,13 +15,16 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev
 else
     pip_install torch==2.13.0
 fi
-pip_install -r .ci/requirements.txt
+# keep the torch chosen above: no later step may swap it for another (multi-GB) build
+constraints=$(mktemp); trap 'rm -f "$constraints"' EXIT
+echo "torch==$("$PY" -c 'import torch; print(torch.__version__)')" > "$constraints"
+pip_install -c "$constraints" -r .ci/requirements.txt
 if [ "${IREPA_WITH_FFCV:-0}" = "1" ] && ! "$PY" -c "import ffcv" 2>/dev/null; then
     if command -v apt-get >/dev/null; then
         SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
         $SUDO apt-get update -qq && $SUDO apt-get install -y -qq pkg-config libopencv-dev libturbojpeg0-dev >/dev/null
     fi
-    pip_install ffcv || echo "[install] FFCV did not build; the memmap loader will be used"
+    pip_install -c "$constraints" ffcv || echo "[install] FFCV did not build; the memmap loader will be used"
 fi
 pip_install --no-deps -e .
 echo "[install] ready: $("$PY" -c 'import torch, irepa; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"
