@@ -204,8 +204,8 @@ def _published_presets() -> dict[str, dict]:
         "align": {"encoders": ["hog"], "projector": "conv", "gamma": 0.6, "weight": 1.0},
         "data": {"source": "digits", "resolution": 128, "backend": "memmap"},
         "optim": {"lr": 1e-3, "betas": (0.9, 0.999), "grad_clip": 1.0, "warmup_steps": 50},
-        "train": {"steps": 480, "batch_size": 64, "ema_decays": [0.99], "log_every": 40,
-                  "ckpt_every": 240, "sample_steps": 40, "sample_method": "heun"},
+        "train": {"steps": 400, "batch_size": 64, "ema_decays": [0.99], "log_every": 40,
+                  "ckpt_every": 200, "sample_steps": 40, "sample_method": "heun"},
     }
     out["digits-sit-repa"] = _merge(out["digits-sit-irepa"], {"align": {"projector": "mlp", "gamma": None,
                                                                         "weight": 0.5, "hidden_dim": 256}})
