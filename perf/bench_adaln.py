@@ -43,7 +43,7 @@ def adaln_specs(K, t: str) -> dict:
 
 
 def main() -> None:
-    args = parse_common(__doc__.splitlines()[0], HERE / "bench_adaln.csv")
+    args = parse_common(__doc__.splitlines()[0], HERE / "results" / "bench_adaln.csv")
     from irepa.kernels import adaln as K
     from irepa.kernels import fused_adaln
     from irepa.models.layers import modulate_norm_ref

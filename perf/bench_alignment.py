@@ -237,7 +237,7 @@ def alignment_specs(K, dt: str) -> dict:
 
 
 def main() -> None:
-    args = parse_common(__doc__.splitlines()[0], HERE / "bench_alignment.csv")
+    args = parse_common(__doc__.splitlines()[0], HERE / "results" / "bench_alignment.csv")
     from irepa.align import alignment_loss
     from irepa.kernels import alignment as K
     from irepa.kernels import fused_alignment_loss

@@ -137,7 +137,7 @@ def main() -> None:
     p.add_argument("--png", action=argparse.BooleanOptionalAction, default=True,
                    help="baseline also decodes a 256 px PNG per sample, as the reference does")
     p.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
-    p.add_argument("--csv", type=Path, default=HERE / "bench_loader.csv")
+    p.add_argument("--csv", type=Path, default=HERE / "results" / "bench_loader.csv")
     a = p.parse_args()
     scratch = Path(tempfile.mkdtemp(dir=a.dir))
     try:
