@@ -130,6 +130,13 @@ class TrainConfig:
     sample_steps: int = 50
     sample_method: str = "euler"
     device: str = "auto"
+    fid_every: int = 0
+    """online FID of the EMA model every N steps (0 = off); needs fid_ref"""
+    fid_ref: str | None = None
+    """reference batch .npz (ADM: images under arr_0, or mu/sigma statistics)"""
+    fid_samples: int = 5000
+    fid_weights: str | None = None
+    """Inception weights file; None = $IREPA_INCEPTION_WEIGHTS or the local cache"""
 
     def __post_init__(self):
         if self.objective not in ("sit", "jit"):
@@ -140,6 +147,10 @@ class TrainConfig:
             raise ValueError(f"train.parallel must be auto|none|ddp|fsdp, got {self.parallel!r}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"train.precision must be auto|bf16|fp16|fp32, got {self.precision!r}")
+        if self.fid_every and not self.fid_ref:
+            raise ValueError("train.fid_every needs train.fid_ref (a reference .npz)")
+        if self.fid_every < 0 or self.fid_samples < 2:
+            raise ValueError(f"train.fid_every must be >= 0 and fid_samples >= 2, got {self.fid_every}, {self.fid_samples}")
         if isinstance(self.ema_decays, (int, float)):
             self.ema_decays = [float(self.ema_decays)]
         if not self.ema_decays or not all(0 < d < 1 for d in self.ema_decays):

@@ -147,3 +147,25 @@ def test_config_errors_are_clear():
     assert (cfg.model.name, cfg.model.align_depth, cfg.align.gamma, cfg.align.weight) == ("SiT-XL/2", 8, 0.6, 1.0)
     repa = resolve("sit-b2-repa")
     assert (repa.align.projector, repa.align.gamma, repa.align.weight, repa.model.align_depth) == ("mlp", None, 0.5, 4)
+
+
+def test_online_fid_is_logged_and_checked_before_step_0(tmp_path):
+    import numpy as np
+
+    from irepa.metrics.inception import InceptionV3
+
+    weights = tmp_path / "inception.pth"
+    torch.save(InceptionV3().eval().state_dict(), weights)  # random init: checks the plumbing, not the value
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(64, 2048))
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=a.mean(0), sigma=np.cov(a, rowvar=False))
+    fid_args = ["--fid_every", "2", "--fid_samples", "4", "--fid_weights", str(weights)]
+    missing = run_train(tmp_path, "nofile", "--steps", "2", *fid_args, "--fid_ref", str(tmp_path / "none.npz"),
+                        check=False)
+    assert missing.returncode != 0 and "none.npz" in missing.stderr
+    assert not (tmp_path / "nofile" / "metrics.jsonl").exists()  # refused before step 0
+    run_train(tmp_path, "fid", "--steps", "2", *fid_args, "--fid_ref", str(ref))
+    rows = [json.loads(line) for line in (tmp_path / "fid" / "metrics.jsonl").read_text().splitlines()]
+    fids = [r for r in rows if "fid_online" in r]
+    assert len(fids) == 1 and fids[0]["step"] == 2 and fids[0]["fid_online"] > 0

@@ -87,6 +87,12 @@ class Trainer:
         self._signal_at = tuple(int(v) for v in hook.split(":")) if hook else None
         self._finite = torch.ones((), dtype=torch.bool, device=self.device)
         self._prepare_run_dir()
+        self._fid_ref = None
+        if cfg.train.fid_every and self.is_main:  # fail before step 0 on a missing reference or weights
+            if self.data.decode is None:
+                raise ValueError("train.fid_every needs a decoder for samples (the dataset's VAE folder)")
+            from irepa.metrics.fid import reference_stats
+            self._fid_ref = reference_stats(cfg.train.fid_ref, weights=cfg.train.fid_weights, device=self.device)
         self._maybe_resume()
 
     # -- setup ---------------------------------------------------------------------------
@@ -231,6 +237,8 @@ class Trainer:
                 self.save()
             if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step != cfg.steps:
                 self.sample_grid(writer)
+            if cfg.fid_every and self.step % cfg.fid_every == 0:
+                self.online_fid(writer)
             if self._signal_at and self.step == self._signal_at[0]:
                 os.kill(os.getpid(), self._signal_at[1])
         bar.close()
@@ -324,16 +332,10 @@ class Trainer:
         if not self.is_main:
             return None
         from irepa.train.grid import save_grid
-        m = self.cfg.model
-        classes = min(m.num_classes, max_classes)
+        classes = min(self.cfg.model.num_classes, max_classes)
         labels = torch.arange(classes, device=self.device).repeat_interleave(per_class)
         g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
-        noise = torch.randn(labels.shape[0], m.in_channels, m.input_size, m.input_size, generator=g,
-                            device=self.device)
-        vel = self.velocity_fn(model)
-        x = sample(vel, noise, labels, method=self.cfg.train.sample_method, steps=self.cfg.train.sample_steps,
-                   generator=g)
-        images = self.data.decode(x.float())
+        images = self._sample_images(model, labels, g)
         path = save_grid(images, self.run_dir / "samples" / f"step-{self.step:07d}.png", nrow=per_class)
         if writer is not None:
             import numpy as np
@@ -341,6 +343,38 @@ class Trainer:
             writer.add_image("samples", np.asarray(Image.open(path)), self.step, dataformats="HWC")
         self._log(f"samples {path}")
         return path
+
+    def _sample_images(self, model, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """EMA samples for `labels`, decoded to images in [0, 1] (train.sample_method / sample_steps)."""
+        m, t = self.cfg.model, self.cfg.train
+        noise = torch.randn(labels.shape[0], m.in_channels, m.input_size, m.input_size, generator=generator,
+                            device=self.device)
+        x = sample(self.velocity_fn(model), noise, labels, method=t.sample_method, steps=t.sample_steps,
+                   generator=generator)
+        return self.data.decode(x.float())
+
+    @torch.no_grad()
+    def online_fid(self, writer=None) -> float | None:
+        """FID of train.fid_samples EMA samples (random labels) against train.fid_ref: a
+        small-N monitor, biased upward against a 50K evaluation; logged as eval/fid_online."""
+        model = self._full_ema_model()  # collective under FSDP
+        if not self.is_main:
+            return None
+        from irepa.metrics.fid import online_fid
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 17)
+        n_cls = self.cfg.model.num_classes
+
+        def sample_fn(b):
+            return self._sample_images(model, torch.randint(n_cls, (b,), generator=g, device=self.device), g)
+
+        t = self.cfg.train
+        fid = online_fid(sample_fn, self._fid_ref, n=t.fid_samples, weights=t.fid_weights, device=self.device)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, "fid_online": fid, "fid_samples": t.fid_samples}) + "\n")
+        if writer is not None:
+            writer.add_scalar("eval/fid_online", fid, self.step)
+        self._log(f"online FID ({t.fid_samples} samples) at step {self.step}: {fid:.2f}")
+        return fid
 
     def _full_ema_model(self):
         if not isinstance(self.ema, parallelize.ShardedEMA):
