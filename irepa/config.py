@@ -117,6 +117,12 @@ class TrainConfig:
     """data parallelism: auto (fsdp when several ranks, else none) | none | ddp | fsdp (FSDP2 fully_shard)"""
     activation_checkpointing: bool = False
     """recompute each block's activations in the backward (less memory, ~1/3 more compute)"""
+    micro_batch_size: int = 0
+    """per-rank samples per forward/backward; gradients accumulate over batch_size / world / micro_batch_size
+    of them before each optimizer step. 0 = auto: the largest divisor of the per-rank batch whose
+    activations fit the device (irepa.train.memory; the whole batch on CPU unless memory_budget_gib is set)"""
+    memory_budget_gib: float | None = None
+    """device memory the micro-batch planner may use; None = 90% of the GPU's memory"""
     out_dir: str = "runs"
     run_name: str | None = None
     """folder under out_dir; None = preset name"""
@@ -147,6 +153,10 @@ class TrainConfig:
             raise ValueError(f"train.parallel must be auto|none|ddp|fsdp, got {self.parallel!r}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"train.precision must be auto|bf16|fp16|fp32, got {self.precision!r}")
+        if self.micro_batch_size < 0:
+            raise ValueError(f"train.micro_batch_size must be >= 0 (0 = auto), got {self.micro_batch_size}")
+        if self.memory_budget_gib is not None and self.memory_budget_gib <= 0:
+            raise ValueError(f"train.memory_budget_gib must be > 0, got {self.memory_budget_gib}")
         if self.fid_every and not self.fid_ref:
             raise ValueError("train.fid_every needs train.fid_ref (a reference .npz)")
         if self.fid_every < 0 or self.fid_samples < 2:

@@ -15,6 +15,10 @@ Configurations:
   baseline             reference-style REPA step: whole-model torch.compile (default mode),
                        SDPA, fp16 autocast + GradScaler (bf16 on CPU), MLP projector, a ViT-B-sized encoder
                        (random init, stand-in) run online on the images every step
+Micro-batches: a batch whose activations do not fit the device (SiT-XL/2 at 256 saves ~96 GiB
+in eager bf16) accumulates gradients over equal micro-batches, as the trainer does
+(train.micro_batch_size); `--micro_batch auto` (default) takes the trainer's planner
+(irepa.train.memory) for every configuration, the baseline included.
 MFU counts the same useful FLOPs for every configuration: the diffusion model and its
 projector, forward + backward (irepa.train.flops); the baseline's online encoder is
 overhead. Timing: per-step wall time with a device sync per step after warm-up (which
@@ -43,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from irepa import models  # noqa: E402
 from irepa.align import AlignmentHead, alignment_loss  # noqa: E402
 from irepa.models.attention import available_backends  # noqa: E402
-from irepa.train import parallelize  # noqa: E402
+from irepa.train import memory, parallelize  # noqa: E402
 from irepa.train.ema import EMA  # noqa: E402
 from irepa.train.flops import peak_tflops, train_flops_per_image  # noqa: E402
 from irepa.train.objective import build_objective  # noqa: E402
@@ -60,7 +64,7 @@ QUICK = {
     "SiT-Tiny/2": (dict(input_size=8, in_channels=4, num_classes=10), "sit", 32, 8, (64, 2, 2)),
     "JiT-Tiny/4": (dict(input_size=16, in_channels=3, num_classes=10), "jit", 32, 8, (64, 2, 2)),
 }
-FIELDS = ["date", "commit", "device", "torch", "model", "config", "batch", "precision", "step_ms_median",
+FIELDS = ["date", "commit", "device", "torch", "model", "config", "batch", "micro_batch", "precision", "step_ms_median",
           "step_ms_p20", "step_ms_p80", "img_per_s", "tflops", "mfu", "peak_mem_gb", "speedup_vs_baseline",
           "command"]
 
@@ -103,7 +107,36 @@ def skip_reason(config: str, device: torch.device) -> str | None:
     return None
 
 
-def build_case(name, spec, config, batch, device):
+def plan_micro_batch(net, encoder_dim, amp_dtype, batch, n_ema, device, micro_batch: str,
+                     budget_gib: float | None) -> int:
+    """--micro_batch N, or auto: the trainer's planner on this case's net (irepa.train.memory)."""
+    if micro_batch != "auto":
+        m = int(micro_batch)
+        if m <= 0 or batch % m:
+            raise SystemExit(f"--micro_batch {m} must be a positive divisor of --batch {batch}")
+        return m
+    budget = None if budget_gib is None else int(budget_gib * 2**30)
+    if budget is None and device.type != "cuda":
+        return batch
+    model = net.model
+    C, S, tokens = model.in_channels, model.input_size, model.grid ** 2
+
+    def make_inputs(n):
+        return (torch.randn(n, C, S, S, device=device), torch.zeros(n, dtype=torch.long, device=device),
+                [torch.randn(n, tokens, encoder_dim, device=device, dtype=torch.bfloat16)],
+                torch.zeros(n, dtype=torch.bool, device=device))
+
+    def forward(x, y, feats, drop):
+        with torch.autocast(device.type, amp_dtype):
+            net(x, y, feats, None, drop)
+
+    static = memory.static_bytes(net, n_ema, 1, False, device)
+    plan = memory.plan_micro_batch(forward, make_inputs, batch, static, device, budget)
+    print(f"[bench_step]   memory plan: {plan.describe()}", flush=True)
+    return plan.micro_batch
+
+
+def build_case(name, spec, config, batch, device, micro_batch="auto", budget_gib=None):
     model_kw, objective, enc_img, enc_patch, (enc_dim, enc_depth, enc_heads) = spec
     baseline = config == "baseline"
     fused = "fused" in config
@@ -120,6 +153,9 @@ def build_case(name, spec, config, batch, device):
                          (0.8 if objective == "jit" else 0.6), hidden, loss_fn)
     net = AlignedDiffusion(model, head, build_objective(objective)).to(device)
     flops_per_image = train_flops_per_image(model, head)
+    # fp16 GEMMs on CPU are emulated (seconds per step): the CPU smoke run uses bf16 throughout
+    amp_dtype = torch.float16 if baseline and device.type == "cuda" else torch.bfloat16
+    micro = plan_micro_batch(net, enc_dim, amp_dtype, batch, 1, device, micro_batch, budget_gib)
     ema = EMA(net.model, [0.9999])
     if baseline:
         train_module = torch.compile(net)
@@ -137,30 +173,35 @@ def build_case(name, spec, config, batch, device):
     else:
         encoder, images = None, None
         feats = [torch.randn(batch, model.num_tokens, enc_dim, device=device, generator=g).to(torch.bfloat16)]
-    # fp16 GEMMs on CPU are emulated (seconds per step): the CPU smoke run uses bf16 throughout
-    amp_dtype = torch.float16 if baseline and device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=baseline and device.type == "cuda")
+    weight = 0.5 if baseline else 1.0
 
     def step(i: int):
         gen = None if baseline else torch.Generator(device=device).manual_seed(i)
-        with torch.autocast(device.type, amp_dtype):
-            f = feats
-            if encoder is not None:
-                with torch.no_grad():
-                    f = [encoder(images)]
-            drop = torch.rand(batch, device=device) < 0.1
-            denoise, align = train_module(x, y, f, gen, drop)
-        loss = denoise + 0.5 * align if baseline else denoise + align
-        scaler.scale(loss).backward()
+        drop = torch.rand(batch, device=device) < 0.1
+        draws = net.objective.draw(x, gen)
+        total = 0.0
+        for start in range(0, batch, micro):
+            s = slice(start, start + micro)
+            with torch.autocast(device.type, amp_dtype):
+                if encoder is not None:
+                    with torch.no_grad():
+                        f = [encoder(images[s])]
+                else:
+                    f = [t[s] for t in feats]
+                denoise, align = train_module(x[s], y[s], f, None, drop[s], draws=(draws[0][s], draws[1][s]))
+            loss = (denoise + weight * align) * (micro / batch)
+            scaler.scale(loss).backward()
+            total = total + loss.detach()
         scaler.unscale_(opt)
         parallelize.clip_grad_norm_(list(net.parameters()), 1.0)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
         ema.update(net.model)
-        return loss
+        return total
 
-    return step, flops_per_image
+    return step, flops_per_image, micro
 
 
 def measure(step, device, warmup: int, steps: int) -> list[float]:
@@ -223,12 +264,13 @@ def run(args) -> list[dict]:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            step, fpi = build_case(name, table[name], config, args.batch, device)
+            step, fpi, micro = build_case(name, table[name], config, args.batch, device, args.micro_batch,
+                                          args.memory_budget_gib)
             times = measure(step, device, args.warmup, args.steps)
             med = _quantile(times, 0.5)
             img_s = args.batch / med
             tflops = img_s * fpi / 1e12
-            row = dict(common, model=name, config=config, batch=args.batch,
+            row = dict(common, model=name, config=config, batch=args.batch, micro_batch=micro,
                        precision="fp16" if config == "baseline" and device.type == "cuda" else "bf16",
                        step_ms_median=f"{1e3 * med:.2f}", step_ms_p20=f"{1e3 * _quantile(times, 0.2):.2f}",
                        step_ms_p80=f"{1e3 * _quantile(times, 0.8):.2f}", img_per_s=f"{img_s:.1f}",
@@ -247,13 +289,30 @@ def run(args) -> list[dict]:
 
 
 def append_csv(path: Path, rows: list[dict]) -> None:
+    """Append rows; a file written with an older column set is rewritten once with the current
+    columns (old rows keep their values, new columns stay empty), through a temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    old: list[dict] = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames == FIELDS:
+                old = None
+            else:
+                unknown = set(reader.fieldnames or []) - set(FIELDS)
+                if unknown:
+                    raise SystemExit(f"{path}: unknown columns {sorted(unknown)}; not touching it")
+                old = list(reader)
+    if old is None:
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=FIELDS).writerows(rows)
+        return
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, restval="")
+        w.writeheader()
+        w.writerows(old + rows)
+    os.replace(tmp, path)
 
 
 BEGIN, END = "<!-- bench_step:begin -->", "<!-- bench_step:end -->"
@@ -265,8 +324,8 @@ def render_tables(csv_path: Path) -> str:
         rows = list(csv.DictReader(f))
     latest = {}
     for r in rows:
-        latest[(r["device"], r["model"], r["config"], r["batch"])] = r
-    cols = ["device", "model", "config", "batch", "precision", "step_ms_median", "img_per_s", "tflops", "mfu",
+        latest[(r["device"], r["model"], r["config"], r["batch"])] = {**r, "micro_batch": r.get("micro_batch") or r["batch"]}
+    cols = ["device", "model", "config", "batch", "micro_batch", "precision", "step_ms_median", "img_per_s", "tflops", "mfu",
             "speedup_vs_baseline", "peak_mem_gb", "commit", "date", "command"]
     gpu = [r for r in latest.values() if not r["device"].startswith("cpu")]
     cpu = [r for r in latest.values() if r["device"].startswith("cpu")]
@@ -300,6 +359,10 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed steps")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (compilation happens here)")
+    p.add_argument("--micro_batch", default="auto",
+                   help="samples per forward/backward: auto (the trainer's memory planner) or a divisor of --batch")
+    p.add_argument("--memory_budget_gib", type=float, default=None,
+                   help="memory the planner may use (default: 90%% of the GPU; no limit on CPU)")
     p.add_argument("--csv", default=str(ROOT / "perf/results/bench_step.csv"))
     p.add_argument("--results", default=str(ROOT / "perf/RESULTS.md"))
     p.add_argument("--no_update", action="store_true", help="do not touch RESULTS.md")

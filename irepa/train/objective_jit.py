@@ -25,27 +25,38 @@ P_MEAN, P_STD, T_EPS = -0.8, 0.8, 0.05
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
+class JiTObjective(Objective):
+    """x-prediction with the loss in velocity space; see the module docstring."""
+
+    def __init__(self, p_mean: float = P_MEAN, p_std: float = P_STD, t_eps: float = T_EPS,
+                 noise_scale: float = 1.0):
+        self.p_mean, self.p_std, self.t_eps, self.noise_scale = p_mean, p_std, t_eps, noise_scale
+
+    def draw(self, x, generator):
+        t = transport.sample_time(x.shape[0], "lognormal", generator=generator, device=x.device,
+                                  mean=self.p_mean, std=self.p_std)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * self.noise_scale
+        return t, noise
+
+    def loss(self, model, x, y, draws, drop_mask):
+        t, noise = draws
+        tb = t.view(-1, *([1] * (x.dim() - 1)))
+        z = (tb * x.float() + (1 - tb) * noise.float()).to(x.dtype)
+        x_pred, hidden = model(z, t, y, drop_mask)
+        denom = (1 - tb).clamp_min(self.t_eps)
+        v_target = (x.float() - z.float()) / denom
+        v_pred = (x_pred.float() - z.float()) / denom
+        return transport.denoising_loss(v_pred, v_target), hidden
+
+
 def jit_objective(p_mean: float = P_MEAN, p_std: float = P_STD, t_eps: float = T_EPS,
-                  noise_scale: float = 1.0) -> Objective:
+                  noise_scale: float = 1.0) -> JiTObjective:
     """`loss(model, x, y, generator, drop_mask) -> (v-space MSE, hidden)` for a JiT model.
 
     x [B, C, H, W] in [-1, 1]. Draws t then the noise from `generator` (as the SiT
     objective does). noise_scale multiplies e (1.0 at 256 px, 2.0 at 512 px in the release).
     """
-
-    def loss(model, x, y, generator, drop_mask):
-        t = transport.sample_time(x.shape[0], "lognormal", generator=generator, device=x.device,
-                                  mean=p_mean, std=p_std)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * noise_scale
-        tb = t.view(-1, *([1] * (x.dim() - 1)))
-        z = (tb * x.float() + (1 - tb) * noise.float()).to(x.dtype)
-        x_pred, hidden = model(z, t, y, drop_mask)
-        denom = (1 - tb).clamp_min(t_eps)
-        v_target = (x.float() - z.float()) / denom
-        v_pred = (x_pred.float() - z.float()) / denom
-        return transport.denoising_loss(v_pred, v_target), hidden
-
-    return loss
+    return JiTObjective(p_mean, p_std, t_eps, noise_scale)
 
 
 def warmup_steps(epochs: float, batch_size: int, dataset_size: int = IMAGENET_TRAIN_IMAGES) -> int:

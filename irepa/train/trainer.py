@@ -35,8 +35,11 @@ class AlignedDiffusion(DiffusionWithAlignment):
         super().__init__(model, head)
         self.objective = objective
 
-    def forward(self, x, y, feats, generator, drop_mask):
-        denoise, hidden = self.objective(self.model, x, y, generator, drop_mask)
+    def forward(self, x, y, feats, generator, drop_mask, draws=None):
+        """draws = objective.draw(x, generator) made beforehand (micro-batches of one batch), else drawn here."""
+        if draws is None:
+            draws = self.objective.draw(x, generator)
+        denoise, hidden = self.objective.loss(self.model, x, y, draws, drop_mask)
         if self.head is None:
             return denoise, denoise.new_zeros(())
         return denoise, self.head(hidden, feats)
@@ -70,6 +73,9 @@ class Trainer:
         self.net = AlignedDiffusion(model, head, objective).to(self.device)
         self.flops_per_image = train_flops_per_image(model, head)
         self.parallel = parallelize.resolve_mode(cfg.train.parallel, self.world)
+        if cfg.train.activation_checkpointing:  # before the memory plan, which then sees its savings
+            parallelize.apply_activation_checkpointing(self.net.model)
+        self.micro_batch = self._plan_micro_batch(model)
         # plain EMA copies are taken before wrapping; FSDP's shard-local EMA after sharding
         self.ema = EMA(self.net.model, cfg.train.ema_decays) if self.parallel != "fsdp" else None
         self.train_module = self._wrap(self.net)
@@ -116,8 +122,40 @@ class Trainer:
         if t.compile and self.data.online_encoders:
             parallelize.compile_encoders(self.data.online_encoders)
         return parallelize.parallelize(net, self.parallel, self.device, compile=t.compile,
-                                       activation_checkpointing=t.activation_checkpointing,
-                                       param_dtype=self.amp_dtype)
+                                       param_dtype=self.amp_dtype)  # checkpointing was applied in __init__
+
+    def _plan_micro_batch(self, model) -> int:
+        """train.micro_batch_size, or (0) the largest divisor of the per-rank batch that fits (irepa.train.memory)."""
+        t = self.cfg.train
+        local = t.batch_size // self.world
+        if t.micro_batch_size:
+            if local % t.micro_batch_size:
+                raise ValueError(f"train.micro_batch_size={t.micro_batch_size} must divide the per-rank batch "
+                                 f"{local} (batch_size {t.batch_size} over {self.world} ranks)")
+            return t.micro_batch_size
+        budget = None if t.memory_budget_gib is None else int(t.memory_budget_gib * 2**30)
+        if budget is None and self.device.type != "cuda":
+            return local  # no device limit to plan against
+        from irepa.train import memory
+        C, S = model.in_channels, model.input_size
+        tokens = model.grid ** 2
+        dims = self.data.encoder_dims if self.net.head is not None else []
+        dev = self.device
+
+        def make_inputs(n):
+            return (torch.randn(n, C, S, S, device=dev), torch.zeros(n, dtype=torch.long, device=dev),
+                    [torch.randn(n, tokens, d, device=dev, dtype=torch.bfloat16) for d in dims],
+                    torch.zeros(n, dtype=torch.bool, device=dev))
+
+        def forward(x, y, feats, drop):
+            amp = torch.autocast(dev.type, self.amp_dtype) if self.amp_dtype else nullcontext()
+            with amp:
+                self.net(x, y, feats, None, drop)
+
+        static = memory.static_bytes(self.net, len(t.ema_decays), self.world, self.parallel == "fsdp", dev)
+        plan = memory.plan_micro_batch(forward, make_inputs, local, static, dev, budget)
+        self._log(f"memory plan: {plan.describe()}")
+        return plan.micro_batch
 
     def _prepare_run_dir(self) -> None:
         cfg_path = self.run_dir / "config.json"
@@ -183,16 +221,13 @@ class Trainer:
         x = batch["x"]
         if "x_std" in batch:
             x = x + batch["x_std"] * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        feats = batch.get("feats")
-        if feats is None:
-            feats = self.data.online_features(batch["images"])
+        feats = batch.get("feats")  # None: the online encoders run per micro-batch
         p = self.cfg.model.class_dropout_prob
         drop = torch.rand(x.shape[0], generator=gen, device=x.device) < p if p > 0 else None
-        amp = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
-        with amp:
-            denoise, align = self.train_module(x, batch["y"], feats, gen, drop)
+        # every random draw is made for the whole batch, so the micro-batch size changes no result
+        draws = self.net.objective.draw(x, gen)
+        denoise, align = self._accumulate(x, batch["y"], feats, batch.get("images"), drop, draws)
         loss = denoise + self.cfg.align.weight * align
-        loss.backward()
         clip = self.cfg.optim.grad_clip
         grad_norm = parallelize.clip_grad_norm_(self.params, clip if clip else math.inf)
         for group in self.optimizer.param_groups:
@@ -202,6 +237,37 @@ class Trainer:
         self.ema.update(self.net.model)
         self._finite &= torch.isfinite(loss)
         return {"loss": loss.detach(), "denoise": denoise.detach(), "align": align.detach(), "grad_norm": grad_norm}
+
+    def _grad_sync(self, enabled: bool):
+        """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch."""
+        if self.parallel == "ddp":
+            return nullcontext() if enabled else self.train_module.no_sync()
+        if self.parallel == "fsdp":
+            self.net.set_requires_gradient_sync(enabled)
+        return nullcontext()
+
+    def _accumulate(self, x, y, feats, images, drop, draws):
+        """Forward + backward over micro-batches; returns the batch-mean (denoise, align), detached.
+
+        Each micro-batch's loss is weighted by its share of the batch, so the summed gradients
+        are those of the batch mean."""
+        B, m = x.shape[0], self.micro_batch
+        amp = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
+        weight = self.cfg.align.weight
+        if feats is None and images is None:
+            raise ValueError("the batch has neither stored features ('feats') nor 'images' for online encoders")
+        totals = []
+        for start in range(0, B, m):
+            s = slice(start, min(start + m, B))
+            f = self.data.online_features(images[s]) if feats is None else [t[s] for t in feats]
+            with self._grad_sync(s.stop == B):
+                with amp:
+                    d, a = self.train_module(x[s], y[s], f, None, None if drop is None else drop[s],
+                                             draws=(draws[0][s], draws[1][s]))
+                share = (s.stop - s.start) / B
+                ((d + weight * a) * share).backward()
+            totals.append((d.detach() * share, a.detach() * share))
+        return sum(t[0] for t in totals), sum(t[1] for t in totals)
 
     # -- loop ----------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
