@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import gc
 import os
 import shlex
 import subprocess
@@ -248,44 +249,59 @@ def run(args) -> list[dict]:
     common = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   commit=_commit(), device=device_name(device), torch=torch.__version__,
                   command="python " + " ".join(shlex.quote(a) for a in sys.argv))
-    rows = []
+    rows, failed = [], []
+
+    def emit(row):  # every row is on disk as soon as it is measured: a later OOM or kill keeps it
+        rows.append(row)
+        append_csv(Path(args.csv), [row])
+        if not args.no_update:
+            update_results(Path(args.results), Path(args.csv))
+
     for name in names:
         if name not in table:
             raise SystemExit(f"unknown model {name!r} for this mode; choose from {list(table)}")
         if name not in models.names():
             print(f"[bench_step] skip {name}: not in irepa.models (not written yet?)", flush=True)
             continue
-        case_rows = []
-        for config in configs:
+        base = None
+        # the baseline first, so every later row carries its speed-up when it is written
+        for config in sorted(configs, key=lambda c: c != "baseline"):
             reason = skip_reason(config, device)
             if reason:
                 print(f"[bench_step] skip {name} {config}: {reason}", flush=True)
                 continue
+            gc.collect()  # compiled blocks of the last case sit in reference cycles until collected
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            step, fpi, micro = build_case(name, table[name], config, args.batch, device, args.micro_batch,
-                                          args.memory_budget_gib)
-            times = measure(step, device, args.warmup, args.steps)
+            try:
+                step, fpi, micro = build_case(name, table[name], config, args.batch, device, args.micro_batch,
+                                              args.memory_budget_gib)
+                times = measure(step, device, args.warmup, args.steps)
+            except Exception as e:  # OOM, a backend that does not compile here, ...: the other cases still run
+                msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                print(f"[bench_step] FAILED {name} {config}: {msg}", flush=True)
+                failed.append(f"{name} {config}: {msg}")
+                continue
+            finally:
+                step = None
             med = _quantile(times, 0.5)
             img_s = args.batch / med
             tflops = img_s * fpi / 1e12
+            if config == "baseline":
+                base = img_s
             row = dict(common, model=name, config=config, batch=args.batch, micro_batch=micro,
                        precision="fp16" if config == "baseline" and device.type == "cuda" else "bf16",
                        step_ms_median=f"{1e3 * med:.2f}", step_ms_p20=f"{1e3 * _quantile(times, 0.2):.2f}",
                        step_ms_p80=f"{1e3 * _quantile(times, 0.8):.2f}", img_per_s=f"{img_s:.1f}",
                        tflops=f"{tflops:.4g}", mfu=f"{tflops / peak:.3f}" if peak else "",
                        peak_mem_gb=f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"
-                       if device.type == "cuda" else "", speedup_vs_baseline="")
+                       if device.type == "cuda" else "",
+                       speedup_vs_baseline=f"{img_s / base:.2f}" if base else "")
             print(f"[bench_step] {name:10s} {config:20s} {row['step_ms_median']:>9s} ms  {row['img_per_s']:>8s} img/s"
-                  f"  {row['tflops']:>8s} TFLOP/s  MFU {row['mfu'] or 'n/a'}", flush=True)
-            case_rows.append(row)
-            del step
-        base = next((float(r["img_per_s"]) for r in case_rows if r["config"] == "baseline"), None)
-        for r in case_rows:
-            r["speedup_vs_baseline"] = f"{float(r['img_per_s']) / base:.2f}" if base else ""
-        rows += case_rows
-    return rows
+                  f"  {row['tflops']:>8s} TFLOP/s  MFU {row['mfu'] or 'n/a'}  micro-batch {micro}", flush=True)
+            emit(row)
+    return rows, failed
 
 
 def append_csv(path: Path, rows: list[dict]) -> None:
@@ -373,12 +389,10 @@ def main(argv=None):
     bad = [c for c in (args.configs.split(",") if args.configs else []) if c not in CONFIGS]
     if bad:
         raise SystemExit(f"unknown config(s) {bad}; choose from {CONFIGS}")
-    rows = run(args)
-    if rows:
-        append_csv(Path(args.csv), rows)
-        if not args.no_update:
-            update_results(Path(args.results), Path(args.csv))
-        print(f"[bench_step] {len(rows)} rows -> {args.csv}" + ("" if args.no_update else f", {args.results}"))
+    rows, failed = run(args)
+    print(f"[bench_step] {len(rows)} rows -> {args.csv}" + ("" if args.no_update or not rows else f", {args.results}"))
+    if failed:
+        raise SystemExit("[bench_step] failed cases:\n  " + "\n  ".join(failed))
 
 
 if __name__ == "__main__":

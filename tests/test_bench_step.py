@@ -28,6 +28,10 @@ def test_quick_cpu_run_writes_csv_and_table(tmp_path):
     proc = subprocess.run(cmd + ["--configs", "eager", "--micro_batch", "4"], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # a case that fails (here: nothing fits a 1 KiB budget) is reported, the others still run, exit != 0
+    proc = subprocess.run(cmd + ["--configs", "eager", "--memory_budget_gib", str(2.0 ** -20)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode != 0 and "FAILED SiT-Tiny/2 eager: MemoryError" in proc.stdout + proc.stderr
     rows = list(csv.DictReader(open(csv_path)))
     assert rows[0]["date"] == "old" and rows[0]["micro_batch"] == ""
     rows = rows[1:]

@@ -226,3 +226,42 @@ def test_parallel_mode_resolution():
         resolve_mode("none", 2)
     with pytest.raises(ValueError, match="train.parallel"):
         resolve(overrides={"train.parallel": "zero3"})
+
+
+def test_fp16_loss_scaling_skips_overflow_and_resumes(tmp_path):
+    """fp16 autocast: gradients are scaled; an overflow skips the step (weights unchanged) and halves the
+    scale; the scale is saved with the checkpoint."""
+    from irepa.train.trainer import Trainer
+    cfg = {"train.precision": "fp16", "train.ckpt_every": 1000}
+    tr = Trainer(_cfg(tmp_path, "fp16", **cfg))
+    assert tr.scaler.enabled and tr.scaler.scale == 2.0 ** 16
+    it = iter(tr.data.loader)
+    out = tr.train_step(next(it), 0)
+    assert torch.isfinite(out["loss"]) and torch.isfinite(out["grad_norm"]) and tr.scaler.scale == 2.0 ** 16
+    before = {k: v.clone() for k, v in tr.net.state_dict().items()}
+    tr.scaler.scale = 2.0 ** 120  # the scaled fp16 gradients overflow
+    tr.train_step(next(it), 1)
+    assert tr.scaler.scale == 2.0 ** 119
+    _close(tr.net.state_dict(), before, atol=0, rtol=0, what="skipped step changed ")
+    tr.step = 2
+    tr.save()
+    again = Trainer(_cfg(tmp_path, "fp16", **cfg))
+    assert again.step == 2 and again.scaler.scale == 2.0 ** 119
+    assert not Trainer(_cfg(tmp_path, "bf16", **{"train.precision": "bf16"})).scaler.enabled
+
+
+def test_loss_scaler_policy():
+    from irepa.train.loss_scale import LossScaler
+    s = LossScaler(True, init_scale=8.0, growth_interval=2)
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([8.0, 16.0, 24.0])
+    assert s.unscale_and_check([p]) and p.grad.tolist() == [1.0, 2.0, 3.0]
+    s.update(True), s.update(True)
+    assert s.scale == 16.0  # grows after growth_interval clean steps
+    p.grad = torch.tensor([1.0, float("inf"), 0.0])
+    assert not s.unscale_and_check([p])
+    s.update(False)
+    assert s.scale == 8.0 and s.good_steps == 0
+    off = LossScaler(False)
+    loss = torch.tensor(2.0)
+    assert off.scale_loss(loss) is loss and off.unscale_and_check([p]) and off.state_dict() == {}

@@ -28,7 +28,8 @@ def _shared_dataset_cache(tmp_path_factory):
 
 
 def run_train(out_dir, name, *extra, env_extra=None, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    # CPU even on a GPU host: exact-resume checks need deterministic kernels
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env_extra or {})}
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), *TINY, "--out_dir", str(out_dir), "--run_name", name,
            "--data.cache_dir", _CACHE["dir"], *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -58,9 +58,13 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
-    """torch.compile each block's forward (fullgraph); blocks share one graph since they share code."""
+    """torch.compile each block's forward (fullgraph); blocks of one shape share one graph.
+
+    dynamic=False: JiT's blocks after the in-context tokens see a longer sequence; a static
+    graph per length beats the symbolic-length graph dynamo would otherwise compile after
+    the first mismatch."""
     for blk in model.blocks:
-        blk.forward = torch.compile(blk.forward, fullgraph=True)
+        blk.forward = torch.compile(blk.forward, fullgraph=True, dynamic=False)
 
 
 def broadcast_from_rank0(module: nn.Module) -> None:
@@ -86,7 +90,9 @@ def apply_fsdp(net: nn.Module, device: torch.device, param_dtype: torch.dtype | 
 
 def apply_ddp(net: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if device.type != "cuda":
+        return DDP(net)
+    return DDP(net, device_ids=[device.index if device.index is not None else torch.cuda.current_device()])
 
 
 def parallelize(net: nn.Module, mode: str, device: torch.device, *, compile: bool = False,

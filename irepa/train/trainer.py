@@ -25,6 +25,7 @@ from irepa.train import parallelize, sharded_checkpoint
 from irepa.train.build import DiffusionWithAlignment, build_data, build_head, build_model
 from irepa.train.ema import EMA
 from irepa.train.flops import peak_tflops, train_flops_per_image
+from irepa.train.loss_scale import LossScaler
 from irepa.train.objective import build_objective
 
 
@@ -86,6 +87,7 @@ class Trainer:
         self.base_lr = lr
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                            weight_decay=cfg.optim.weight_decay, fused=on_cuda or None)
+        self.scaler = LossScaler(self.amp_dtype == torch.float16)  # fp16 only; a no-op otherwise
         self.step = 0
         self._stop_signal: int | None = None
         # test hook: IREPA_SIGNAL_AT="STEP:SIGNUM" sends SIGNUM to this process after STEP
@@ -191,6 +193,7 @@ class Trainer:
                 self.optimizer.load_state_dict(state["optimizer"])
             tr = state["trainer"]
         self.step = int(tr["step"])
+        self.scaler.load_state_dict(tr.get("loss_scale"))
         data = tr["data"]
         if "epoch" not in data:  # one position per rank; a new world size continues from rank 0's (same epoch, batch)
             data = data.get(str(self.rank), data["0"])
@@ -228,11 +231,14 @@ class Trainer:
         draws = self.net.objective.draw(x, gen)
         denoise, align = self._accumulate(x, batch["y"], feats, batch.get("images"), drop, draws)
         loss = denoise + self.cfg.align.weight * align
+        ok = self.scaler.unscale_and_check(self.params)  # fp16: an overflow on any rank skips the step
         clip = self.cfg.optim.grad_clip
         grad_norm = parallelize.clip_grad_norm_(self.params, clip if clip else math.inf)
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(step)
-        self.optimizer.step()
+        if ok:
+            self.optimizer.step()
+        self.scaler.update(ok)
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.net.model)
         self._finite &= torch.isfinite(loss)
@@ -265,7 +271,7 @@ class Trainer:
                     d, a = self.train_module(x[s], y[s], f, None, None if drop is None else drop[s],
                                              draws=(draws[0][s], draws[1][s]))
                 share = (s.stop - s.start) / B
-                ((d + weight * a) * share).backward()
+                self.scaler.scale_loss((d + weight * a) * share).backward()
             totals.append((d.detach() * share, a.detach() * share))
         return sum(t[0] for t in totals), sum(t[1] for t in totals)
 
@@ -374,7 +380,8 @@ class Trainer:
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        trainer_state = {"data": data_state, "ema_decays": self.cfg.train.ema_decays, "world_size": self.world}
+        trainer_state = {"data": data_state, "ema_decays": self.cfg.train.ema_decays, "world_size": self.world,
+                         "loss_scale": self.scaler.state_dict()}
         if self.parallel == "fsdp":  # every rank writes its shards (irepa.train.sharded_checkpoint)
             path = sharded_checkpoint.save_sharded(
                 self.run_dir, self.step, net=self.net, optimizer=self.optimizer, ema=self.ema, rng_tensors=rng,
