@@ -137,7 +137,7 @@ def plan_micro_batch(net, encoder_dim, amp_dtype, batch, n_ema, device, micro_ba
     return plan.micro_batch
 
 
-def build_case(name, spec, config, batch, device, micro_batch="auto", budget_gib=None):
+def build_case(name, spec, config, batch, device, micro_batch="auto", budget_gib=None, plan_only=False):
     model_kw, objective, enc_img, enc_patch, (enc_dim, enc_depth, enc_heads) = spec
     baseline = config == "baseline"
     fused = "fused" in config
@@ -157,6 +157,8 @@ def build_case(name, spec, config, batch, device, micro_batch="auto", budget_gib
     # fp16 GEMMs on CPU are emulated (seconds per step): the CPU smoke run uses bf16 throughout
     amp_dtype = torch.float16 if baseline and device.type == "cuda" else torch.bfloat16
     micro = plan_micro_batch(net, enc_dim, amp_dtype, batch, 1, device, micro_batch, budget_gib)
+    if plan_only:
+        return None, flops_per_image, micro
     ema = EMA(net.model, [0.9999])
     if baseline:
         train_module = torch.compile(net)
@@ -276,7 +278,10 @@ def run(args) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats(device)
             try:
                 step, fpi, micro = build_case(name, table[name], config, args.batch, device, args.micro_batch,
-                                              args.memory_budget_gib)
+                                              args.memory_budget_gib, args.plan_only)
+                if args.plan_only:
+                    print(f"[bench_step] {name} {config}: micro-batch {micro} of {args.batch}", flush=True)
+                    continue
                 times = measure(step, device, args.warmup, args.steps)
             except Exception as e:  # OOM, a backend that does not compile here, ...: the other cases still run
                 msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
@@ -379,6 +384,9 @@ def main(argv=None):
                    help="samples per forward/backward: auto (the trainer's memory planner) or a divisor of --batch")
     p.add_argument("--memory_budget_gib", type=float, default=None,
                    help="memory the planner may use (default: 90%% of the GPU; no limit on CPU)")
+    p.add_argument("--plan_only", action="store_true",
+                   help="only print each case's memory plan (no timing, nothing written); with --device cpu "
+                        "and --memory_budget_gib it tells what fits a GPU without one")
     p.add_argument("--csv", default=str(ROOT / "perf/results/bench_step.csv"))
     p.add_argument("--results", default=str(ROOT / "perf/RESULTS.md"))
     p.add_argument("--no_update", action="store_true", help="do not touch RESULTS.md")
@@ -390,7 +398,8 @@ def main(argv=None):
     if bad:
         raise SystemExit(f"unknown config(s) {bad}; choose from {CONFIGS}")
     rows, failed = run(args)
-    print(f"[bench_step] {len(rows)} rows -> {args.csv}" + ("" if args.no_update or not rows else f", {args.results}"))
+    if not args.plan_only:
+        print(f"[bench_step] {len(rows)} rows -> {args.csv}" + ("" if args.no_update or not rows else f", {args.results}"))
     if failed:
         raise SystemExit("[bench_step] failed cases:\n  " + "\n  ".join(failed))
 

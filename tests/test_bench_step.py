@@ -32,6 +32,12 @@ def test_quick_cpu_run_writes_csv_and_table(tmp_path):
     proc = subprocess.run(cmd + ["--configs", "eager", "--memory_budget_gib", str(2.0 ** -20)], capture_output=True,
                           text=True, timeout=300, cwd=ROOT)
     assert proc.returncode != 0 and "FAILED SiT-Tiny/2 eager: MemoryError" in proc.stdout + proc.stderr
+    # --plan_only: the planner's choice per case, nothing timed or written
+    size = csv_path.stat().st_size
+    proc = subprocess.run(cmd + ["--configs", "eager", "--plan_only"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 0 and "SiT-Tiny/2 eager: micro-batch 8 of 8" in proc.stdout, proc.stderr[-2000:]
+    assert csv_path.stat().st_size == size
     rows = list(csv.DictReader(open(csv_path)))
     assert rows[0]["date"] == "old" and rows[0]["micro_batch"] == ""
     rows = rows[1:]
