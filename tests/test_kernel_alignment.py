@@ -1,10 +1,12 @@
-"""irepa.kernels.fused_alignment_loss under the Triton interpreter, against float64.
+"""irepa.kernels.fused_alignment_loss against float64: under the Triton interpreter on CPU,
+or compiled on CUDA tensors (tests/conftest.py picks the device, IREPA_KERNEL_TEST_DEVICE).
 
 Three-way check (flash-attention style): the kernel's error against a float64 oracle must
 be at most a small multiple of the eager reference's own error in the same dtype plus an
 atol per dtype. Outputs are poisoned with NaN so an element a kernel forgets to write shows.
-Shapes stay small: the interpreter runs every program in numpy. The op computes dL/dz in
-the forward; the saved-bytes tests pin what that buys and that forward-only calls skip it.
+Shapes stay small: the interpreter runs every program in numpy; training-sized shapes and
+inductor run on CUDA only. The op computes dL/dz in the forward; the saved-bytes tests pin
+what that buys and that forward-only calls skip it.
 """
 import os
 
@@ -16,8 +18,10 @@ from irepa.align import alignment_loss
 from irepa.kernels import alignment as K
 from irepa.kernels import fused_alignment_loss
 
-# tests/conftest.py sets TRITON_INTERPRET=1 before triton is first imported; the
-# fixture below checks it took effect and keeps it on for each test
+# tests/conftest.py decides the device once: "cpu" sets TRITON_INTERPRET=1 before triton is
+# first imported, "cuda" leaves the kernels compiled; the fixture below checks which took effect
+DEVICE = os.environ.get("IREPA_KERNEL_TEST_DEVICE", "cpu")
+cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels on CUDA (IREPA_KERNEL_TEST_DEVICE=cuda)")
 
 # atol relative to the largest reference value; bf16 has room for the interpreter's
 # fp32 -> bf16 cast, which truncates where the GPU rounds to nearest
@@ -27,17 +31,23 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.fixture(autouse=True)
 def interpret(monkeypatch):
-    if not K.INTERPRETED:
-        pytest.fail("irepa.kernels was imported before TRITON_INTERPRET=1 was set: the kernels are "
-                    "compiled for a GPU; run this file on its own or import it first")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if DEVICE == "cpu":
+        if not K.INTERPRETED:
+            pytest.fail("irepa.kernels was imported before TRITON_INTERPRET=1 was set: the kernels are "
+                        "compiled for a GPU; run this file on its own or import it first")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        if K.INTERPRETED:
+            pytest.fail(f"IREPA_KERNEL_TEST_DEVICE={DEVICE} but irepa.kernels was imported with "
+                        "TRITON_INTERPRET=1: the kernels are interpreted, not compiled")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU tensors take the reference
     monkeypatch.setattr(K, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
     monkeypatch.setattr(K, "_empty_like", lambda t: torch.full_like(t, float("nan")))
 
 
-def _inputs(shape, dtype, offset=3.0):
-    z = torch.randn(shape, dtype=torch.float32).to(dtype).requires_grad_()
-    y = (torch.randn(shape) * 2 + offset).to(dtype)  # channel offset: spatial norm must remove it
+def _inputs(shape, dtype, offset=3.0, device=DEVICE):
+    z = torch.randn(shape, dtype=torch.float32, device=device).to(dtype).requires_grad_()
+    y = (torch.randn(shape, device=device) * 2 + offset).to(dtype)  # channel offset: spatial norm must remove it
     return z, y
 
 
@@ -48,11 +58,12 @@ def _loss_and_grad(fn, z, y, gamma, grad_out=1.0):
     return loss.detach(), z.grad
 
 
-def _check(z, y, gamma, grad_out=1.0):
+def _check(z, y, gamma, grad_out=1.0, fn=fused_alignment_loss):
     dtype = z.dtype
     loss_64, dz_64 = _loss_and_grad(K._ref, z.detach().double(), y.double(), gamma, grad_out)
     loss_e, dz_e = _loss_and_grad(alignment_loss, z, y, gamma, grad_out)
-    loss_k, dz_k = _loss_and_grad(fused_alignment_loss, z, y, gamma, grad_out)
+    loss_k, dz_k = _loss_and_grad(fn, z, y, gamma, grad_out)
+    assert loss_k.device == z.device and dz_k.device == z.device
     assert loss_k.dtype == torch.float32 and dz_k.dtype == dtype and dz_k.shape == z.shape
     assert torch.isfinite(loss_k) and torch.isfinite(dz_k).all()
     for got, eager, ref in [(loss_k, loss_e, loss_64), (dz_k, dz_e, dz_64)]:
@@ -78,8 +89,8 @@ def test_odd_shape_T257_E1000_B1():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_non_contiguous(dtype):
     # z as the conv projector hands it over ([B, E, T] memory), y a channel slice
-    z = torch.randn(2, 24, 36).to(dtype).transpose(1, 2).requires_grad_()
-    y = (torch.randn(2, 36, 50) + 1).to(dtype)[:, :, 3:27]
+    z = torch.randn(2, 24, 36, device=DEVICE).to(dtype).transpose(1, 2).requires_grad_()
+    y = (torch.randn(2, 36, 50, device=DEVICE) + 1).to(dtype)[:, :, 3:27]
     assert not z.is_contiguous() and not y.is_contiguous()
     _check(z, y, 0.8)
     dz = _loss_and_grad(fused_alignment_loss, z, y, 0.8)[1]
@@ -99,7 +110,7 @@ def test_zero_token_and_large_offset():
     # a zero projection token (norm clamp: the norm's derivative is blocked) and a
     # channel offset 1e3 times the spread (cancellation in a naive sum of squares)
     z, _ = _inputs((2, 10, 33), torch.float32)
-    y = torch.randn(2, 10, 33) + 1e3
+    y = torch.randn(2, 10, 33, device=DEVICE) + 1e3
     z = z.detach().clone()
     z[0, 3] = 0
     _check(z.requires_grad_(), y, 0.6)
@@ -129,11 +140,53 @@ def test_compile_fullgraph():
         torch.testing.assert_close(compiled(z, y), want)
 
 
+@cuda_only
+@pytest.mark.parametrize("shape", [(256, 256, 768), (256, 256, 1152), (64, 1024, 1536)])
+def test_training_shapes_bf16(shape):
+    # B = 256 images of 16x16 tokens against DINOv2-B / SiT-XL widths, and 32x32 tokens at E = 1536
+    torch.manual_seed(0)
+    _check(*_inputs(shape, torch.bfloat16), 0.6)
+
+
+@cuda_only
+def test_training_shape_conv_projector_layout():
+    # the conv projector's output: conv [B, E, H, W] -> flatten(2).transpose(1, 2) = [B, T, E]
+    # with strides (E * T, 1, T); the target is the encoder's contiguous [B, T, E]
+    torch.manual_seed(0)
+    B, T, E = 256, 256, 768
+    z = torch.randn(B, E, T, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    y = (torch.randn(B, T, E, device=DEVICE) * 2 + 3).to(torch.bfloat16)
+    assert z.stride() == (E * T, 1, T)
+    _check(z, y, 0.6)
+    dz = _loss_and_grad(fused_alignment_loss, z, y, 0.6)[1]
+    assert dz.stride() == z.stride()
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (2, 9, 24)), (torch.bfloat16, (8, 256, 768))])
+def test_compile_fullgraph_inductor(dtype, shape):
+    # the default backend: inductor generates its own Triton kernels around the custom op
+    torch._dynamo.reset()
+    z, y = _inputs(shape, dtype)
+
+    def step(z, y):
+        return 0.5 * fused_alignment_loss(z, y, 0.6)
+
+    compiled = torch.compile(step, fullgraph=True)
+    _check(z, y, 0.6, fn=lambda z, y, g: 2 * compiled(z, y))  # three-way, against float64
+    got, dz = _loss_and_grad(lambda z, y, _: compiled(z, y), z, y, None)
+    want, dz_want = _loss_and_grad(lambda z, y, g: 0.5 * fused_alignment_loss(z, y, g), z, y, 0.6)
+    torch.testing.assert_close(got, want)  # the same kernels, compiled or not
+    torch.testing.assert_close(dz, dz_want)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(z, y), want)
+
+
 def test_opcheck():
     z, y = _inputs((2, 4, 8), torch.float32)
     torch.library.opcheck(K._alignment_fwd_op, (z, y, 0.6, True))
     torch.library.opcheck(K._alignment_fwd_op, (z, y, None, True))
-    zt = torch.randn(2, 8, 4).transpose(1, 2).requires_grad_()  # fake must give w z's layout
+    zt = torch.randn(2, 8, 4, device=DEVICE).transpose(1, 2).requires_grad_()  # fake must give w z's layout
     torch.library.opcheck(K._alignment_fwd_op, (zt, y, 0.6, True))
     torch.library.opcheck(K._alignment_fwd_op, (z.detach(), y, 0.6, False))
 
@@ -150,8 +203,8 @@ def test_backward_twice_and_flag_misuse():
 
 
 def test_cpu_falls_back_to_reference_without_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
-    z, y = _inputs((2, 5, 7), torch.bfloat16)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    z, y = _inputs((2, 5, 7), torch.bfloat16, device="cpu")
     assert torch.equal(fused_alignment_loss(z, y, 0.6), alignment_loss(z, y, 0.6))
 
 
