@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -242,6 +244,16 @@ class FFCVLoader(_PreparedLoader):
         self._ffcv = Loader(str(self.root / fmt.FFCV_FILE), batch_size=self.batch_size, num_workers=self.num_workers,
                             os_cache=self.os_cache, order=self._order, pipelines=pipelines, drop_last=True,
                             batches_ahead=self.prefetch, seed=self.seed)
+        # On the host FFCV decodes into a ring of batches_ahead + 2 slot buffers that it
+        # allocates anew at every epoch (torch memory, no huge pages) and overwrites while
+        # the caller still holds a yielded batch, so every batch had to be copied again.
+        # Instead each batch is decoded into new numpy arrays that the batch then owns: one
+        # copy per byte, done by FFCV's worker threads. (On CUDA FFCV's own device slots are
+        # kept and copied on the device.)
+        self._fresh = None
+        if self.device.type != "cuda":
+            self._fresh = _FreshAllocator(self._ffcv.graph)
+            self._ffcv.graph.allocate_memory = self._fresh.allocate_memory
         if self._ffcv.reader.num_samples != self.manifest["num_records"]:
             raise ValueError(f"{self.root / fmt.FFCV_FILE}: {self._ffcv.reader.num_samples} records, "
                              f"manifest says {self.manifest['num_records']}")
@@ -257,7 +269,60 @@ class FFCVLoader(_PreparedLoader):
             it.close()
 
     def _finish(self, raw, owned=True):
-        return super()._finish(raw, owned=False)  # FFCV reuses its batch buffers
+        # a batch owns its arrays only if they are ones _FreshAllocator handed out (FFCV's
+        # own buffers are reused for later batches)
+        owned = self._fresh is not None and all(self._fresh.issued(v) for v in raw.values())
+        return super()._finish(raw, owned=owned)
+
+
+class _FreshAllocator:
+    """Stands in for ffcv.pipeline.graph.Graph.allocate_memory (ffcv 1.0.2), which
+    EpochIterator calls once per epoch: the per-slot buffers it returns are looked up once
+    per batch (buffer[slot][:count] in EpochIterator.run_pipeline), and each lookup gives a
+    new numpy array (large ones get huge pages from numpy, unlike FFCV's torch.empty
+    ring). Live arrays handed out are tracked (weakly) so the loader can tell a batch it
+    owns from one in reused buffers, should FFCV ever bypass this."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        self._live = weakref.WeakValueDictionary()  # data pointer -> array handed out
+        self._lock = threading.Lock()
+
+    def allocate_memory(self, batch_size: int, slots: int) -> dict:
+        from ffcv.pipeline.allocation_query import AllocationQuery, allocate_query
+
+        queries, _ = self.graph.collect_requirements()
+
+        def fresh(q):
+            if q is None:
+                return None
+            if not isinstance(q, AllocationQuery):  # a sequence of queries
+                return tuple(fresh(x) for x in q)
+            if isinstance(q.dtype, torch.dtype) or (q.device is not None and torch.device(q.device).type != "cpu"):
+                return allocate_query(q, batch_size, slots)  # FFCV's own ring (not owned: copied)
+            return _FreshSlots(self, (batch_size, *q.shape), np.dtype(q.dtype))
+
+        return {kind: {node: fresh(q) for node, q in reqs.items()} for kind, reqs in queries.items()}
+
+    def new(self, shape, dtype) -> np.ndarray:
+        a = np.empty(shape, dtype)
+        with self._lock:
+            self._live[a.ctypes.data] = a
+        return a
+
+    def issued(self, t) -> bool:
+        """True if `t` starts at an array handed out by new() that is still alive."""
+        ptr = t.data_ptr() if isinstance(t, torch.Tensor) else t.ctypes.data
+        with self._lock:
+            return ptr in self._live
+
+
+class _FreshSlots:
+    def __init__(self, alloc: _FreshAllocator, shape, dtype):
+        self.alloc, self.shape, self.dtype = alloc, shape, dtype
+
+    def __getitem__(self, slot: int) -> np.ndarray:
+        return self.alloc.new(self.shape, self.dtype)
 
 
 @functools.cache
