@@ -104,12 +104,14 @@ def _prepare_builtin(cfg: Config, rank: int, world_size: int) -> str:
 
     root = Path(cfg.data.cache_dir or Path(cfg.train.out_dir) / "datasets")
     kind = "pixels" if cfg.train.objective == "jit" else "latent"
-    tag = "-".join(cfg.align.encoders) or "noenc"
+    online = cfg.data.online_encoders  # store the images for the encoders run in the step, not their features
+    tag = "online-images" if online else "-".join(cfg.align.encoders) or "noenc"
     out = root / f"{cfg.data.source}-{kind}-{cfg.data.resolution}px-{tag}"
     if not (out / "manifest.json").is_file():
         formats = ("ffcv", "memmap") if data_pkg.ffcv_available() else ("memmap",)
         collective = world_size > 1 and dist.is_initialized()
-        data_pkg.prepare(cfg.data.source, str(out), resolution=cfg.data.resolution, encoders=cfg.align.encoders,
+        data_pkg.prepare(cfg.data.source, str(out), resolution=cfg.data.resolution,
+                         encoders=[] if online else cfg.align.encoders, store_images=online,
                          kind=kind, formats=formats, device="cpu", progress=rank == 0,
                          rank=None if collective else 0, world_size=None if collective else 1)
     return str(out)

@@ -224,7 +224,8 @@ class Trainer:
         x = batch["x"]
         if "x_std" in batch:
             x = x + batch["x_std"] * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        feats = batch.get("feats")  # None: the online encoders run per micro-batch
+        # online encoders run per micro-batch on batch["images"] (the loader then stores no features)
+        feats = None if self.data.online_encoders else batch.get("feats")
         p = self.cfg.model.class_dropout_prob
         drop = torch.rand(x.shape[0], generator=gen, device=x.device) < p if p > 0 else None
         # every random draw is made for the whole batch, so the micro-batch size changes no result
