@@ -137,7 +137,8 @@ def plan_micro_batch(net, encoder_dim, amp_dtype, batch, n_ema, device, micro_ba
     return plan.micro_batch
 
 
-def build_case(name, spec, config, batch, device, micro_batch="auto", budget_gib=None, plan_only=False):
+def build_case(name, spec, config, batch, device, micro_batch="auto", budget_gib=None, plan_only=False,
+               compile_mode="default"):
     model_kw, objective, enc_img, enc_patch, (enc_dim, enc_depth, enc_heads) = spec
     baseline = config == "baseline"
     fused = "fused" in config
@@ -163,7 +164,7 @@ def build_case(name, spec, config, batch, device, micro_batch="auto", budget_gib
     if baseline:
         train_module = torch.compile(net)
     else:
-        train_module = parallelize.parallelize(net, "none", device, compile=config != "eager")
+        train_module = parallelize.parallelize(net, "none", device, compile=config != "eager", compile_mode=compile_mode)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
     g = torch.Generator(device=device).manual_seed(0)
     C, S = model.in_channels, model.input_size
@@ -278,7 +279,7 @@ def run(args) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats(device)
             try:
                 step, fpi, micro = build_case(name, table[name], config, args.batch, device, args.micro_batch,
-                                              args.memory_budget_gib, args.plan_only)
+                                              args.memory_budget_gib, args.plan_only, args.compile_mode)
                 if args.plan_only:
                     print(f"[bench_step] {name} {config}: micro-batch {micro} of {args.batch}", flush=True)
                     continue
@@ -295,7 +296,9 @@ def run(args) -> list[dict]:
             tflops = img_s * fpi / 1e12
             if config == "baseline":
                 base = img_s
-            row = dict(common, model=name, config=config, batch=args.batch, micro_batch=micro,
+            label = config if config in ("eager", "baseline") or args.compile_mode == "default" else \
+                f"{config}[{args.compile_mode}]"
+            row = dict(common, model=name, config=label, batch=args.batch, micro_batch=micro,
                        precision="fp16" if config == "baseline" and device.type == "cuda" else "bf16",
                        step_ms_median=f"{1e3 * med:.2f}", step_ms_p20=f"{1e3 * _quantile(times, 0.2):.2f}",
                        step_ms_p80=f"{1e3 * _quantile(times, 0.8):.2f}", img_per_s=f"{img_s:.1f}",
@@ -303,7 +306,7 @@ def run(args) -> list[dict]:
                        peak_mem_gb=f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"
                        if device.type == "cuda" else "",
                        speedup_vs_baseline=f"{img_s / base:.2f}" if base else "")
-            print(f"[bench_step] {name:10s} {config:20s} {row['step_ms_median']:>9s} ms  {row['img_per_s']:>8s} img/s"
+            print(f"[bench_step] {name:10s} {label:20s} {row['step_ms_median']:>9s} ms  {row['img_per_s']:>8s} img/s"
                   f"  {row['tflops']:>8s} TFLOP/s  MFU {row['mfu'] or 'n/a'}  micro-batch {micro}", flush=True)
             emit(row)
     return rows, failed
@@ -384,6 +387,8 @@ def main(argv=None):
                    help="samples per forward/backward: auto (the trainer's memory planner) or a divisor of --batch")
     p.add_argument("--memory_budget_gib", type=float, default=None,
                    help="memory the planner may use (default: 90%% of the GPU; no limit on CPU)")
+    p.add_argument("--compile_mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode of our compiled configurations (the baseline keeps default)")
     p.add_argument("--plan_only", action="store_true",
                    help="only print each case's memory plan (no timing, nothing written); with --device cpu "
                         "and --memory_budget_gib it tells what fits a GPU without one")

@@ -57,14 +57,14 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.blocks[i] = checkpoint_wrapper(blk)
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module, mode: str = "default") -> None:
     """torch.compile each block's forward (fullgraph); blocks of one shape share one graph.
 
     dynamic=False: JiT's blocks after the in-context tokens see a longer sequence; a static
     graph per length beats the symbolic-length graph dynamo would otherwise compile after
     the first mismatch."""
     for blk in model.blocks:
-        blk.forward = torch.compile(blk.forward, fullgraph=True, dynamic=False)
+        blk.forward = torch.compile(blk.forward, fullgraph=True, dynamic=False, mode=mode)
 
 
 def broadcast_from_rank0(module: nn.Module) -> None:
@@ -96,12 +96,13 @@ def apply_ddp(net: nn.Module, device: torch.device) -> nn.Module:
 
 
 def parallelize(net: nn.Module, mode: str, device: torch.device, *, compile: bool = False,
-                activation_checkpointing: bool = False, param_dtype: torch.dtype | None = None) -> nn.Module:
+                activation_checkpointing: bool = False, param_dtype: torch.dtype | None = None,
+                compile_mode: str = "default") -> nn.Module:
     """Apply the steps in order; returns the module the train step calls (net itself for none/fsdp)."""
     if activation_checkpointing:
         apply_activation_checkpointing(net.model)
     if compile:
-        apply_compile(net.model)
+        apply_compile(net.model, compile_mode)
     if mode == "fsdp":
         broadcast_from_rank0(net)
         return apply_fsdp(net, device, param_dtype)

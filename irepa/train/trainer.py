@@ -123,7 +123,7 @@ class Trainer:
         t = self.cfg.train
         if t.compile and self.data.online_encoders:
             parallelize.compile_encoders(self.data.online_encoders)
-        return parallelize.parallelize(net, self.parallel, self.device, compile=t.compile,
+        return parallelize.parallelize(net, self.parallel, self.device, compile=t.compile, compile_mode=t.compile_mode,
                                        param_dtype=self.amp_dtype)  # checkpointing was applied in __init__
 
     def _plan_micro_batch(self, model) -> int:
