@@ -10,7 +10,8 @@
 #   loader    bench_loader on this host's cores (the 16-core figure)
 #   all       the four, in that order
 #   env       only the versions and nvidia-smi (a smoke test of the machine)
-# Env: CONFIGS (bench_step --configs list), STEPS / WARMUP (bench_step timed / untimed steps).
+# Env: CONFIGS (bench_step --configs list), STEPS / WARMUP (bench_step timed / untimed steps),
+#      COMPILE_MODE (bench_step --compile_mode, e.g. max-autotune-no-cudagraphs with CONFIGS=compile+fused).
 #
 # Works offline on a machine that has torch + triton (installs this checkout with --no-deps;
 # fire / diffusers / ffcv are not needed). The benchmarks append to perf/results/*.csv and
@@ -46,6 +47,7 @@ nvidia-smi >"$out/logs/nvidia-smi.txt" 2>&1 || true
 
 step_args=(--steps "${STEPS:-20}" --warmup "${WARMUP:-5}")
 [ -n "${CONFIGS:-}" ] && step_args+=(--configs "$CONFIGS")
+[ -n "${COMPILE_MODE:-}" ] && step_args+=(--compile_mode "$COMPILE_MODE")
 
 do_kernels() {
     run kernel_tests env IREPA_KERNEL_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
