@@ -3,10 +3,11 @@
     enc = irepa.encoders.build("dinov2-vit-b", device="cuda")   # bf16 on GPU
     y = enc(images)           # images [B, 3, H, W] in [0, 1] -> [B, (H/16)*(W/16), enc.dim]
 
-`names()` lists every encoder (the paper's 36 plus HOG, SIFT, VGG16 pool4), `info(name)`
-its width, input resolution and whether its weights are on this machine. Weights are
-read from local files only (see `base.resolve_weights`); `build(name, tiny=True)` gives
-a randomly initialised small model of the same architecture for tests.
+`names()` lists every encoder (the paper's 36, the C-RADIO family, HOG, SIFT, VGG16
+pool4), `info(name)` its width, input resolution and whether its weights are on this
+machine. Weights are read from local files only (see `base.resolve_weights`);
+`build(name, tiny=True)` gives a randomly initialised small model of the same
+architecture for tests.
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def _build_module(spec: EncoderSpec, tiny: bool, weights) -> Encoder:
     if spec.family in ("mocov3", "pe"):
         from .vit import build_own_vit
         return build_own_vit(spec, tiny=tiny, weights=weights)
+    if spec.family == "radio":
+        from .radio import build_radio
+        return build_radio(spec, tiny=tiny, weights=weights)
     from .hf import build_hf
     return build_hf(spec, tiny=tiny, weights=weights)
 

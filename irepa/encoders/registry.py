@@ -17,14 +17,14 @@ from .base import CLIP_MEAN, CLIP_STD, HALF, IMAGENET_MEAN, IMAGENET_STD
 @dataclass(frozen=True)
 class EncoderSpec:
     name: str
-    family: str            # builder: a transformers family (hf.FAMILIES), "mocov3", "pe", "hog", "sift", "vgg16"
+    family: str            # builder: a transformers family (hf.FAMILIES), "mocov3", "pe", "radio", "hog", "sift", "vgg16"
     dim: int               # token width E of the real model
     patch: int             # encoder input pixels per token (input = grid * patch)
     source: str | None     # Hugging Face repo id, or a checkpoint file name, or None (weight free)
     mean: tuple | None = IMAGENET_MEAN
     std: tuple | None = IMAGENET_STD
     interpolation: str = "bicubic"
-    arch: str = ""         # architecture size key for our own implementations (vit.py)
+    arch: str = ""         # architecture size key for our own implementations (vit.py, radio.py)
     note: str = ""
 
     @property
@@ -82,6 +82,19 @@ _SPECS = [
        note="Hiera last stage (stride 32) at 2x input"),
     _s("sam2-vit-b", "sam2", 896, 32, "facebook/sam2.1-hiera-base-plus", interpolation="bilinear"),
     _s("sam2-vit-l", "sam2", 1152, 32, "facebook/sam2.1-hiera-large", interpolation="bilinear"),
+    # C-RADIO (radio.py): CLIP conditioner, 16 px patches, CPE grid resampled, cls + registers dropped
+    _s("c-radio-v2-vit-b", "radio", 768, 16, "nvidia/C-RADIOv2-B", CLIP_MEAN, CLIP_STD, arch="v2-b",
+       note="C-RADIOv2 ViT-B/16, CPE 128x128, no final norm"),
+    _s("c-radio-v2-vit-l", "radio", 1024, 16, "nvidia/C-RADIOv2-L", CLIP_MEAN, CLIP_STD, arch="v2-l"),
+    _s("c-radio-v2-vit-h", "radio", 1280, 16, "nvidia/C-RADIOv2-H", CLIP_MEAN, CLIP_STD, arch="v2-h"),
+    _s("c-radio-v2-vit-g", "radio", 1536, 16, "nvidia/C-RADIOv2-g", CLIP_MEAN, CLIP_STD, arch="v2-g"),
+    _s("c-radio-v3-vit-b", "radio", 768, 16, "nvidia/C-RADIOv3-B", CLIP_MEAN, CLIP_STD, arch="v3-b",
+       note="C-RADIOv3 ViT-B/16 with LayerScale"),
+    _s("c-radio-v3-vit-l", "radio", 1024, 16, "nvidia/C-RADIOv3-L", CLIP_MEAN, CLIP_STD, arch="v3-l"),
+    _s("c-radio-v3-vit-h", "radio", 1280, 16, "nvidia/C-RADIOv3-H", CLIP_MEAN, CLIP_STD, arch="v3-h"),
+    _s("c-radio-v3-vit-g", "radio", 1536, 16, "nvidia/C-RADIOv3-g", CLIP_MEAN, CLIP_STD, arch="v3-g"),
+    _s("c-radio-v4-vit-h", "radio", 1280, 16, "nvidia/C-RADIOv4-H", CLIP_MEAN, CLIP_STD, arch="v4-h",
+       note="3 cls + 7 register tokens dropped"),
     _s("hog", "hog", 128, 16, None, None, None, note="4x4 cells x 8 orientations, L2-Hys, weight free"),
     _s("sift", "sift", 128, 16, None, None, None, note="dense upright SIFT, 16 px grid, weight free"),
     _s("vgg16", "vgg16", 512, 16, "vgg16-397923af.pth", note="conv1_1..pool4, torchvision weights file"),

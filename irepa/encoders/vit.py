@@ -3,6 +3,8 @@
 - MoCo v3 (ViT-B/16, ViT-L/16): a plain pre-norm ViT with timm's parameter names
   (patch_embed.proj, cls_token, pos_embed, blocks.i.{norm1, attn.qkv, attn.proj, norm2,
   mlp.fc1, mlp.fc2}, norm), so the released `base_encoder` state dict loads as is.
+  The same timm block (optionally with LayerScale ls1/ls2.gamma) is C-RADIO's block;
+  the RADIO patch generator and checkpoint mapping live in radio.py.
 - Perception Encoder (PE core / lang / spatial): ViT with a bias-free patch conv,
   optional CLS token, learned absolute position embedding (bilinearly resampled), 2-D
   axial RoPE on every attention layer (x half then y half of each head, interleaved
@@ -50,15 +52,29 @@ class _TimmMlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class _LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float = 0.1):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
 class _TimmBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6):
+    """timm's pre-norm ViT block; `layer_scale` (an init value) adds timm's ls1 / ls2."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6,
+                 layer_scale: float | None = None):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=eps), _TimmAttention(dim, heads)
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=eps), _TimmMlp(dim, int(dim * mlp_ratio))
+        self.ls1 = _LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        self.ls2 = _LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class _PatchEmbed(nn.Module):
@@ -165,15 +181,6 @@ class _PEAttention(nn.Module):
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, angles), apply_rope(k, angles)
         return self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, D))
-
-
-class _LayerScale(nn.Module):
-    def __init__(self, dim: int, init: float = 0.1):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), init))
-
-    def forward(self, x):
-        return x * self.gamma
 
 
 class _PEMlp(nn.Sequential):
