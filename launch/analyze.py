@@ -12,7 +12,11 @@ digits with ink (pixel > --ink) as the foreground mask. SRSS keeps only images w
 foreground and >= 64 background tokens: at 128 px a digit has 8x8 = 64 tokens in all, so
 every image is dropped; the default 256 px (16x16 tokens) is the one to use for SRSS.
 An --images folder in ImageFolder layout (class sub-folders) gives probe labels; --masks
-is a folder of foreground masks with the same relative paths (any image extension).
+is a folder of foreground masks with the same relative paths (any image extension; 0/255
+or 0/1 gray, or palette indices with 0 = background), checked before anything runs.
+Without masks a folder gets no SRSS (metrics.json says why). --limit N takes N images
+spread over the sorted files (so over the classes). per_image.csv names each image's file.
+A misspelt command or option is refused before anything is computed or written.
 
 `correlate` reads a CSV with an `encoder` column, metric columns and a gFID column (or
 joins --gfid, a CSV of encoder,gfid) and writes correlation.csv (Pearson and Spearman r
@@ -27,7 +31,10 @@ a random-init small model of that architecture, which needs no weights).
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -62,30 +69,76 @@ def _device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class UsageError(ValueError):
+    """A command line that names something wrong; reported before anything is computed or written."""
+
+
+def _check_sizes(resolution: int, limit: int | None = None, batch_size: int = 1) -> None:
+    if resolution <= 0 or resolution % 16:
+        raise UsageError(f"--resolution must be a positive multiple of 16 (the encoders' 16 px patches), "
+                         f"got {resolution}")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise UsageError(f"--batch_size must be >= 1, got {batch_size}")
+
+
 def _image_set(images, resolution, limit, masks, ink) -> ImageSet:
     if images is None:
+        if masks is not None:
+            raise UsageError(f"--masks {masks} needs --images: the embedded digits use their ink "
+                             f"(--ink) as the foreground")
         return digits_set(resolution, limit, ink)
     return folder_set(images, resolution, limit, masks)
+
+
+def _srss_note(data: ImageSet, rows: list[dict], min_tokens: int, resolution: int) -> str | None:
+    """Why SRSS is missing or empty, or None when it was measured."""
+    if data.load_masks is None:
+        return ("SRSS not computed: it needs a foreground mask per image; pass --masks DIR "
+                "(masks with the same relative paths as the images)")
+    if rows and all(r.get("srss_images", 0) == 0 for r in rows):
+        side = resolution // 16
+        if side * side < 2 * min_tokens:
+            why = (f"the {side * side}-token grid at {resolution} px cannot hold {min_tokens} foreground "
+                   f"and {min_tokens} background tokens")
+        elif 2 * (side - 1) < 6:
+            why = f"the {side}x{side} token grid at {resolution} px has no token pairs at distance >= 6"
+        else:
+            why = (f"no image has >= {min_tokens} foreground and >= {min_tokens} background tokens in its mask "
+                   f"(or no foreground token with a foreground neighbour and background at distance >= 6)")
+        return f"SRSS is NaN for every image: {why} (--min_tokens {min_tokens})"
+    return None
 
 
 def metrics(encoders="hog,sift", images: str | None = None, out: str = "runs/analysis",
             resolution: int = 256, limit: int | None = None, masks: str | None = None,
             ink: float = 0.5, batch_size: int = 64, device: str | None = None, min_tokens: int = 64):
-    """Spatial metrics (+ linear probe when labels exist) of each encoder -> metrics.json/csv, per_image.csv."""
+    """Spatial metrics (+ linear probe when labels exist) of each encoder -> metrics.json/csv, per_image.csv.
+
+    SRSS needs foreground masks: the digits' ink (--ink), or --masks DIR for --images."""
+    _check_sizes(resolution, limit, batch_size)
+    if not _names(encoders):
+        raise UsageError("--encoders is empty; name at least one (e.g. hog,sift)")
     dev = _device(device)
     data = _image_set(images, resolution, limit, masks, ink)
     rows, per_image = measure_encoders(_build_encoders(encoders, dev), data, batch_size, dev, min_tokens)
+    note = _srss_note(data, rows, min_tokens, resolution)
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     source = images or f"digits (scikit-learn), ink > {ink} as foreground"
     with open(outdir / "metrics.json", "w") as f:
         json.dump({"images": str(source), "resolution": resolution, "count": data.count,
-                   "srss_min_tokens": min_tokens, "encoders": rows}, f, indent=2, allow_nan=True)
+                   "masks": data.mask_source, "srss_min_tokens": min_tokens, "srss_note": note,
+                   "encoders": rows}, f, indent=2, allow_nan=True)
     write_rows(rows, outdir / "metrics.csv")
-    write_rows([{"encoder": e, "image": i, **{k: float(v[i]) for k, v in vals.items()}}
+    names = data.names or [str(i) for i in range(data.count)]
+    write_rows([{"encoder": e, "image": i, "file": names[i], **{k: float(v[i]) for k, v in vals.items()}}
                 for e, vals in per_image.items() for i in range(data.count)], outdir / "per_image.csv")
     for r in rows:
         print(", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     return str(outdir / "metrics.json")
 
 
@@ -94,23 +147,54 @@ def correlate(table: str, gfid: str | None = None, target: str = "gfid", metrics
     """Correlation of metrics with gFID across encoders -> correlation.csv and correlation.png."""
     rows = read_rows(table)
     if gfid is not None:
-        rows = join_column(rows, read_rows(gfid), target, source=gfid)
-    stats = correlate_rows(rows, target, _names(metrics) if metrics else None)
+        rows = join_column(rows, read_rows(gfid), target, source=str(gfid))
+    stats = correlate_rows(rows, target, _names(metrics) if metrics else None,
+                           source=str(table) if gfid is None else f"{table} joined with {gfid}")
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     write_rows(stats, outdir / "correlation.csv")
     plot_correlation(rows, stats, outdir / "correlation.png", target)
     for s in stats:
         print(f"{s['metric']:>10}: pearson {s['pearson_r']:+.3f}  spearman {s['spearman_r']:+.3f}  (n={s['n']})")
+    if any(s["n"] < 3 for s in stats):
+        print("note: r is NaN where fewer than 3 encoders have both the metric and the target", file=sys.stderr)
     return str(outdir / "correlation.png")
 
 
 def _anchors(v, side: int) -> list[tuple[int, int]]:
+    """None -> the defaults; "r,c;r,c" or a list of (r, c); one (r, c) pair is one anchor."""
     if v is None:
         return default_anchors(side)
-    if isinstance(v, str):
-        v = [tuple(int(s) for s in a.split(",")) for a in v.split(";")]
-    return [(int(r), int(c)) for r, c in v]
+    text = v if isinstance(v, str) else repr(v)
+    try:
+        if isinstance(v, str):
+            v = [tuple(int(s) for s in a.split(",")) for a in v.split(";") if a.strip()]
+        elif isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, int) for x in v):
+            v = [v]  # --anchors 4,5 reaches here as the tuple (4, 5)
+        pts = [(int(r), int(c)) for r, c in v]
+    except (TypeError, ValueError):
+        raise UsageError(f"--anchors {text!r}: expected token coordinates 'row,col;row,col'") from None
+    if not pts:
+        raise UsageError(f"--anchors {text!r} names no anchor")
+    for r, c in pts:
+        if not (0 <= r < side and 0 <= c < side):
+            raise UsageError(f"--anchors: ({r}, {c}) is outside the {side}x{side} token grid")
+    return pts
+
+
+def _spatialnorm_image(image, resolution: int) -> torch.Tensor:
+    """An image file, or an index into the embedded digits -> [1, 3, R, R]."""
+    path = Path(str(image))
+    if path.is_file():
+        return read_rgb(path, resolution)[None]
+    try:
+        index = int(str(image))
+    except ValueError:
+        raise UsageError(f"--image {image}: no such file (and not an index into the embedded digits)") from None
+    digits = digits_set(resolution)
+    if not 0 <= index < digits.count:
+        raise UsageError(f"--image {index}: the embedded digits have images 0..{digits.count - 1}")
+    return digits.load([index])
 
 
 def spatialnorm(image="0", encoders="hog,sift", gamma: float = 0.6, anchors=None,
@@ -120,13 +204,13 @@ def spatialnorm(image="0", encoders="hog,sift", gamma: float = 0.6, anchors=None
     image: an image path or an index into the embedded digits; anchors: "r,c;r,c" token
     coordinates (default: the center and two off-center patches).
     """
+    _check_sizes(resolution)
+    if not _names(encoders):
+        raise UsageError("--encoders is empty; name at least one (e.g. hog,sift)")
     dev = _device(device)
-    if Path(str(image)).is_file():
-        x = read_rgb(Path(str(image)), resolution)[None]
-    else:
-        x = digits_set(resolution).load([int(image)])
     side = resolution // 16
     pts = _anchors(anchors, side)
+    x = _spatialnorm_image(image, resolution)
     maps = encoder_anchor_maps(_build_encoders(encoders, dev), x, pts, gamma, dev)
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +218,70 @@ def spatialnorm(image="0", encoders="hog,sift", gamma: float = 0.6, anchors=None
     return str(outdir / "spatialnorm.png")
 
 
-if __name__ == "__main__":
+COMMANDS = {"metrics": metrics, "correlate": correlate, "spatialnorm": spatialnorm}
+
+
+def check_args(argv: list[str]) -> None:
+    """Refuse an unknown command, option or extra positional value before anything runs.
+
+    fire would bind the options it knows, run the command with defaults for the rest
+    (writing its outputs) and only then complain about the leftovers."""
+    if not argv or argv[0].startswith("-"):
+        return  # help / fire's own flags
+    cmd = argv[0]
+    if cmd not in COMMANDS:
+        close = difflib.get_close_matches(cmd, COMMANDS, 1)
+        raise UsageError(f"unknown command {cmd!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                         f"commands: {', '.join(COMMANDS)}")
+    params = list(inspect.signature(COMMANDS[cmd]).parameters)
+    options = ", ".join(f"--{p}" for p in params)
+    positional, i = 0, 1
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            break  # fire's own flags follow (--help, --trace, ...)
+        if tok in ("-h", "--help"):
+            return
+        if tok.startswith("--"):
+            name, has_value = tok[2:].split("=", 1)[0].replace("-", "_"), "=" in tok
+            if name not in params and not (name.startswith("no") and name[2:] in params):
+                close = difflib.get_close_matches(name, params, 1)
+                raise UsageError(f"{cmd}: unknown option --{name}"
+                                 f"{f' (did you mean --{close[0]}?)' if close else ''}; options: {options}")
+            # like fire: a following token that is not an option is this option's value
+            if not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                i += 1
+        elif tok.startswith("-") and not _is_number(tok):
+            short = tok[1:].split("=", 1)[0]
+            if len(short) != 1 or [p[0] for p in params].count(short) != 1:  # fire's unique-initial short flags
+                raise UsageError(f"{cmd}: unknown option {tok}; options: {options}")
+            if "=" not in tok and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                i += 1
+        else:
+            positional += 1
+        i += 1
+    if positional > len(params):
+        raise UsageError(f"{cmd}: {positional} positional values for {len(params)} parameters ({options})")
+
+
+def _is_number(tok: str) -> bool:
+    try:
+        float(tok)
+    except ValueError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None):
     import fire
 
-    fire.Fire({"metrics": metrics, "correlate": correlate, "spatialnorm": spatialnorm})
+    argv = sys.argv[1:] if argv is None else list(argv)
+    check_args(argv)
+    return fire.Fire(COMMANDS, command=argv, name="analyze.py")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as e:
+        sys.exit(f"analyze.py: {e}")

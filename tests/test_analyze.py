@@ -180,3 +180,180 @@ def test_with_real_encoder(tmp_path):
     assert _png_ok(png)
     with pytest.raises(ValueError, match="tiny"):
         cli._build_encoders("hog:big", "cpu")
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _fake_encoders(monkeypatch):
+    monkeypatch.setattr(cli, "_build_encoders", lambda names, device: {n: FAKE[n] for n in cli._names(names)})
+
+
+def test_cli_refuses_unknown_options_before_running(tmp_path, monkeypatch):
+    # fire binds what it knows, runs the command with defaults (writing outputs), then complains
+    _fake_encoders(monkeypatch)
+    out = tmp_path / "out"
+    for argv, msg in [(["metrics", "--encoder", "pixels", "--out", str(out)], r"unknown option --encoder \(did you mean --encoders\?\)"),
+                      (["metric", "--out", str(out)], r"unknown command 'metric' \(did you mean 'metrics'\?\)"),
+                      (["metrics", "-q", "1", "--out", str(out)], r"unknown option -q"),
+                      (["correlate", "t.csv", "g.csv", "gfid", "lds", str(out), "extra"], "6 positional values for 5"),
+                      (["spatialnorm", "--gama", "0.6", "--out", str(out)], r"did you mean --gamma")]:
+        with pytest.raises(cli.UsageError, match=msg):
+            cli.main(argv)
+    assert not out.exists()
+    for ok in (["metrics", "--encoders=pixels", "--limit", "4", "-b", "4"], ["metrics", "pixels", "--limit=4"],
+               ["spatialnorm", "--gamma", "-0.5"], ["correlate", "--help"], ["--help"]):
+        cli.check_args(ok)
+    cli.main(["metrics", "--encoders", "pixels", "--limit", "4", "--batch_size", "4", "--out", str(out)])
+    assert (out / "metrics.csv").is_file()
+
+
+def test_cli_argument_checks_write_nothing(tmp_path, monkeypatch):
+    _fake_encoders(monkeypatch)
+    out = tmp_path / "out"
+    cases = [(dict(masks=str(tmp_path)), "--masks .* needs --images"), (dict(encoders=""), "--encoders is empty"),
+             (dict(limit=0), "--limit must be >= 1"), (dict(batch_size=0), "--batch_size must be >= 1"),
+             (dict(resolution=100), "multiple of 16")]
+    for kw, msg in cases:
+        with pytest.raises(cli.UsageError, match=msg):
+            cli.metrics(**{"encoders": "pixels", "out": str(out), "limit": 4, **kw})
+    with pytest.raises(cli.UsageError, match="no such file"):
+        cli.spatialnorm(image=str(tmp_path / "missing.png"), encoders="pixels", out=str(out))
+    with pytest.raises(cli.UsageError, match=r"digits have images 0\.\.1796"):
+        cli.spatialnorm(image=99999, encoders="pixels", out=str(out))
+    with pytest.raises(cli.UsageError, match="row,col"):
+        cli.spatialnorm(image=3, anchors="1;2", encoders="pixels", out=str(out))
+    with pytest.raises(cli.UsageError, match="outside the 8x8"):
+        cli.spatialnorm(image=3, anchors="8,0", resolution=128, encoders="pixels", out=str(out))
+    assert not out.exists()
+    # one anchor "--anchors 4,1" reaches the function as the tuple (4, 1)
+    assert _png_ok(cli.spatialnorm(image=3, anchors=(4, 1), resolution=128, encoders="pixels", out=str(out)))
+
+
+def _folder(tmp_path, classes=("a", "b"), n=2, size=(60, 40), masks=True):
+    from PIL import Image
+
+    for cls in classes:
+        (tmp_path / "img" / cls).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "mask" / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(np.full((size[1], size[0], 3), 40 * i, np.uint8)).save(tmp_path / "img" / cls / f"{i}.jpg")
+            if masks:
+                m = np.zeros((size[1], size[0]), np.uint8)
+                m[:, size[0] // 2:] = 255
+                Image.fromarray(m).save(tmp_path / "mask" / cls / f"{i}.png")
+    return tmp_path / "img", tmp_path / "mask"
+
+
+def test_folder_masks_checked_before_any_encoder_runs(tmp_path):
+    img, mask = _folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="mask folder .*nowhere does not exist"):
+        analysis.folder_set(img, 32, masks=tmp_path / "nowhere")
+    (mask / "b" / "1.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of 4 images have no mask .*b/1\.jpg needs .*mask/b/1\.png"):
+        analysis.folder_set(img, 32, masks=mask)
+    from PIL import Image  # a mask with another aspect ratio would be cropped differently from its image
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(mask / "b" / "1.png")
+    s = analysis.folder_set(img, 32, masks=mask)
+    s.load_masks([0], s.load([0]))
+    with pytest.raises(ValueError, match=r"mask .*b/1\.png is 40x40 but its image .*b/1\.jpg is 60x40"):
+        s.load_masks([3], s.load([3]))
+
+
+def test_folder_limit_spreads_over_classes_and_names_files(tmp_path):
+    img, _ = _folder(tmp_path, classes=("a", "b", "c"), n=4, masks=False)
+    s = analysis.folder_set(img, 32, limit=6)
+    assert s.count == 6 and sorted(set(s.labels.tolist())) == [0, 1, 2]  # not just the first classes
+    assert s.names[0] == "a/0.jpg" and s.names[-1] == "c/3.jpg"
+
+
+def test_unreadable_image_is_named(tmp_path):
+    img, _ = _folder(tmp_path, masks=False)
+    bad = img / "b" / "1.jpg"
+    bad.write_bytes(bad.read_bytes()[:60])
+    s = analysis.folder_set(img, 32)
+    with pytest.raises(ValueError, match=r"b/1\.jpg: cannot read image"):
+        s.load([3])
+
+
+def test_metrics_cli_explains_missing_srss_and_names_files(tmp_path, monkeypatch):
+    _fake_encoders(monkeypatch)
+    img, mask = _folder(tmp_path, n=2, size=(64, 64))
+    path = cli.metrics(encoders="pixels", images=str(img), out=str(tmp_path / "o1"), resolution=32)
+    summary = json.loads(Path(path).read_text())
+    assert summary["masks"] is None and "--masks" in summary["srss_note"]
+    assert "srss" not in summary["encoders"][0]
+    with open(tmp_path / "o1" / "per_image.csv") as f:
+        assert [r["file"] for r in csv.DictReader(f)] == ["a/0.jpg", "a/1.jpg", "b/0.jpg", "b/1.jpg"]
+    path = cli.metrics(encoders="pixels", images=str(img), masks=str(mask), out=str(tmp_path / "o2"), resolution=32)
+    summary = json.loads(Path(path).read_text())
+    assert summary["masks"] == str(mask) and summary["encoders"][0]["srss_images"] == 0
+    assert "4-token grid at 32 px cannot hold 64 foreground" in summary["srss_note"]
+    path = cli.metrics(encoders="pixels", images=str(img), masks=str(mask), out=str(tmp_path / "o3"), resolution=32,
+                       min_tokens=1)
+    assert "2x2 token grid at 32 px has no token pairs at distance >= 6" in json.loads(Path(path).read_text())["srss_note"]
+    path = cli.metrics(encoders="pixels", images=str(img), masks=str(mask), out=str(tmp_path / "o4"), resolution=128,
+                       min_tokens=1)
+    summary = json.loads(Path(path).read_text())
+    assert summary["srss_note"] is None and summary["encoders"][0]["srss_images"] == 4
+
+
+def test_correlate_bad_tables_are_named(tmp_path):
+    table, rows = _table(tmp_path)
+    metrics_only = [{k: v for k, v in r.items() if k != "gfid"} for r in rows]
+    analysis.write_rows(metrics_only, tmp_path / "m.csv")
+    m = str(tmp_path / "m.csv")
+
+    def gfid_csv(name, text):
+        (tmp_path / name).write_text(text)
+        return str(tmp_path / name)
+
+    names = [r["encoder"] for r in rows]
+    fid = gfid_csv("fid.csv", "encoder,fid\n" + "".join(f"{n},{i}\n" for i, n in enumerate(names)))
+    with pytest.raises(ValueError, match=r"fid\.csv has no column 'gfid' \(columns: \['encoder', 'fid'\]\)"):
+        cli.correlate(m, gfid=fid, out=str(tmp_path / "o"))
+    noenc = gfid_csv("noenc.csv", "name,gfid\n" + "".join(f"{n},{i}\n" for i, n in enumerate(names)))
+    with pytest.raises(ValueError, match=r"noenc\.csv has no column 'encoder'"):
+        cli.correlate(m, gfid=noenc, out=str(tmp_path / "o"))
+    dup = gfid_csv("dup.csv", "encoder,gfid\n" + "".join(f"{n},{i}\n" for i, n in enumerate(names + names[:1])))
+    with pytest.raises(ValueError, match=r"dup\.csv lists encoder 'enc0' twice"):
+        cli.correlate(m, gfid=dup, out=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match=r"metrics \['foo'\] are not columns of"):
+        cli.correlate(str(table), metrics="lds,foo", out=str(tmp_path / "o"))
+    empty = gfid_csv("empty.csv", "")
+    with pytest.raises(ValueError, match=r"table .*empty\.csv has no rows"):
+        cli.correlate(empty, out=str(tmp_path / "o"))
+    with pytest.raises(FileNotFoundError, match=r"table .*nope\.csv does not exist"):
+        cli.correlate(str(tmp_path / "nope.csv"), out=str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+    # spaces after the commas (a hand-written CSV) are fine
+    g = [r["gfid"] for r in rows]
+    spaced = gfid_csv("spaced.csv", "encoder, gfid\n" + "".join(f"{n}, {v}\n" for n, v in zip(names, g)))
+    cli.correlate(m, gfid=spaced, metrics="lds", out=str(tmp_path / "s"))
+    with open(tmp_path / "s" / "correlation.csv") as f:
+        got = list(csv.DictReader(f))
+    assert float(got[0]["pearson_r"]) == pytest.approx(stats.pearsonr([r["lds"] for r in rows], g)[0])
+
+
+def test_mask_encodings_agree(tmp_path):
+    # 0/255 gray, 0/1 bytes (a common export: looks black), palette indices, 16-bit, RGB
+    from PIL import Image
+
+    m = np.zeros((40, 60), np.uint8)
+    m[5:35, 20:50] = 1
+    pal = Image.fromarray(m, mode="P")
+    pal.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)  # index 1 is dark red (luminance < 0.5)
+    files = {"gray.png": Image.fromarray(m * 255), "bytes01.png": Image.fromarray(m),
+             "palette.png": pal, "i16.png": Image.fromarray(m.astype(np.uint16) * 65535),
+             "rgb.png": Image.fromarray(np.stack([m * 255] * 3, -1))}
+    got = {}
+    for name, im in files.items():
+        im.save(tmp_path / name)
+        got[name] = analysis.read_mask(tmp_path / name, 32)
+    ref = got["gray.png"]
+    assert 0.3 < ref.float().mean() < 0.7
+    for name, v in got.items():
+        assert torch.equal(v, ref), name
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"bad\.png: cannot read mask"):
+        analysis.read_mask(tmp_path / "bad.png", 32)

@@ -64,3 +64,31 @@ def test_transport_path_and_score():
     v = velocity_target(x, e)
     # for the exact velocity, the score of the Gaussian-noise path is -e / t
     assert torch.allclose(score_from_velocity(v, xt, t), -e / t[:, None], atol=1e-5)
+
+
+@pytest.mark.parametrize("name,size", [("SiT-Tiny/2", 8), ("JiT-Tiny/4", 16)])
+def test_null_class_and_out_of_range_labels_are_named(name, size):
+    # a model trained without label dropout has no null row: CFG on it must say so, not
+    # fail inside nn.Embedding with "index out of range in self"
+    from irepa.models.jit import jit_velocity_fn
+    from irepa.sampling import model_velocity_fn, sample
+
+    ch = 4 if name.startswith("SiT") else 3
+    x, t = torch.randn(2, ch, size, size), torch.rand(2)
+    with_null = models.build(name, input_size=size, in_channels=ch, num_classes=3)
+    no_null = models.build(name, input_size=size, in_channels=ch, num_classes=3, class_dropout_prob=0.0)
+    assert with_null.null_class == 3 and no_null.null_class is None
+    with_null(x, t, torch.tensor([0, 3]))  # the null class is a valid label
+    with pytest.raises(ValueError, match=r"class label 3 is out of range: .*classes 0\.\.2 \(no null class"):
+        no_null(x, t, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"class label 4 is out of range: .*\(3 is the null class\)"):
+        with_null(x, t, torch.tensor([4, 0]))
+    with pytest.raises(ValueError, match="class label -1"):
+        with_null(x, t, torch.tensor([-1, 0]))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True):  # the micro-batch planner's forward reads no values
+        out, _ = with_null(torch.empty(2, ch, size, size), torch.empty(2), torch.zeros(2, dtype=torch.long))
+    assert out.shape == x.shape
+    vfn = jit_velocity_fn(no_null) if name.startswith("JiT") else model_velocity_fn(no_null)
+    with pytest.raises(ValueError, match="cfg != 1 needs null_class"):
+        sample(vfn, x, torch.tensor([0, 1]), "heun", 2, cfg=2.0, null_class=no_null.null_class)

@@ -10,7 +10,7 @@ from irepa.analysis.correlation import (
 )
 from irepa.analysis.features import (
     IMAGE_EXTS, EncoderFn, ImageSet, digits_set, folder_set, ink_masks, linear_probe, measure,
-    measure_encoders, read_rgb,
+    measure_encoders, read_mask, read_rgb,
 )
 from irepa.analysis.spatialnorm_maps import (
     anchor_maps, default_anchors, encoder_anchor_maps, plot_spatialnorm,
@@ -20,5 +20,5 @@ __all__ = [
     "EncoderFn", "IMAGE_EXTS", "ImageSet", "METRIC_COLUMNS", "agg_pyplot", "anchor_maps",
     "correlate_rows", "default_anchors", "digits_set", "encoder_anchor_maps", "folder_set",
     "ink_masks", "join_column", "linear_probe", "measure", "measure_encoders", "plot_correlation",
-    "plot_spatialnorm", "read_rgb", "read_rows", "write_rows",
+    "plot_spatialnorm", "read_mask", "read_rgb", "read_rows", "write_rows",
 ]

@@ -31,9 +31,21 @@ def write_rows(rows: Sequence[dict], path: Path) -> None:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """CSV rows with every value that parses as a number (nan included) turned into a float."""
+    """CSV rows with every value that parses as a number (nan included) turned into a float.
+
+    Column names and values are stripped of surrounding spaces ("encoder, gfid" works); a
+    missing file or a table without rows is an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"table {path} does not exist")
     with open(path, newline="") as f:
-        return [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        rows = [{k: _number(v.strip()) for k, v in zip(header, r + [""] * (len(header) - len(r)))}
+                for r in reader if any(v.strip() for v in r)]
+    if not rows:
+        raise ValueError(f"table {path} has no rows (header: {header})")
+    return rows
 
 
 def _number(v):
@@ -43,10 +55,23 @@ def _number(v):
         return v
 
 
+def _require(rows: Sequence[dict], columns: Sequence[str], source: str) -> None:
+    have = list(rows[0]) if rows else []
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise ValueError(f"{source} has no column {missing[0]!r} (columns: {have})")
+
+
 def join_column(rows: Sequence[dict], other: Sequence[dict], column: str,
                 source: str = "the joined table") -> list[dict]:
     """`rows` with `column` taken from the row of `other` with the same encoder."""
-    by_name = {r["encoder"]: r for r in other}
+    _require(rows, ["encoder"], "the metrics table")
+    _require(other, ["encoder", column], source)
+    by_name: dict = {}
+    for r in other:
+        if r["encoder"] in by_name:
+            raise ValueError(f"{source} lists encoder {r['encoder']!r} twice")
+        by_name[r["encoder"]] = r
     missing = [r["encoder"] for r in rows if r["encoder"] not in by_name]
     if missing:
         raise ValueError(f"{source} has no {column} for encoders {missing}")
@@ -57,13 +82,23 @@ def join_column(rows: Sequence[dict], other: Sequence[dict], column: str,
 # correlation with gFID
 
 def correlate_rows(rows: Sequence[dict], target: str = "gfid",
-                   metrics: Sequence[str] | None = None) -> list[dict]:
-    """Pearson and Spearman r of each metric column against `target`, across rows (encoders)."""
+                   metrics: Sequence[str] | None = None, source: str = "the table") -> list[dict]:
+    """Pearson and Spearman r of each metric column against `target`, across rows (encoders).
+
+    metrics None: every column of METRIC_COLUMNS the table has; named metrics must all be
+    columns of the table. r is NaN for a metric with fewer than 3 encoders where both it
+    and the target are finite (n says how many)."""
     if not rows or target not in rows[0]:
-        raise ValueError(f"the table has no {target!r} column (columns: {list(rows[0]) if rows else []})")
-    metrics = [m for m in (metrics or METRIC_COLUMNS) if m in rows[0]]
-    if not metrics:
-        raise ValueError(f"none of the metric columns {list(METRIC_COLUMNS)} is in the table")
+        raise ValueError(f"{source} has no {target!r} column (columns: {list(rows[0]) if rows else []})")
+    if metrics:
+        unknown = [m for m in metrics if m not in rows[0]]
+        if unknown:
+            raise ValueError(f"metrics {unknown} are not columns of {source} (columns: {list(rows[0])})")
+    else:
+        metrics = [m for m in METRIC_COLUMNS if m in rows[0]]
+        if not metrics:
+            raise ValueError(f"none of the metric columns {list(METRIC_COLUMNS)} is in {source} "
+                             f"(columns: {list(rows[0])})")
     y = [_as_float(r[target]) for r in rows]
     return [{"metric": m, **correlation([_as_float(r[m]) for r in rows], y)} for m in metrics]
 

@@ -31,6 +31,8 @@ class ImageSet:
     load: Callable[[Sequence[int]], torch.Tensor]  # indices -> [b, 3, R, R] in [0, 1]
     labels: torch.Tensor | None = None  # [count] int64
     load_masks: Callable[[Sequence[int], torch.Tensor], torch.Tensor] | None = None  # -> [b, R, R] bool
+    names: Sequence[str] | None = None  # [count] what each image is (file path relative to the folder)
+    mask_source: str | None = None  # where the foreground masks come from (None: no masks, no SRSS)
 
 
 def ink_masks(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -50,54 +52,145 @@ def digits_set(resolution: int = 256, limit: int | None = None, ink: float = 0.5
         x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False).clamp(0, 1)
         return x.expand(-1, 3, -1, -1)
 
-    return ImageSet(n, load, labels[:n], lambda idx, images: ink_masks(images, ink))
+    return ImageSet(n, load, labels[:n], lambda idx, images: ink_masks(images, ink),
+                    mask_source=f"digits ink (gray value > {ink})")
+
+
+def _open_rgb(path: Path):
+    """PIL image in RGB; a file PIL cannot read is an error naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")  # forces the full decode inside the try
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt / truncated / unknown files
+        raise ValueError(f"{path}: cannot read image ({e})") from e
+    return im
+
+
+def _center_square(im, resolution: int):
+    from PIL import Image
+
+    s = min(im.size)
+    left, top = (im.width - s) // 2, (im.height - s) // 2
+    return im.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
 
 
 def read_rgb(path: Path, resolution: int) -> torch.Tensor:
     """One image, center-cropped to a square and resized: [3, R, R] in [0, 1]."""
+    im = _center_square(_open_rgb(path), resolution)
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def read_mask(path: Path, resolution: int) -> torch.Tensor:
+    """A foreground mask, center-cropped and resized like its image: [R, R] bool.
+
+    Foreground: a palette (index) image's non-zero indices; otherwise values above half
+    the range, where the range is 0..1 for a mask whose values are all 0 or 1 (masks saved
+    as 0/1 bytes) and the full range of its type else (0/255 bytes, 16-bit, RGB gray)."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        s = min(im.size)
-        left, top = (im.width - s) // 2, (im.height - s) // 2
-        im = im.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
-        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode == "P":
+                a = np.asarray(im) != 0
+            else:
+                if im.mode not in ("1", "L", "I", "I;16", "F"):
+                    im = im.convert("L")
+                a = np.asarray(im).astype(np.float64)
+                top = 1.0 if a.max() <= 1 else 65535.0 if a.max() > 255 else 255.0
+                a = a > top / 2
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"{path}: cannot read mask ({e})") from e
+    m = _center_square(Image.fromarray(a.astype(np.uint8) * 255), resolution)
+    return torch.from_numpy(np.asarray(m).copy()) > 127
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"{path}: cannot read image ({e})") from e
+
+
+def _spread(n: int, limit: int | None) -> list[int]:
+    """`limit` indices spread evenly over range(n) (all of them when limit is None or >= n).
+
+    The files are sorted by class folder, so the first `limit` would cover only the first
+    classes (and leave the linear probe a handful of them)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted({int(i) for i in np.linspace(0, n - 1, limit).round()})
 
 
 def folder_set(root: str | Path, resolution: int = 256, limit: int | None = None,
                masks: str | Path | None = None) -> ImageSet:
-    """Images under `root` (recursive, sorted), center-cropped and resized; class sub-folders -> labels."""
+    """Images under `root` (recursive, sorted), center-cropped and resized; class sub-folders -> labels.
+
+    limit: use that many images spread evenly over the sorted list (so over the classes).
+    masks: a folder of foreground masks with the same relative paths as the images (any
+    image extension; gray value > 0.5 is foreground), cropped like their images. Every
+    mask is looked up here, before any encoder runs: a missing folder or missing masks are
+    an error naming them.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)[:limit]
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (or None for all images), got {limit}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
-    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    files = [files[i] for i in _spread(len(files), limit)]
+    rel = [p.relative_to(root) for p in files]
+    classes = sorted({r.parts[0] for r in rel if len(r.parts) > 1})
     labels = None
-    if len(classes) > 1 and all(len(p.relative_to(root).parts) > 1 for p in files):
+    if len(classes) > 1 and all(len(r.parts) > 1 for r in rel):
         index = {c: i for i, c in enumerate(classes)}
-        labels = torch.tensor([index[p.relative_to(root).parts[0]] for p in files])
+        labels = torch.tensor([index[r.parts[0]] for r in rel])
 
     def load(idx):
         return torch.stack([read_rgb(files[i], resolution) for i in idx])
 
     load_masks = None
     if masks is not None:
-        mroot = Path(masks)
+        mask_files = _find_masks(root, rel, Path(masks))
 
         def load_masks(idx, images):
             out = []
             for i in idx:
-                rel = files[i].relative_to(root).with_suffix("")
-                found = [p for p in mroot.glob(f"{rel}.*") if p.suffix.lower() in IMAGE_EXTS]
-                if not found:
-                    raise FileNotFoundError(f"no mask for {files[i]} (expected {mroot / rel}.png)")
-                out.append(read_rgb(found[0], resolution).mean(0) > 0.5)
+                im, m = _image_size(files[i]), _image_size(mask_files[i])
+                # the mask is cropped like its image; only a different aspect ratio would misalign them
+                if abs(im[0] * m[1] - im[1] * m[0]) > max(im[0] * m[1], im[1] * m[0]) * 0.01:
+                    raise ValueError(f"mask {mask_files[i]} is {m[0]}x{m[1]} but its image {files[i]} is "
+                                     f"{im[0]}x{im[1]}: a mask must have its image's aspect ratio")
+                out.append(read_mask(mask_files[i], resolution))
             return torch.stack(out)
 
-    return ImageSet(len(files), load, labels, load_masks)
+    return ImageSet(len(files), load, labels, load_masks, names=[str(r) for r in rel],
+                    mask_source=None if masks is None else str(masks))
+
+
+def _find_masks(root: Path, rel: Sequence[Path], mroot: Path) -> list[Path]:
+    """The mask file of each image (same relative path, any image extension), or an error listing what is missing."""
+    if not mroot.is_dir():
+        raise FileNotFoundError(f"mask folder {mroot} does not exist")
+    index: dict[Path, Path] = {}
+    for p in sorted(mroot.rglob("*")):
+        if p.suffix.lower() in IMAGE_EXTS and p.is_file():
+            index.setdefault(p.relative_to(mroot).with_suffix(""), p)
+    found = [index.get(r.with_suffix("")) for r in rel]
+    missing = [str(root / r) for r, f in zip(rel, found) if f is None]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(rel)} images have no mask in {mroot} (same relative path, any image "
+            f"extension), e.g. {missing[0]} needs {mroot / rel[found.index(None)].with_suffix('.png')}; "
+            f"missing: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return found
 
 
 # ---------------------------------------------------------------------------------------
@@ -107,6 +200,10 @@ def folder_set(root: str | Path, resolution: int = 256, limit: int | None = None
 def measure(encoder: EncoderFn, images: ImageSet, batch_size: int = 64, device: str = "cpu",
             min_tokens: int = 64) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
     """Per-image metrics {name: [N]}, mean-pooled tokens [N, E] and the token count T."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if images.count < 1:
+        raise ValueError("the image set is empty")
     per_image: dict[str, list[torch.Tensor]] = {}
     pooled, tokens = [], 0
     for start in range(0, images.count, batch_size):
@@ -150,6 +247,8 @@ def linear_probe(pooled: np.ndarray, labels: np.ndarray, test_fraction: float = 
 def measure_encoders(encoders: Mapping[str, EncoderFn], images: ImageSet, batch_size: int = 64,
                      device: str = "cpu", min_tokens: int = 64) -> tuple[list[dict], dict[str, dict]]:
     """One summary row per encoder and the per-image values {encoder: {metric: [N]}}."""
+    if not encoders:
+        raise ValueError("no encoders to measure")
     rows, per_image = [], {}
     for name, enc in encoders.items():
         values, pooled, T = measure(enc, images, batch_size, device, min_tokens)

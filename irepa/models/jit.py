@@ -264,6 +264,12 @@ class JiT(nn.Module):
             nn.init.normal_(self.in_context_posemb, std=0.02)
         self.init_buffers()
 
+    @property
+    def null_class(self) -> int | None:
+        """The label index that means "no class" (CFG's unconditional branch); None when the
+        model was built without label dropout and so has no such row."""
+        return self.y_embedder.null_class
+
     def unpatchify(self, x_BTP: torch.Tensor) -> torch.Tensor:
         B, p, c, g = x_BTP.shape[0], self.patch_size, self.out_channels, self.grid
         x = x_BTP.reshape(B, g, g, p, p, c)

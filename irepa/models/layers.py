@@ -61,11 +61,23 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(self.sinusoid(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
+def _real_cpu(t: torch.Tensor) -> bool:
+    """A CPU tensor with values that may be read (not fake / traced, as the memory planner's
+    fake-tensor forward and torch.compile use)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
+
+
 class LabelEmbedder(nn.Module):
     """Class labels -> [B, D]; index `num_classes` is the null class used for CFG.
 
     Label dropout is decided by the caller (`drop_mask`), so the trainer's seeded
-    generator controls it and resume stays exact.
+    generator controls it and resume stays exact. `null_class` is None for a model
+    trained without label dropout (it has no null row, so no classifier-free guidance).
+    Labels on the CPU are range-checked (an error naming the label and the model's
+    classes instead of nn.Embedding's "index out of range in self"); on an accelerator
+    that check would cost a host sync per call, so it is skipped there.
     """
 
     def __init__(self, num_classes: int, dim: int, dropout_prob: float):
@@ -74,11 +86,23 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
 
+    @property
+    def null_class(self) -> int | None:
+        return self.num_classes if self.embedding_table.num_embeddings > self.num_classes else None
+
     def forward(self, y: torch.Tensor, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
         if drop_mask is not None:
             if self.dropout_prob <= 0:
                 raise ValueError("label dropout requested but the model has no null class (dropout_prob=0)")
             y = torch.where(drop_mask, torch.full_like(y, self.num_classes), y)
+        if _real_cpu(y) and y.numel():
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= self.embedding_table.num_embeddings:
+                bad = lo if lo < 0 else hi
+                null = (f"{self.num_classes} is the null class" if self.null_class is not None else
+                        f"no null class: trained without label dropout, so no classifier-free guidance")
+                raise ValueError(f"class label {bad} is out of range: the model has classes 0..{self.num_classes - 1} "
+                                 f"({null})")
         return self.embedding_table(y)
 
 
