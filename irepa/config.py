@@ -89,10 +89,16 @@ class OptimConfig:
     """max global grad norm; None = no clipping (JiT)"""
     warmup_steps: int = 0
     """linear warm-up from 0 to lr, then constant"""
+    warmup_epochs: float = 0.0
+    """warm-up length in passes over the dataset (> 0 replaces warmup_steps; the trainer counts the
+    steps from the dataset size and the global batch). The JiT recipe: 5"""
     scale_lr_with_batch: bool = False
     """lr * batch / 256 (JiT)"""
 
     def __post_init__(self):
+        if self.warmup_steps < 0 or self.warmup_epochs < 0:
+            raise ValueError(f"optim: warmup_steps and warmup_epochs must be >= 0, got {self.warmup_steps}, "
+                             f"{self.warmup_epochs}")
         self.betas = tuple(float(b) for b in self.betas)
         if self.lr <= 0 or len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optim: lr must be > 0 and betas two numbers in [0, 1), got lr={self.lr} betas={self.betas}")
@@ -278,16 +284,55 @@ def resolve(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = Non
         else:
             secs = leaves.get(key, [])
             if not secs:
-                raise ValueError(f"unknown config key {key!r}: no section has it "
-                                 f"(sections: {list(_SECTION_TYPES)})")
+                raise ValueError(f"unknown config key {key!r}: no section has it{_did_you_mean(key)} "
+                                 f"(sections: {list(_SECTION_TYPES)}; --help lists every key)")
             if len(secs) > 1:
                 raise ValueError(f"override {key!r} is in sections {secs}; write it as section.{key}")
             sec, name = secs[0], key
         if sec not in _SECTION_TYPES or name not in {f.name for f in dataclasses.fields(_SECTION_TYPES[sec])}:
-            raise ValueError(f"unknown config key {key!r}")
+            raise ValueError(f"unknown config key {key!r}{_did_you_mean(key)} (--help lists every key)")
         tree.setdefault(sec, {})[name] = value
     cfg = Config.from_dict({**tree, "preset": preset})
     return cfg
+
+
+def _all_keys() -> list[str]:
+    return [f"{sec}.{f.name}" for sec, typ in _SECTION_TYPES.items() for f in dataclasses.fields(typ)]
+
+
+def _did_you_mean(key: str) -> str:
+    import difflib
+    keys = _all_keys()
+    close = difflib.get_close_matches(key, keys + [k.split(".", 1)[1] for k in keys], n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def _field_docs(typ) -> dict[str, str]:
+    """The string literal under each field of a config dataclass (its documentation)."""
+    import ast
+    import inspect
+    import textwrap
+    body = ast.parse(textwrap.dedent(inspect.getsource(typ))).body[0].body
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+            docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def describe(preset: str = DEFAULT_PRESET) -> str:
+    """Every config key with its value in `preset` and its documentation (launch/train.py --help)."""
+    cfg = resolve(preset).to_dict()
+    lines = [f"config keys (values of preset {preset!r}; override with --section.key VALUE or --key VALUE):"]
+    for sec, typ in _SECTION_TYPES.items():
+        docs = _field_docs(typ)
+        lines.append(f"\n[{sec}]")
+        for f in dataclasses.fields(typ):
+            lines.append(f"  --{sec}.{f.name} = {cfg[sec][f.name]!r}")
+            if f.name in docs:
+                lines.append(f"      {docs[f.name]}")
+    return "\n".join(lines)
 
 
 def _load_extra_presets() -> None:

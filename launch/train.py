@@ -5,23 +5,33 @@
   python launch/train.py --preset sit-b2-repa --train.batch_size 128 --lr 2e-4
 
 Overrides are dotted (--train.steps 1000) or unique field names (--steps 1000).
-`--list_presets` prints the presets.
+`--list_presets` prints the presets; `--help` every config key with its value in the preset
+(`--help --preset NAME`) and what it does.
 """
 from __future__ import annotations
 
 import fire
 
-from irepa.config import DEFAULT_PRESET, PRESETS, resolve
+import sys
+
+from irepa.config import DEFAULT_PRESET, PRESETS, describe, resolve
 
 
 def main(preset: str = DEFAULT_PRESET, list_presets: bool = False, **overrides):
+    if overrides.pop("help", False) or overrides.pop("h", False):
+        print(__doc__)
+        print(describe(preset))
+        return
     if list_presets:
         resolve()  # loads every preset family
         for name in sorted(PRESETS):
             print(name)
         return
     from irepa.train.trainer import train
-    cfg = resolve(preset, overrides)
+    try:
+        cfg = resolve(preset, overrides)
+    except ValueError as e:  # a bad preset, key or value: the message says which; no traceback
+        sys.exit(f"launch/train.py: {e}")
     train(cfg)
 
 

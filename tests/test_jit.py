@@ -193,7 +193,7 @@ def test_presets_have_the_published_recipe():
             p = JIT_PRESETS[f"jit-{size}-{kind}"]
             assert p["optim"]["betas"] == (0.9, 0.95) and p["optim"]["grad_clip"] is None
             assert p["optim"]["lr"] == 5e-5 and p["optim"]["scale_lr_with_batch"]
-            assert p["optim"]["warmup_steps"] == 5 * math.ceil(1_281_167 / 256)
+            assert p["optim"]["warmup_epochs"] == 5 and p["optim"].get("warmup_steps", 0) == 0
             assert p["train"]["ema_decays"] == [0.9999, 0.9996] and p["train"]["objective"] == "jit"
             assert p["align"]["weight"] == 0.5
         assert JIT_PRESETS[f"jit-{size}-irepa"]["align"]["gamma"] == 0.8

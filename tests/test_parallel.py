@@ -287,3 +287,16 @@ def test_online_encoders_match_stored_features(tmp_path):
         assert o["denoise"] == s["denoise"]  # same data, same draws
         assert o["align"] == pytest.approx(s["align"], rel=2e-2, abs=1e-4)  # bf16-stored targets vs fp32 online
         assert m == pytest.approx(o, rel=1e-5, abs=1e-6)
+
+
+def test_warmup_epochs_count_steps_from_the_dataset_and_batch(tmp_path):
+    """optim.warmup_epochs (the JiT recipe's 5 epochs) follows the run's dataset size and global batch."""
+    from irepa.train.trainer import Trainer
+    tr = Trainer(_cfg(tmp_path, "wu", **{"optim.warmup_epochs": 0.5, "optim.warmup_steps": 7}))
+    per_epoch = tr.data.loader.batches_per_epoch
+    assert per_epoch == tr.data.loader.n // BATCH > 10
+    assert tr.warmup_steps == round(0.5 * per_epoch)
+    assert tr._lr(0) == pytest.approx(tr.base_lr / tr.warmup_steps) and tr._lr(tr.warmup_steps) == tr.base_lr
+    assert Trainer(_cfg(tmp_path, "ws", **{"optim.warmup_steps": 7})).warmup_steps == 7
+    with pytest.raises(ValueError, match="warmup_steps and warmup_epochs must be >= 0"):
+        resolve(overrides={"optim.warmup_epochs": -1})

@@ -170,3 +170,16 @@ def test_online_fid_is_logged_and_checked_before_step_0(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "fid" / "metrics.jsonl").read_text().splitlines()]
     fids = [r for r in rows if "fid_online" in r]
     assert len(fids) == 1 and fids[0]["step"] == 2 and fids[0]["fid_online"] > 0
+
+
+def test_help_lists_every_key_and_bad_keys_suggest_the_right_one():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--help", "--preset", "sit-xl2-irepa"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--model.name = 'SiT-XL/2'" in out.stdout and "--train.micro_batch_size = 0" in out.stdout
+    assert "gradients accumulate" in out.stdout  # the field's documentation
+    bad = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--train.micro_bach_size", "2"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "did you mean train.micro_batch_size" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -8,13 +8,13 @@ x-loss bounded near the data end). Images are expected in [-1, 1]. SPEC.md secti
 
 `JIT_PRESETS` holds the published recipes in the config tree format of irepa.config
 (registered there on first use): AdamW betas (0.9, 0.95), wd 0, lr 5e-5 x batch / 256,
-5-epoch linear warm-up then constant, no gradient clipping, EMAs 0.9999 and 0.9996,
+5-epoch linear warm-up (optim.warmup_epochs: the trainer counts the steps from the
+dataset and the global batch, as the release's drop_last loader does) then constant, no gradient clipping, EMAs 0.9999 and 0.9996,
 label dropout 0.1, Heun 50 steps for sampling.
 """
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 
@@ -22,7 +22,6 @@ from irepa import transport
 from irepa.train.objective import Objective
 
 P_MEAN, P_STD, T_EPS = -0.8, 0.8, 0.05
-IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 class JiTObjective(Objective):
@@ -59,11 +58,6 @@ def jit_objective(p_mean: float = P_MEAN, p_std: float = P_STD, t_eps: float = T
     return JiTObjective(p_mean, p_std, t_eps, noise_scale)
 
 
-def warmup_steps(epochs: float, batch_size: int, dataset_size: int = IMAGENET_TRAIN_IMAGES) -> int:
-    """Optimizer steps in `epochs` epochs (the release warms up for 5 epochs)."""
-    return int(round(epochs * math.ceil(dataset_size / batch_size)))
-
-
 def jit_recipe(model: str, align_depth: int, *, batch_size: int = 256, steps: int = 200_000,
                resolution: int = 256) -> dict:
     """The JiT training recipe (no alignment section) as a preset tree."""
@@ -72,7 +66,7 @@ def jit_recipe(model: str, align_depth: int, *, batch_size: int = 256, steps: in
                   "class_dropout_prob": 0.1, "align_depth": align_depth},
         "data": {"source": f"data/imagenet{resolution}", "resolution": resolution},
         "optim": {"lr": 5e-5, "scale_lr_with_batch": True, "betas": (0.9, 0.95), "weight_decay": 0.0,
-                  "grad_clip": None, "warmup_steps": warmup_steps(5, batch_size)},
+                  "grad_clip": None, "warmup_epochs": 5},
         "train": {"objective": "jit", "steps": steps, "batch_size": batch_size,
                   "ema_decays": [0.9999, 0.9996], "sample_steps": 50, "sample_method": "heun"},
     }

@@ -85,6 +85,10 @@ class Trainer:
         self.params = [p for p in self.net.parameters() if p.requires_grad]
         lr = cfg.optim.lr * (cfg.train.batch_size / 256 if cfg.optim.scale_lr_with_batch else 1.0)
         self.base_lr = lr
+        o = cfg.optim
+        # epochs -> steps with this run's dataset and global batch (loader batches are per rank)
+        self.warmup_steps = (round(o.warmup_epochs * self.data.loader.batches_per_epoch) if o.warmup_epochs > 0
+                             else o.warmup_steps)
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                            weight_decay=cfg.optim.weight_decay, fused=on_cuda or None)
         self.scaler = LossScaler(self.amp_dtype == torch.float16)  # fp16 only; a no-op otherwise
@@ -216,7 +220,7 @@ class Trainer:
         return g
 
     def _lr(self, step: int) -> float:
-        w = self.cfg.optim.warmup_steps
+        w = self.warmup_steps
         return self.base_lr * min(1.0, (step + 1) / w) if w > 0 else self.base_lr
 
     def train_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
