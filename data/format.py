@@ -184,7 +184,21 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
+class Manifest(dict):
+    """A manifest as read from disk; `.path` is the manifest file, so errors can name it."""
+
+    path: Path | None = None
+
+
+def _where(manifest: Mapping) -> str:
+    """The prepared dataset a manifest belongs to, for error messages."""
+    path = getattr(manifest, "path", None)
+    if path is not None:
+        return str(path.parent)
+    return f"prepared data from {manifest.get('source', {}).get('root', '?')}"
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
     """Manifest of a prepared dataset folder (or of the manifest file itself), validated."""
     p = Path(path)
     mp = p / MANIFEST if p.is_dir() or not p.suffix == ".json" else p
@@ -203,6 +217,8 @@ def read_manifest(path: str | os.PathLike) -> dict:
     for key in ("kind", "num_samples", "num_views", "resolution", "fields", "encoders", "files"):
         if key not in m:
             raise ValueError(f"{mp}: manifest lacks {key!r}")
+    m = Manifest(m)
+    m.path = mp
     return m
 
 
@@ -215,13 +231,14 @@ def check_manifest(manifest: Mapping, latent_shape: Sequence[int] | None = None,
     every stored encoder used must match. encoder_dims: name -> projector output dim for
     each encoder the config aligns to; each must be stored with that dim.
     """
-    src = manifest.get("source", {}).get("root", "prepared data")
+    src = _where(manifest)
     if latent_shape is not None:
         R = manifest["resolution"]
         have = manifest["latent"]["shape"] if manifest["kind"] == "latent" else [3, R, R]
         if list(latent_shape) != list(have):
-            raise ValueError(f"{src}: stored {manifest['kind']} shape {tuple(have)} != model input shape "
-                             f"{tuple(latent_shape)} (prepare at the model's resolution / VAE)")
+            raise ValueError(f"{src}: stored {manifest['kind']} shape {tuple(have)} (prepared at {R} px) != model "
+                             f"input shape {tuple(latent_shape)} (prepare at the model's resolution / VAE, or "
+                             f"change the model's input_size / in_channels)")
     stored = {e["name"]: e for e in manifest["encoders"]}
     for name, dim in (encoder_dims or {}).items():
         if name not in stored:

@@ -181,7 +181,9 @@ class MemmapLoader(_PreparedLoader):
     def __init__(self, path, batch_size, encoders=(), **kw):
         super().__init__(path, batch_size, encoders, **kw)
         if "memmap" not in self.manifest["formats"]:
-            raise ValueError(f"{self.root}: prepared without the memmap format (formats {self.manifest['formats']})")
+            raise ValueError(f"{self.root}: prepared without the memmap format (formats {self.manifest['formats']}); "
+                             f"load it with backend 'ffcv' or 'auto' (--data.backend), or prepare with "
+                             f"--formats memmap")
         files = [f"{fmt.MEMMAP_DIR}/{f}.npy" for f in self.fields]
         fmt.verify_files(self.root, self.manifest, files, self._verify)
         self.arrays = {}
@@ -226,7 +228,9 @@ class FFCVLoader(_PreparedLoader):
         super().__init__(path, batch_size, encoders, **kw)
         self.os_cache = os_cache
         if "ffcv" not in self.manifest["formats"]:
-            raise ValueError(f"{self.root}: prepared without the ffcv format (formats {self.manifest['formats']})")
+            raise ValueError(f"{self.root}: prepared without the ffcv format (formats {self.manifest['formats']}); "
+                             f"load it with backend 'memmap' or 'auto' (--data.backend), or prepare with "
+                             f"--formats ffcv")
         fmt.verify_files(self.root, self.manifest, [fmt.FFCV_FILE], self._verify)
         with keep_torch_threads():
             self._build_ffcv()

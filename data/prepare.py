@@ -18,6 +18,7 @@ then waits for the others' progress files before it finalizes.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -128,7 +129,8 @@ def prepare(source: str, out: str, *, resolution: int = 256, vae: str | None = N
     formats: any of "ffcv", "memmap". max_batches: stop after that many batches in this
     call, leaving a resumable partial run (used to test resumption).
     Returns `out` once the dataset is complete, else None (stopped early, or a rank other
-    than 0 outside torch.distributed).
+    than 0 outside torch.distributed). A complete `out` is left as it is when it was made
+    from the same request, and refused (naming what differs) otherwise, unless overwrite=True.
     """
     d = _dist()
     rank = d.get_rank() if (rank is None and d) else (rank or 0)
@@ -136,27 +138,36 @@ def prepare(source: str, out: str, *, resolution: int = 256, vae: str | None = N
     formats = tuple([formats] if isinstance(formats, str) else formats)
     if not formats or set(formats) - {"ffcv", "memmap"}:
         raise ValueError(f"formats must be a non-empty subset of ('ffcv', 'memmap'), got {formats}")
+    if "ffcv" in formats:  # checked now, not when the FFCV file is written after the whole encoding pass
+        from .loader import ffcv_available
+
+        if not ffcv_available():
+            raise ImportError("formats include 'ffcv' but ffcv cannot be imported here (see README: "
+                              "IREPA_WITH_FFCV=1 bash launch/install.sh); prepare with --formats memmap")
     out_p, partial = Path(out), Path(str(out) + ".partial")
+    if kind not in ("latent", "pixels"):
+        raise ValueError(f"kind must be 'latent' or 'pixels', got {kind!r}")
+    vae = (vae or (DIGITS_CODEC if source == "digits" else None)) if kind == "latent" else None
+    if kind == "latent" and not vae:
+        raise ValueError("kind 'latent' needs vae= (a local AutoencoderKL folder, or 'digits-codec')")
+    storages = [storage] * len(encoders) if isinstance(storage, str) else list(storage)
+    if len(storages) != len(encoders):
+        raise ValueError(f"{len(storages)} storage entries for {len(encoders)} encoders")
+    src = open_source(source, resolution)
     if (out_p / fmt.MANIFEST).exists() and not overwrite:
-        return str(out_p)  # already complete: preparing again is a no-op
+        # already complete: preparing again is a no-op, but only for the same request
+        diff = _settings_diff(fmt.read_manifest(out_p), src, resolution, kind, vae, encoders, storages,
+                              store_images, formats)
+        if diff:
+            raise ValueError(f"{out_p} already holds a prepared dataset with other settings ({'; '.join(diff)}); "
+                             f"choose another output folder, or pass --overwrite (overwrite=True) to replace it")
+        return str(out_p)
     if device == "auto":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
 
-    src = open_source(source, resolution)
-    if kind == "latent":
-        codec = DigitsCodec(resolution) if (vae or (DIGITS_CODEC if source == "digits" else None)) == DIGITS_CODEC \
-            else SDVAE(vae, dev) if vae else None
-        if codec is None:
-            raise ValueError("kind 'latent' needs vae= (a local AutoencoderKL folder, or 'digits-codec')")
-    elif kind == "pixels":
-        codec = None
-    else:
-        raise ValueError(f"kind must be 'latent' or 'pixels', got {kind!r}")
+    codec = None if kind == "pixels" else DigitsCodec(resolution) if vae == DIGITS_CODEC else SDVAE(vae, dev)
     encs = [build_encoder(e).to(dev).eval() for e in encoders]
-    storages = [storage] * len(encs) if isinstance(storage, str) else list(storage)
-    if len(storages) != len(encs):
-        raise ValueError(f"{len(storages)} storage entries for {len(encs)} encoders")
 
     # shapes from one dry run, so the memmaps can be preallocated
     probe = torch.zeros(1, 3, resolution, resolution, device=dev)
@@ -192,6 +203,38 @@ def prepare(source: str, out: str, *, resolution: int = 256, vae: str | None = N
     return str(out_p)
 
 
+def _encoder_name(e) -> str:
+    if not isinstance(e, str):
+        return e.name
+    try:
+        from irepa.encoders import get_spec
+
+        return get_spec(e).name
+    except Exception:  # unknown name: compared as given (and refused when it is built)
+        return e
+
+
+def _settings_diff(manifest: dict, src, resolution: int, kind: str, vae: str | None, encoders, storages,
+                   store_images: bool, formats) -> list[str]:
+    """What a request changes against a complete dataset's manifest, as 'key: stored -> asked'."""
+    vae_name = None if vae is None else vae if vae == DIGITS_CODEC else str(Path(vae).resolve())
+    have = {"source": manifest.get("source", {}).get("root"),
+            "source listing": manifest.get("source", {}).get("listing_sha256"),
+            "resolution": manifest["resolution"], "kind": manifest["kind"],
+            "vae": (manifest.get("latent") or {}).get("vae"),
+            "encoders": [(e["name"], e["storage"]) for e in manifest["encoders"]],
+            "store_images": "images" in manifest["fields"], "formats": sorted(manifest.get("formats", []))}
+    want = {"source": src.description, "source listing": src.listing_hash, "resolution": resolution, "kind": kind,
+            "vae": vae_name, "encoders": [(_encoder_name(e), s) for e, s in zip(encoders, storages)],
+            "store_images": bool(store_images) and kind == "latent", "formats": sorted(formats)}
+    out = []
+    for k in have:
+        if have[k] != want[k]:
+            out.append(f"{k}: {have[k]!r} -> {want[k]!r}" if k != "source listing" else
+                       "source listing: the image files differ")
+    return out
+
+
 def _setup_partial(partial: Path, config: dict, fields: dict, n: int, rank: int, overwrite: bool, d,
                    wait_timeout: float) -> None:
     cfg_path = partial / "config.json"
@@ -203,7 +246,7 @@ def _setup_partial(partial: Path, config: dict, fields: dict, n: int, rank: int,
             if old != config:
                 diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
                 raise ValueError(f"{partial}: an unfinished preparation with different settings ({', '.join(diff)}) "
-                                 f"is in the way; delete it or pass overwrite=True")
+                                 f"is in the way; delete it, or pass --overwrite (overwrite=True) to start over")
         else:
             shutil.rmtree(partial, ignore_errors=True)  # a setup that died before config.json
             tmp = Path(str(partial) + f".setup{os.getpid()}")
@@ -236,7 +279,8 @@ def _run_rank(partial, src, codec, encs, enc_info, fields, rank, world_size, bat
         bar = tqdm(total=hi - lo, initial=start - lo, unit="img", desc=f"prepare rank {rank}/{world_size}")
     # decoders in one pool, the next batch assembled by another (never waits on its own pool)
     pool, ahead = ThreadPoolExecutor(max(1, num_threads)), ThreadPoolExecutor(1)
-    load = lambda s: list(pool.map(src.load, range(s, min(s + batch_size, hi))))  # noqa: E731
+    load_one = functools.partial(_load_sample, src)
+    load = lambda s: list(pool.map(load_one, range(s, min(s + batch_size, hi))))  # noqa: E731
     nxt = ahead.submit(load, starts[0]) if starts else None
     try:
         for b, s in enumerate(starts):
@@ -260,6 +304,15 @@ def _run_rank(partial, src, codec, encs, enc_info, fields, rank, world_size, bat
         pool.shutdown(wait=True, cancel_futures=True)
         if bar:
             bar.close()
+
+
+def _load_sample(src, i: int) -> np.ndarray:
+    try:
+        return src.load(i)
+    except Exception as e:  # an unreadable file stops the run: say how to go on without losing work
+        raise ValueError(f"{e}\nSamples finished so far are kept in the .partial folder. Replace the file with a "
+                         f"readable image and run the same command again to continue, or delete it and rerun "
+                         f"with --overwrite (the file listing changes, so the run starts over)") from e
 
 
 @torch.no_grad()

@@ -81,6 +81,16 @@ def time_grid(method: str, steps: int, t_last: float = 0.04) -> list[float]:
     return torch.linspace(1.0, t_last, steps, dtype=torch.float64).tolist() + [0.0]
 
 
+def check_settings(method: str, steps: int, interval: tuple[float, float] = (0.0, 1.0)) -> None:
+    """ValueError unless `sample` accepts this method, step count and CFG interval."""
+    if method not in METHODS:
+        raise ValueError(f"unknown sampling method {method!r}; choose one of {METHODS}")
+    if steps < (2 if method == "sde" else 1):
+        raise ValueError(f"{method} needs steps >= {2 if method == 'sde' else 1}, got {steps}")
+    if len(interval) != 2 or interval[0] > interval[1]:
+        raise ValueError(f"CFG interval must be (low, high) with low <= high, got {tuple(interval)}")
+
+
 @torch.no_grad()
 def sample(velocity_fn: VelocityFn, noise: torch.Tensor, labels: torch.Tensor | None, method: str = "sde",
            steps: int = 250, cfg: float = 1.0, interval: tuple[float, float] = (0.0, 1.0),
@@ -95,13 +105,7 @@ def sample(velocity_fn: VelocityFn, noise: torch.Tensor, labels: torch.Tensor | 
     the last step (t = 0), so it costs 2 steps - 1 evaluations.
     `generator` drives the SDE noise (on the noise's device).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown sampling method {method!r}; choose one of {METHODS}")
-    if steps < (2 if method == "sde" else 1):
-        raise ValueError(f"{method} needs steps >= {2 if method == 'sde' else 1}, got {steps}")
-    low, high = interval
-    if low > high:
-        raise ValueError(f"CFG interval low > high: {interval}")
+    check_settings(method, steps, interval)
     if labels is not None and labels.shape[0] != noise.shape[0]:
         raise ValueError(f"labels [{labels.shape[0]}] and noise [{noise.shape[0]}] disagree on the batch size")
 

@@ -26,6 +26,8 @@ def main(ref: str, samples: str, out: str | None = None, weights: str | None = N
          logdir: str | None = None, step: int = 0, device: str = "auto"):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    out_path = Path(out) if out else Path(samples).with_suffix(".eval.json")
+    _check_inputs(ref, samples, out_path)  # before minutes of Inception passes, not after
     t0 = time.time()
     net = fid.load_inception(weights, device)
     reference = fid.load_reference(net, ref, batch, device)
@@ -34,7 +36,6 @@ def main(ref: str, samples: str, out: str | None = None, weights: str | None = N
     res.update(ref=str(Path(ref).resolve()), samples=str(Path(samples).resolve()), seconds=round(time.time() - t0, 1))
     text = json.dumps(res, indent=2)
     print(text)
-    out_path = Path(out) if out else Path(samples).with_suffix(".eval.json")
     tmp = out_path.with_name(out_path.name + f".tmp-{os.getpid()}")
     tmp.write_text(text + "\n")
     os.replace(tmp, out_path)
@@ -45,6 +46,18 @@ def main(ref: str, samples: str, out: str | None = None, weights: str | None = N
                 if key in res:
                     w.add_scalar(f"eval/{key}", res[key], step)
     return res
+
+
+def _check_inputs(ref: str, samples: str, out_path: Path) -> None:
+    """Both batches readable in the layout evaluation needs, and the result writable."""
+    for role, path in (("reference batch", ref), ("sample batch", samples)):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{role} not found: {path}")
+    fid.check_reference(ref)
+    fid.check_images(samples)
+    if out_path.resolve() in (Path(ref).resolve(), Path(samples).resolve()):
+        raise ValueError(f"--out {out_path} would overwrite an input batch")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _cli(*args, **kw) -> None:

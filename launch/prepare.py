@@ -6,8 +6,9 @@
   python launch/prepare.py /datasets/imagenet/train data/in256-px --kind pixels --encoders '[]'
 
 Writes OUT/manifest.json plus OUT/data.beton (FFCV) and/or OUT/memmap/*.npy (--formats).
-Interrupted? Run the same command again: it continues from OUT.partial. Library code and
-the format: irepa.data.prepare, data/format.py.
+Interrupted? Run the same command again: it continues from OUT.partial. A complete OUT is
+kept when the command asks for what it holds and refused otherwise (--overwrite replaces
+it). Library code and the format: irepa.data.prepare, data/format.py.
 """
 from __future__ import annotations
 

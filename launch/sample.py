@@ -1,8 +1,8 @@
 """Generate N samples (default 50,000) as an ADM .npz batch plus a PNG grid.
 
   torchrun --nproc_per_node=8 launch/sample.py runs/sit-xl2-irepa --out samples/xl-400k \\
-      --vae /models/sd-vae-ft-mse --cfg 1.8 --interval 0,0.7
-  python launch/sample.py runs/digits-sit-irepa --out samples/digits --n 1000 --method heun --steps 40
+      --num_samples 50000 --vae /models/sd-vae-ft-mse --cfg 1.8 --interval 0,0.7
+  python launch/sample.py runs/digits-sit-irepa --out samples/digits --num_samples 1000 --method heun --steps 40
   torchrun --nproc_per_node=8 launch/sample.py SiT-XL-2-iREPA.pt --model_name SiT-XL/2 \\
       --vae /models/sd-vae-ft-mse --latent_scale 0.18215 --out samples/ref
 
@@ -11,12 +11,16 @@ released reference .pt state dict (read with weights_only=True). Shards already 
 OUT/shards are skipped, so re-running the same command resumes. The result is
 OUT/samples.npz (arr_0 uint8 [N, H, W, 3], arr_1 labels) and OUT/grid.png.
 
-Decoding: digits runs use the pixel codec, JiT runs plain pixels; latent models need
---vae (a local diffusers AutoencoderKL folder) and the latent scaling the model was trained
-with: --latent_stats FILE (json/npz with per-channel mean and std; default: the data
-manifest of the run, DATA/manifest.json) or --latent_scale 0.18215 (the default for
-released .pt checkpoints). Model calls run in fp32 unless --precision bf16; the time grid
-and the state are float64 (irepa.sampling).
+--num_samples (alias --n, which torchrun cannot pass on: it takes it for one of its own
+options) sets N.
+
+Decoding: digits runs use the pixel codec, JiT runs plain pixels; latent models need a VAE
+(--vae, a local diffusers AutoencoderKL folder; default: the folder the run's data manifest
+names, when it is on this machine) and the latent scaling the model was trained with:
+--latent_stats FILE (json/npz with per-channel mean and std; default: the data manifest of
+the run, DATA/manifest.json) or --latent_scale 0.18215 (the default for released .pt
+checkpoints). Model calls run in fp32 unless --precision bf16; the time grid and the state
+are float64 (irepa.sampling).
 """
 from __future__ import annotations
 
@@ -32,10 +36,23 @@ from irepa.sampling import model_velocity_fn, sample, velocity_from_x_prediction
 
 
 def _interval(v) -> tuple[float, float]:
-    if isinstance(v, str):
-        v = v.split(",")
-    lo, hi = (float(x) for x in v)
+    parts = v.split(",") if isinstance(v, str) else list(v) if isinstance(v, (tuple, list)) else [v]
+    try:
+        lo, hi = (float(x) for x in parts)
+    except ValueError:
+        raise ValueError(f"--interval must be two SiT times LOW,HIGH (e.g. 0,0.7), got {v!r}") from None
     return lo, hi
+
+
+def _manifest(data: str | None) -> tuple[Path | None, dict | None]:
+    """The run's data manifest (path, content), or (path or None, None) when it is not here."""
+    if not data:
+        return None, None
+    path = Path(data) / "manifest.json"
+    if not path.is_file():
+        return path, None
+    import json
+    return path, json.loads(path.read_text())
 
 
 def load_model(path: str, which: str, model_name: str | None, device):
@@ -58,27 +75,44 @@ def build_decoder(info: dict, channels: int, vae: str | None, latent_stats: str 
         return gen.pixel_codec_decoder, "pixel-codec"
     if info["objective"] == "jit":
         return gen.pixels_decoder, "pixels"
+    manifest_path, manifest = _manifest(info["data"])
     if vae is None:
-        raise ValueError("a latent model needs --vae DIR (local diffusers AutoencoderKL folder, e.g. sd-vae-ft-mse)")
+        recorded = ((manifest or {}).get("latent") or {}).get("vae")
+        if recorded and Path(recorded).is_dir():  # the VAE the data was prepared (and the grid decoded) with
+            vae = recorded
+        else:
+            where = f" ({manifest_path} names {recorded}, which is not on this machine)" if recorded else ""
+            raise ValueError(f"a latent model needs --vae DIR (local diffusers AutoencoderKL folder, e.g. "
+                             f"sd-vae-ft-mse){where}")
     if latent_stats:
         scaling, how = gen.LatentScaling.from_file(latent_stats), f"stats:{latent_stats}"
     elif latent_scale:
         scaling, how = gen.LatentScaling.factor(latent_scale, channels), f"scale:{latent_scale}"
-    elif info["data"] and (Path(info["data"]) / "manifest.json").is_file():
-        path = Path(info["data"]) / "manifest.json"
-        scaling, how = gen.LatentScaling.from_file(path), f"stats:{path}"
+    elif manifest is not None:
+        scaling, how = gen.LatentScaling.from_file(manifest_path), f"stats:{manifest_path}"
     elif info["data"] is None:  # released reference checkpoints (REPA/iREPA) use the SD-VAE factor
         scaling, how = gen.LatentScaling.factor(0.18215, channels), "scale:0.18215"
     else:
-        raise ValueError("latent scaling unknown: pass --latent_stats FILE or --latent_scale 0.18215")
+        raise ValueError(f"latent scaling unknown: the run's data manifest {manifest_path} is not on this machine; "
+                         f"pass --latent_stats FILE (e.g. a copy of that manifest.json) or --latent_scale 0.18215")
     return gen.VAEDecoder(vae, scaling, device), f"vae:{Path(vae).resolve()}:{how}"
 
 
-def main(model: str, out: str, n: int = 50_000, batch: int = 64, method: str = "sde", steps: int = 250,
+def main(model: str, out: str, num_samples: int | None = None, batch: int = 64, method: str = "sde", steps: int = 250,
          cfg: float = 1.0, interval=(0.0, 1.0), labels: str = "random", seed: int = 0, which: str = "ema",
          shard_size: int = 1000, model_name: str | None = None, vae: str | None = None,
          latent_stats: str | None = None, latent_scale: float | None = None, precision: str = "fp32",
-         noise_scale: float = 1.0, grid: int = 64, keep_shards: bool = False, device: str = "auto"):
+         noise_scale: float = 1.0, grid: int = 64, keep_shards: bool = False, device: str = "auto",
+         n: int | None = None):
+    """MODEL: run folder, checkpoint folder or reference .pt. OUT: output folder (resumable).
+
+    --num_samples N (default 50,000; --n is an alias, but torchrun refuses --n as ambiguous).
+    """
+    if num_samples is not None and n is not None and num_samples != n:
+        raise ValueError(f"--num_samples {num_samples} and --n {n} disagree; pass one of them")
+    n = num_samples if num_samples is not None else n if n is not None else 50_000
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
@@ -105,8 +139,6 @@ def main(model: str, out: str, n: int = 50_000, batch: int = 64, method: str = "
     if world > 1:
         dist.barrier()
 
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     use_bf16 = precision == "bf16"  # fp32 (the default) is what published FIDs were sampled with
     vfn = velocity_from_x_prediction(net) if info["objective"] == "jit" else model_velocity_fn(net, channels)
 

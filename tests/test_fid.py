@@ -180,3 +180,39 @@ def test_online_fid(tiny_features):
     it = iter(batches)
     value = fid.online_fid(lambda b: next(it)[:b], ref, n=12, batch=4, net=tiny_features)
     assert abs(value) < 1e-4
+
+
+def test_evaluate_checks_inputs_before_inception(tmp_path, tiny_features, monkeypatch):
+    import launch.evaluate as ev
+
+    def no_net(weights=None, device="cpu"):
+        raise AssertionError("Inception was loaded before the inputs were checked")
+
+    monkeypatch.setattr(fid, "load_inception", no_net)
+    imgs = np.random.default_rng(6).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=imgs)
+    np.savez(tmp_path / "float.npz", arr_0=imgs.astype(np.float32))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "ref.npz").read_bytes()[:500])
+    ref = str(tmp_path / "ref.npz")
+    for samples, err, match in [(tmp_path / "nope.npz", FileNotFoundError, "sample batch not found"),
+                                (tmp_path / "cut.npz", ValueError, "cut.npz: not a readable .npz"),
+                                (tmp_path / "float.npz", ValueError, "float.npz: 'arr_0' must be uint8")]:
+        with pytest.raises(err, match=match):
+            ev.main(ref, str(samples), device="cpu")
+    with pytest.raises(FileNotFoundError, match="reference batch not found"):
+        ev.main(str(tmp_path / "nope.npz"), ref, device="cpu")
+    with pytest.raises(ValueError, match="would overwrite"):
+        ev.main(ref, ref, out=ref, device="cpu")
+    # the result goes into a folder that does not exist yet
+    monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": tiny_features)
+    out = tmp_path / "new" / "dir" / "r.json"
+    ev.main(ref, ref, out=str(out), batch=3, device="cpu")
+    assert json.loads(out.read_text())["num_samples"] == 6
+
+
+def test_unreadable_weights_file_is_named(tmp_path):
+    bad = tmp_path / WEIGHTS_NAME
+    torch.save({}, bad)
+    bad.write_bytes(bad.read_bytes()[:40])  # a truncated copy
+    with pytest.raises(ValueError, match=f"{bad}: cannot read it as a torch state dict"):
+        load_inception(bad)

@@ -134,3 +134,72 @@ def test_cli_with_cfg_interval(run_dir, tmp_path):
     assert plan["interval"] == [0.2, 0.9] and plan["cfg"] == 1.5 and plan["extra"]["decoder"] == "pixel-codec"
     with np.load(out / "samples.npz") as z:
         assert z["arr_0"].shape == (4, 8, 8, 3)
+
+
+def test_every_flag_passes_through_torchrun():
+    """torchrun's parser takes any unambiguous prefix of its own options, so a script flag that
+    is one (--n: --nnodes, --nproc_per_node, ...) never reaches the script."""
+    import inspect
+
+    from torch.distributed.run import get_args_parser
+
+    def refused(script):
+        out = set()
+        for name in inspect.signature(_load_launch(script).main).parameters:
+            try:
+                args = get_args_parser().parse_args(["--nproc_per_node=2", f"launch/{script}.py", "A", "B",
+                                                     f"--{name}", "1"])
+                assert args.training_script_args[-2:] == [f"--{name}", "1"]
+            except SystemExit:
+                out.add(name)
+        return out
+
+    assert refused("sample") == {"n"}  # kept as an alias for python launch/sample.py; torchrun uses --num_samples
+    assert refused("prepare") == set() and refused("evaluate") == set()
+    sample = _load_launch("sample")
+    with pytest.raises(ValueError, match="disagree"):
+        sample.main("unused", "unused", num_samples=4, n=5)
+
+
+def test_a_failed_start_leaves_the_folder_usable(run_dir, tmp_path):
+    sample = _load_launch("sample")
+    out = tmp_path / "s"
+    kw = dict(batch=2, method="euler", steps=2, shard_size=2, device="cpu")
+    # a typo that only the sampler noticed used to write plan.json first and lock the folder to it
+    for bad, match in [({"method": "ode"}, "unknown sampling method"), ({"method": "sde", "steps": 1}, "steps >= 2"),
+                       ({"cfg": 2.0, "interval": "0.7,0.2"}, "low <= high"), ({"interval": "0.5"}, "LOW,HIGH")]:
+        with pytest.raises(ValueError, match=match):
+            sample.main(str(run_dir), str(out), n=3, **{**kw, **bad})
+    assert sample.main(str(run_dir), str(out), n=3, **kw) == str(out / "samples.npz")
+    with np.load(out / "samples.npz") as z:
+        assert z["arr_0"].shape == (3, 8, 8, 3)
+    # once samples exist the plan is binding again
+    with pytest.raises(ValueError, match="other settings"):
+        sample.main(str(run_dir), str(out), n=3, **{**kw, "steps": 3})
+
+
+def test_latent_run_decodes_with_the_vae_its_data_manifest_names(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    sample = _load_launch("sample")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    vae.save_pretrained(tmp_path / "vae")
+    data = tmp_path / "ds"
+    data.mkdir()
+    latent = {"vae": str((tmp_path / "vae").resolve()), "channel_mean": [0.5] * 4, "channel_std": [2.0] * 4}
+    (data / "manifest.json").write_text(json.dumps({"latent": latent}))
+    info = {"data": str(data), "objective": "sit", "num_classes": 3}
+    decode, desc = sample.build_decoder(info, 4, None, None, None, "cpu")
+    assert desc == f"vae:{latent['vae']}:stats:{data / 'manifest.json'}"
+    z = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        want = ((vae.decode(z * 2.0 + 0.5).sample + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(decode(z), want)
+    # the manifest names a folder this machine lacks: say so, and which manifest said it
+    (data / "manifest.json").write_text(json.dumps({"latent": {**latent, "vae": str(tmp_path / "gone")}}))
+    with pytest.raises(ValueError, match=f"needs --vae DIR.*{tmp_path / 'gone'}, which is not on this machine"):
+        sample.build_decoder(info, 4, None, None, None, "cpu")
+    (data / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=f"{data / 'manifest.json'} is not on this machine"):
+        sample.build_decoder(info, 4, str(tmp_path / "vae"), None, None, "cpu")

@@ -131,10 +131,26 @@ def activations(net: InceptionV3, batches: Iterable, device="cpu") -> dict[str, 
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def npz_activations(net: InceptionV3, path: str | Path, batch: int = 100, device="cpu") -> dict[str, np.ndarray]:
+def check_images(path: str | Path) -> tuple[int, ...]:
+    """Shape of the ADM image batch in `path` (uint8 [N, H, W, 3] under arr_0), or an error naming it."""
     shape, dtype = npz_array_info(path, "arr_0")
     if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
         raise ValueError(f"{path}: 'arr_0' must be uint8 [N, H, W, 3] (ADM format), got {dtype} {shape}")
+    return shape
+
+
+def check_reference(path: str | Path) -> bool:
+    """Error unless `path` holds images or mu/sigma statistics; True when it holds images."""
+    keys = set(npz_keys(path))
+    if "arr_0" in keys:
+        check_images(path)
+    elif not {"mu", "sigma"} <= keys:
+        raise ValueError(f"{path}: needs images under 'arr_0' or statistics 'mu'/'sigma' (has {sorted(keys)})")
+    return "arr_0" in keys
+
+
+def npz_activations(net: InceptionV3, path: str | Path, batch: int = 100, device="cpu") -> dict[str, np.ndarray]:
+    check_images(path)
     return activations(net, iter_npz_array(path, "arr_0", batch), device)
 
 

@@ -53,6 +53,8 @@ class SamplePlan:
             raise ValueError("num_samples, shard_size and batch_size must be positive")
         if self.labels not in ("random", "balanced"):
             raise ValueError(f"labels must be 'random' or 'balanced', got {self.labels!r}")
+        from irepa.sampling import check_settings
+        check_settings(self.method, self.steps, self.interval)  # before plan.json claims the output folder
 
     @property
     def num_shards(self) -> int:
@@ -78,7 +80,8 @@ def check_plan(out_dir: Path, plan: SamplePlan) -> None:
     """Write plan.json, or compare with the one a previous run left (resume)."""
     path = out_dir / "plan.json"
     new = json.loads(plan.to_json())
-    if path.is_file():
+    made = (out_dir / "samples.npz").is_file() or any((out_dir / "shards").glob("shard-*.npz"))
+    if path.is_file() and made:  # without any samples yet (a run that failed early) the plan is replaced
         old = json.loads(path.read_text())
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:

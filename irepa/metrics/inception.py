@@ -234,7 +234,11 @@ def load_inception(path: str | Path | None = None, device="cpu") -> InceptionV3:
             f"Inception weights not found; expected {WEIGHTS_NAME} (the pytorch-fid port of the TF "
             f"2015-12-05 graph) at one of: {', '.join(str(p) for p in candidates)}. Copy the file there "
             f"or set ${WEIGHTS_ENV}; it is never downloaded at run time.")
-    sd = torch.load(found, map_location="cpu", weights_only=True)
+    try:
+        sd = torch.load(found, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated download, or another kind of file
+        raise ValueError(f"{found}: cannot read it as a torch state dict ({type(e).__name__}: {e}); expected "
+                         f"{WEIGHTS_NAME}") from None
     if not isinstance(sd, dict):
         raise ValueError(f"{found}: expected a state dict, got {type(sd).__name__}")
     net = InceptionV3()

@@ -49,14 +49,28 @@ class NpzArrayWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+def _open_zip(path: str | Path) -> zipfile.ZipFile:
+    """The .npz as a zip file, or an error naming the file (not only what zipfile disliked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sample batch not found: {path}")
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{path}: not a readable .npz ({e}; truncated, or still being written?)") from None
+
+
 def npz_keys(path: str | Path) -> list[str]:
-    with zipfile.ZipFile(path) as zf:
+    with _open_zip(path) as zf:
         return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
 
 
 def npz_array_info(path: str | Path, name: str = "arr_0") -> tuple[tuple[int, ...], np.dtype]:
-    with zipfile.ZipFile(path) as zf, zf.open(f"{name}.npy") as f:
-        shape, _, dtype = _read_header(f, path, name)
+    with _open_zip(path) as zf:
+        if f"{name}.npy" not in zf.namelist():
+            raise KeyError(f"{path}: no array {name!r} (has {[n[:-4] for n in zf.namelist()]})")
+        with zf.open(f"{name}.npy") as f:
+            shape, _, dtype = _read_header(f, path, name)
     return shape, dtype
 
 
@@ -76,9 +90,7 @@ def _read_header(f, path, name):
 def iter_npz_array(path: str | Path, name: str = "arr_0", batch: int = 1000) -> Iterator[np.ndarray]:
     """Yield `name` from an .npz in blocks of `batch` rows without loading it whole."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sample batch not found: {path}")
-    with zipfile.ZipFile(path) as zf:
+    with _open_zip(path) as zf:
         if f"{name}.npy" not in zf.namelist():
             raise KeyError(f"{path}: no array {name!r} (has {npz_keys(path)})")
         with zf.open(f"{name}.npy") as f:
@@ -86,7 +98,10 @@ def iter_npz_array(path: str | Path, name: str = "arr_0", batch: int = 1000) -> 
             row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
             for start in range(0, shape[0], batch):
                 n = min(batch, shape[0] - start)
-                buf = f.read(n * row)
+                try:
+                    buf = f.read(n * row)
+                except zipfile.BadZipFile as e:  # e.g. a CRC mismatch: the bytes on disk changed
+                    raise ValueError(f"{path}:{name}: corrupt at row {start} ({e})") from None
                 if len(buf) != n * row:
                     raise ValueError(f"{path}:{name}: truncated at row {start}")
                 yield np.frombuffer(buf, dtype=dtype).reshape((n, *shape[1:]))
