@@ -14,6 +14,10 @@ OUT/samples.npz (arr_0 uint8 [N, H, W, 3], arr_1 labels) and OUT/grid.png.
 --num_samples (alias --n, which torchrun cannot pass on: it takes it for one of its own
 options) sets N.
 
+--interval LOW,HIGH is in SiT time (t = 1 is noise) for every model, JiT included: the
+JiT release's interval (0.1, 1.0) in its own time (t = 1 is data) is 0,0.9 here
+(irepa.sampling.jit_interval converts).
+
 Decoding: digits runs use the pixel codec, JiT runs plain pixels; latent models need a VAE
 (--vae, a local diffusers AutoencoderKL folder; default: the folder the run's data manifest
 names, when it is on this machine) and the latent scaling the model was trained with:
@@ -148,7 +152,7 @@ def main(model: str, out: str, num_samples: int | None = None, batch: int = 64, 
 
     def sample_batch(noise, y, g):
         x = sample(velocity_fn, noise * noise_scale, y, method, steps, cfg, plan.interval,
-                   null_class=info["num_classes"], generator=g)
+                   null_class=getattr(net, "null_class", info["num_classes"]), generator=g)
         return decode(x)
 
     final = out_dir / "samples.npz"

@@ -76,7 +76,11 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path):
 
 def test_prepared_data_must_fit_the_model(tmp_path):
     proc = run_train(tmp_path, "mismatch", "--steps", "1", "--model.input_size", "16", check=False)
-    assert proc.returncode != 0 and "stored latent shape (1, 8, 8) != model input shape (1, 16, 16)" in proc.stderr
+    assert proc.returncode != 0 and "stored latent shape (1, 8, 8) (prepared at 64 px) != model input shape " \
+        "(1, 16, 16)" in proc.stderr
+    prepared = str(Path(_CACHE["dir"]) / "digits-latent-64px-hog")
+    res = run_train(tmp_path, "res", "--steps", "1", "--data.source", prepared, "--data.resolution", "128", check=False)
+    assert res.returncode != 0 and "prepared at 64 px but data.resolution is 128" in res.stderr
 
 
 def test_jit_digits_preset_trains_and_samples(tmp_path):

@@ -77,7 +77,13 @@ def build_data(cfg: Config, model: nn.Module, rank: int, world_size: int, device
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world_size} ranks")
     path = _prepare_builtin(cfg, rank, world_size) if cfg.data.source == "digits" else cfg.data.source
     manifest = data_pkg.read_manifest(path)
+    if manifest["resolution"] != cfg.data.resolution:
+        raise ValueError(f"{path}: prepared at {manifest['resolution']} px but data.resolution is "
+                         f"{cfg.data.resolution}; set --data.resolution {manifest['resolution']}")
     online = cfg.data.online_encoders
+    if online and (manifest["resolution"] // 16) ** 2 != model.num_tokens:
+        raise ValueError(f"{path}: online encoders give {(manifest['resolution'] // 16) ** 2} tokens at "
+                         f"{manifest['resolution']} px ((res/16)^2), the model has {model.num_tokens}")
     encs = build_encoders(cfg.align.encoders, device) if online else []
     stored = {e["name"]: e["dim"] for e in manifest["encoders"]}
     dims = [e.dim for e in encs] if online else [stored.get(n, -1) for n in cfg.align.encoders]
