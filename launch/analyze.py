@@ -31,14 +31,13 @@ a random-init small model of that architecture, which needs no weights).
 """
 from __future__ import annotations
 
-import difflib
-import inspect
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from irepa.cli import UsageError  # a command line that names something wrong
 from irepa.analysis import (
     EncoderFn, ImageSet, correlate_rows, default_anchors, digits_set,
     encoder_anchor_maps, folder_set, join_column, measure_encoders, plot_correlation,
@@ -69,8 +68,6 @@ def _device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class UsageError(ValueError):
-    """A command line that names something wrong; reported before anything is computed or written."""
 
 
 def _check_sizes(resolution: int, limit: int | None = None, batch_size: int = 1) -> None:
@@ -222,54 +219,9 @@ COMMANDS = {"metrics": metrics, "correlate": correlate, "spatialnorm": spatialno
 
 
 def check_args(argv: list[str]) -> None:
-    """Refuse an unknown command, option or extra positional value before anything runs.
-
-    fire would bind the options it knows, run the command with defaults for the rest
-    (writing its outputs) and only then complain about the leftovers."""
-    if not argv or argv[0].startswith("-"):
-        return  # help / fire's own flags
-    cmd = argv[0]
-    if cmd not in COMMANDS:
-        close = difflib.get_close_matches(cmd, COMMANDS, 1)
-        raise UsageError(f"unknown command {cmd!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
-                         f"commands: {', '.join(COMMANDS)}")
-    params = list(inspect.signature(COMMANDS[cmd]).parameters)
-    options = ", ".join(f"--{p}" for p in params)
-    positional, i = 0, 1
-    while i < len(argv):
-        tok = argv[i]
-        if tok == "--":
-            break  # fire's own flags follow (--help, --trace, ...)
-        if tok in ("-h", "--help"):
-            return
-        if tok.startswith("--"):
-            name, has_value = tok[2:].split("=", 1)[0].replace("-", "_"), "=" in tok
-            if name not in params and not (name.startswith("no") and name[2:] in params):
-                close = difflib.get_close_matches(name, params, 1)
-                raise UsageError(f"{cmd}: unknown option --{name}"
-                                 f"{f' (did you mean --{close[0]}?)' if close else ''}; options: {options}")
-            # like fire: a following token that is not an option is this option's value
-            if not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                i += 1
-        elif tok.startswith("-") and not _is_number(tok):
-            short = tok[1:].split("=", 1)[0]
-            if len(short) != 1 or [p[0] for p in params].count(short) != 1:  # fire's unique-initial short flags
-                raise UsageError(f"{cmd}: unknown option {tok}; options: {options}")
-            if "=" not in tok and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                i += 1
-        else:
-            positional += 1
-        i += 1
-    if positional > len(params):
-        raise UsageError(f"{cmd}: {positional} positional values for {len(params)} parameters ({options})")
-
-
-def _is_number(tok: str) -> bool:
-    try:
-        float(tok)
-    except ValueError:
-        return False
-    return True
+    """Refuse an unknown command, option or extra positional value before anything runs (irepa.cli)."""
+    from irepa.cli import check_args as _check
+    _check(argv, COMMANDS)
 
 
 def main(argv: list[str] | None = None):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-import fire
 
 from irepa import encoders
 
@@ -44,4 +43,5 @@ def check(name: str, resolution: int = 256, batch: int = 2, tiny: bool = False, 
 
 
 if __name__ == "__main__":
-    fire.Fire({"list": list_encoders, "info": info, "check": check})
+    from irepa.cli import run
+    run({"list": list_encoders, "info": info, "check": check}, "encoders.py")

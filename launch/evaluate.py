@@ -16,7 +16,6 @@ import os
 import time
 from pathlib import Path
 
-import fire
 import torch
 
 from irepa.metrics import fid
@@ -65,4 +64,5 @@ def _cli(*args, **kw) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(_cli)
+    from irepa.cli import run
+    run(_cli, "evaluate.py", signature=main)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 
-import fire
 import torch.distributed as dist
 
 from irepa.data.prepare import prepare
@@ -48,4 +47,5 @@ def main(source: str, out: str, resolution: int = 256, vae: str | None = None, e
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from irepa.cli import run
+    run(main, "prepare.py")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import fire
 import torch
 import torch.distributed as dist
 
@@ -174,4 +173,5 @@ def main(model: str, out: str, num_samples: int | None = None, batch: int = 64, 
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from irepa.cli import run
+    run(main, "sample.py")

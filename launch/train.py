@@ -10,7 +10,6 @@ Overrides are dotted (--train.steps 1000) or unique field names (--steps 1000).
 """
 from __future__ import annotations
 
-import fire
 
 import sys
 
@@ -36,4 +35,5 @@ def main(preset: str = DEFAULT_PRESET, list_presets: bool = False, **overrides):
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from irepa.cli import run
+    run(main, "train.py")
