@@ -99,10 +99,12 @@ class HOG(_WeightFree):
         return (torch.bucketize(angle, edges, right=True) - 1).clamp_(0, self.orientations - 1)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, H, W = x.shape
         g_row, g_col = central_gradients(self.gray(x))
-        mag = torch.hypot(g_col, g_row)
-        bins = self.orientation_bins(g_row, g_col)
+        return self.blocks(torch.hypot(g_col, g_row), self.orientation_bins(g_row, g_col))
+
+    def blocks(self, mag: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+        """Gradient magnitudes and orientation bins [B, H, W] -> L2-Hys blocks [B, T, dim]."""
+        B, H, W = mag.shape
         votes = torch.zeros(B, self.orientations, H, W, dtype=mag.dtype, device=mag.device)
         votes.scatter_(1, bins.unsqueeze(1), mag.unsqueeze(1))
         cells = F.avg_pool2d(votes, self.cell)  # [B, n, H/cell, W/cell], mean over cell pixels
