@@ -6,7 +6,7 @@ setup(
     description="Fast, faithful trainer for SiT/JiT diffusion transformers with REPA/iREPA alignment",
     python_requires=">=3.10",
     packages=["irepa", "irepa.models", "irepa.train", "irepa.encoders", "irepa.metrics",
-              "irepa.analysis", "irepa.kernels", "irepa.data"],
+              "irepa.analysis", "irepa.compare", "irepa.kernels", "irepa.data"],
     package_dir={"irepa": "irepa", "irepa.kernels": "kernels", "irepa.data": "data"},
     install_requires=[
         "torch>=2.5", "numpy", "scipy", "safetensors", "fire", "tensorboard", "tqdm", "pillow",

@@ -1,0 +1,203 @@
+"""The report of a comparison: CSV, markdown table, convergence plot, TensorBoard scalars.
+
+- results.csv: one row per (recipe, seed, step): metric name, value, class accuracy, samples.
+  It holds only what the runs compute (no timings), so a resumed comparison writes the
+  same file as an uninterrupted one.
+- summary.md: the metric used and its real-data floor, then per recipe and eval step the
+  mean and the sample standard deviation over seeds, the class accuracy at the last step,
+  the steps each recipe needs to reach the first recipe's final mean, and run times.
+- convergence.png: metric and class accuracy against steps, one line (mean over seeds) per
+  recipe and a band from the lowest to the highest seed.
+- tb/<recipe>/seed-<s> and tb/<recipe>/mean: eval/<metric> and eval/class_acc scalars.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .evaluate import METRIC_LABELS
+from .spec import CompareSpec
+
+CSV_FIELDS = ("recipe", "seed", "step", "metric", "value", "class_acc", "num_samples")
+
+
+def load_results(out: Path, spec: CompareSpec) -> list[dict]:
+    """The evaluations present, in spec order (recipes, then seeds, then steps)."""
+    from .runner import eval_path
+    rows = []
+    for r in spec.recipes:
+        for s in spec.seeds:
+            for step in spec.eval_steps:
+                p = eval_path(out, r, s, step)
+                if p.is_file():
+                    rows.append(json.loads(p.read_text()))
+    return rows
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_FIELDS)
+    for r in rows:
+        w.writerow([r["recipe"], r["seed"], r["step"], r["metric"], f"{r['value']:.6f}", f"{r['class_acc']:.6f}",
+                    r["num_samples"]])
+    _atomic_write(path, buf.getvalue().encode())
+
+
+def curves(rows: list[dict], spec: CompareSpec, key: str) -> dict[str, dict[int, np.ndarray]]:
+    """recipe -> step -> values over the seeds present."""
+    out: dict[str, dict[int, list]] = {r.name: {} for r in spec.recipes}
+    for row in rows:
+        out[row["recipe"]].setdefault(row["step"], []).append(row[key])
+    return {r: {s: np.asarray(v, float) for s, v in d.items()} for r, d in out.items()}
+
+
+def _mean_sd(v: np.ndarray, digits: int) -> str:
+    if len(v) == 0:
+        return "-"
+    sd = f" ± {v.std(ddof=1):.{digits}f}" if len(v) > 1 else ""
+    return f"{v.mean():.{digits}f}{sd}"
+
+
+def steps_to_reach(means: dict[int, float], target: float) -> float | None:
+    """First step (linear interpolation between eval steps) where a falling curve is <= target."""
+    pts = sorted(means.items())
+    if not pts:
+        return None
+    if pts[0][1] <= target:
+        return float(pts[0][0])
+    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+        if v1 <= target:
+            return s0 + (s1 - s0) * (v0 - target) / (v0 - v1)
+    return None
+
+
+def _timings(rows: list[dict]) -> str:
+    by_run: dict[tuple, dict] = {}
+    for r in rows:
+        t = by_run.setdefault((r["recipe"], r["seed"]), {"train": 0.0, "eval": 0.0, "train_cpu": 0.0, "eval_cpu": 0.0})
+        t["train"] += r.get("train_seconds", 0.0)
+        t["eval"] += r.get("eval_seconds", 0.0)
+        t["train_cpu"] += r.get("train_cpu_seconds", 0.0)
+        t["eval_cpu"] += r.get("eval_cpu_seconds", 0.0)
+    if not by_run:
+        return ""
+    mean = {k: np.mean([t[k] for t in by_run.values()]) for k in ("train", "eval", "train_cpu", "eval_cpu")}
+    threads = sorted({r.get("torch_threads") for r in rows})
+    ranks = sorted({r.get("rank") for r in rows})
+    return (f"Time per run (mean of {len(by_run)}; wall / process CPU, as measured in the invocation that finished "
+            f"each segment): training {mean['train']:.0f} s / {mean['train_cpu']:.0f} s, evaluation "
+            f"{mean['eval']:.0f} s / {mean['eval_cpu']:.0f} s; torch threads {threads}, ranks {ranks}.")
+
+
+def write_markdown(path: Path, rows: list[dict], spec: CompareSpec, setup: dict) -> str:
+    metric = setup.get("metric", rows[0]["metric"] if rows else "?")
+    vals, accs = curves(rows, spec, "value"), curves(rows, spec, "class_acc")
+    last = spec.eval_steps[-1]
+    lines = [f"Metric: {setup.get('description', METRIC_LABELS.get(metric, metric))}.",
+             f"Real-data floor ({setup.get('floor_num_samples', spec.num_samples)} real images not in the reference): "
+             f"{setup.get('floor', float('nan')):.2f}. Lower is better.",
+             f"{len(spec.seeds)} seeds {spec.seeds}; mean ± sample standard deviation over seeds; "
+             f"{spec.num_samples} class-balanced samples per evaluation ({spec.sample_method}, "
+             f"{spec.sample_steps} steps, no guidance, EMA weights).", "",
+             "| recipe | " + " | ".join(f"step {s}" for s in spec.eval_steps) + f" | class acc @ {last} (%) |",
+             "|---|" + "---|" * (len(spec.eval_steps) + 1)]
+    for r in spec.recipes:
+        cells = [_mean_sd(vals[r.name].get(s, np.array([])), 2) for s in spec.eval_steps]
+        acc = accs[r.name].get(last, np.array([]))
+        lines.append(f"| {r.name} | " + " | ".join(cells) + f" | {_mean_sd(100 * acc, 1)} |")
+    base = spec.recipes[0].name
+    if last in vals[base] and len(vals[base][last]):
+        target = float(vals[base][last].mean())
+        reach = []
+        for r in spec.recipes:
+            s = steps_to_reach({k: float(v.mean()) for k, v in vals[r.name].items()}, target)
+            reach.append(f"{r.name} {'not within ' + str(last) if s is None else f'{s:.0f} ({last / s:.2f}x)'}")
+        lines += ["", f"Steps to reach {base}'s mean at step {last} ({target:.2f}), linear between eval steps "
+                      f"(speed-up vs {base}): " + "; ".join(reach) + "."]
+    t = _timings(rows)
+    if t:
+        lines += ["", t]
+    text = "\n".join(lines) + "\n"
+    _atomic_write(path, text.encode())
+    return text
+
+
+def write_plot(path: Path, rows: list[dict], spec: CompareSpec, setup: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = setup.get("metric", rows[0]["metric"] if rows else "?")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    for ax, key, label in ((axes[0], "value", METRIC_LABELS.get(metric, metric)),
+                           (axes[1], "class_acc", "class accuracy of samples")):
+        for r, d in curves(rows, spec, key).items():
+            steps = sorted(d)
+            if not steps:
+                continue
+            mean = np.array([d[s].mean() for s in steps])
+            lo, hi = np.array([d[s].min() for s in steps]), np.array([d[s].max() for s in steps])
+            line, = ax.plot(steps, mean, marker="o", ms=3, label=f"{r} (n={max(len(d[s]) for s in steps)})")
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+        if key == "value" and "floor" in setup:
+            ax.axhline(setup["floor"], color="gray", ls="--", lw=1, label="real data")
+            ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("mean over seeds, band = min..max", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_tensorboard(folder: Path, rows: list[dict], spec: CompareSpec) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    shutil.rmtree(folder, ignore_errors=True)  # rebuilt from the evaluations on every report
+    metric = rows[0]["metric"] if rows else "metric"
+    for key, tag in (("value", f"eval/{metric}"), ("class_acc", "eval/class_acc")):
+        for r, d in curves(rows, spec, key).items():
+            w = SummaryWriter(str(folder / r / "mean"))
+            for s in sorted(d):
+                w.add_scalar(tag, float(d[s].mean()), s)
+            w.close()
+    per_run: dict[tuple, list[dict]] = {}
+    for row in rows:
+        per_run.setdefault((row["recipe"], row["seed"]), []).append(row)
+    for (recipe, seed), run_rows in per_run.items():
+        w = SummaryWriter(str(folder / recipe / f"seed-{seed}"))
+        for row in run_rows:
+            w.add_scalar(f"eval/{row['metric']}", row["value"], row["step"])
+            w.add_scalar("eval/class_acc", row["class_acc"], row["step"])
+        w.close()
+
+
+def write_report(out: str | Path, spec: CompareSpec) -> Path:
+    """All four outputs from the evaluations present; -> summary.md."""
+    out = Path(out)
+    rows = load_results(out, spec)
+    setup_path = out / "setup.json"
+    setup = json.loads(setup_path.read_text()) if setup_path.is_file() else {}
+    write_csv(out / "results.csv", rows)
+    write_markdown(out / "summary.md", rows, spec, setup)
+    if rows:
+        write_plot(out / "convergence.png", rows, spec, setup)
+        write_tensorboard(out / "tb", rows, spec)
+    return out / "summary.md"

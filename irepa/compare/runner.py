@@ -1,0 +1,191 @@
+"""Run a comparison: every (recipe, seed) trained in segments and evaluated at each eval step.
+
+Folder layout (OUT):
+  spec.json                    the spec (a rerun must match it; recipes and seeds may be added)
+  setup.json                   the metric used, the classifier's test accuracy, the real-data floor
+  runs/<recipe>-s<seed>/       trainer run folders (checkpoints, TensorBoard, sample grids)
+  evals/<recipe>-s<seed>/step-N.json   one evaluation, written atomically
+  results.csv, summary.md, convergence.png, tb/   the report (irepa.compare.report)
+
+Resume: an evaluation whose file exists is never redone; a run continues from its newest
+checkpoint (the trainer resumes exactly), so an interrupted comparison continues where it
+stopped and gives the same numbers. With torchrun, rank r takes runs r, r + W, ... (each a
+one-process training); rank 0 prepares the data and the metric first, and writes the report
+once every run is evaluated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import backend
+from .evaluate import Evaluator, build_evaluator
+from .spec import CompareSpec, Recipe
+
+SETUP = "setup.json"
+
+
+def run_name(recipe: Recipe, seed: int) -> str:
+    return f"{recipe.name}-s{seed}"
+
+
+def eval_path(out: Path, recipe: Recipe, seed: int, step: int) -> Path:
+    return out / "evals" / run_name(recipe, seed) / f"step-{step:07d}.json"
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _wait_for(pred, what: str, log, poll: float = 2.0) -> None:
+    t0 = last = time.monotonic()
+    while not pred():
+        if time.monotonic() - last > 60:
+            log(f"[compare] still waiting for {what} ({time.monotonic() - t0:.0f} s)")
+            last = time.monotonic()
+        time.sleep(poll)
+
+
+def check_spec(out: Path, spec: CompareSpec, rank: int, log) -> None:
+    """Write OUT/spec.json (rank 0), or refuse a spec that differs from the one the folder holds."""
+    path = out / "spec.json"
+    if rank != 0:
+        _wait_for(path.is_file, path, log)
+    if path.is_file():
+        old = CompareSpec.load(path)
+        diff = spec.incompatible_with(old)
+        if diff:
+            raise ValueError(f"{path}: this comparison folder was started with other settings ({', '.join(diff)}); "
+                             f"use another --out, or the same settings (recipes and seeds may be added)")
+        if rank == 0 and old.to_dict() != spec.to_dict():
+            _write_json(path, spec.to_dict())
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(path, spec.to_dict())
+
+
+class Comparison:
+    def __init__(self, spec: CompareSpec, out: str | Path, cache_dir: str | Path | None = None, device="auto",
+                 rank: int = 0, world_size: int = 1, inception_weights: str | Path | None = None, log=print):
+        self.spec, self.out = spec, Path(out)
+        self.cache_dir = Path(cache_dir) if cache_dir else self.out / "datasets"
+        self.rank, self.world = rank, world_size
+        if device == "auto":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.inception_weights = inception_weights
+        self.log = log
+        self.evaluator: Evaluator | None = None
+
+    # -- configs and data -------------------------------------------------------------------
+    def config(self, recipe: Recipe, seed: int, steps: int):
+        return backend.run_config(recipe.preset, {**self.spec.common, **recipe.overrides}, seed=seed, steps=steps,
+                                  out_dir=self.out / "runs", run_name=run_name(recipe, seed),
+                                  cache_dir=self.cache_dir,
+                                  sampler=(self.spec.sample_method, self.spec.sample_steps))
+
+    def _data(self) -> dict[str, backend.Data]:
+        """Each recipe's prepared data (prepared here if needed); refuses recipes that do not share data."""
+        out, first = {}, None
+        for r in self.spec.recipes:
+            cfg = self.config(r, self.spec.seeds[0], self.spec.steps)
+            d = backend.prepare_data(cfg, "cpu")
+            m = d.manifest
+            key = (m["kind"], m["num_samples"], m["resolution"], m.get("source", {}).get("listing_sha256"),
+                   json.dumps(m.get("latent", {}).get("channel_mean")), json.dumps(m.get("latent", {}).get("channel_std")),
+                   backend.latent_shape(cfg), cfg.model.num_classes)
+            if first is None:
+                first = (r.name, key)
+            elif key != first[1]:
+                raise ValueError(f"recipes {first[0]!r} and {r.name!r} do not train on the same data ({d.root}: "
+                                 f"{key} vs {first[1]}); a comparison needs one data set and model input shape")
+            out[r.name] = d
+        return out
+
+    def setup(self) -> Evaluator:
+        """Prepare data and metric (rank 0 first; the other ranks then load what it cached)."""
+        marker = self.out / SETUP
+        if self.rank != 0:
+            _wait_for(marker.is_file, marker, self.log)
+        data = self._data()
+        images, labels = data[self.spec.recipes[0].name].real()
+        self.evaluator = build_evaluator(images, labels, self.spec.metric, self.spec.classifier,
+                                         self.cache_dir / "classifiers", self.inception_weights, self.device,
+                                         log=self.log)
+        self.data = data
+        if self.rank == 0:
+            ev = self.evaluator
+            _write_json(marker, {"metric": ev.metric, "description": ev.describe(),
+                                 "classifier": ev.classifier.report, "classifier_key": ev.classifier.key,
+                                 "floor": ev.floor(self.spec.num_samples), "floor_num_samples": self.spec.num_samples,
+                                 "device": str(self.device), "torch_threads": torch.get_num_threads(),
+                                 "world_size": self.world})
+        self.log(f"[compare] {self.evaluator.describe()}")
+        return self.evaluator
+
+    # -- evaluation -------------------------------------------------------------------------
+    def eval_batch(self, num_classes: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed evaluation noise and class-balanced labels (the same for every run and step)."""
+        g = torch.Generator().manual_seed(self.spec.eval_seed)
+        n = self.spec.num_samples
+        labels = torch.arange(n) % num_classes
+        return torch.randn((n, *shape), generator=g), labels
+
+    def evaluate_checkpoint(self, ckpt: Path, recipe: Recipe) -> dict:
+        model, cfg = backend.load_ema(ckpt, self.device)
+        noise, labels = self.eval_batch(cfg.model.num_classes, backend.latent_shape(cfg))
+        images = backend.sample_images(model, cfg, self.data[recipe.name], noise, labels, self.spec.sample_method,
+                                       self.spec.sample_steps, device=self.device)
+        return self.evaluator(images, labels)
+
+    def run_one(self, recipe: Recipe, seed: int) -> None:
+        name = run_name(recipe, seed)
+        for step in self.spec.eval_steps:
+            path = eval_path(self.out, recipe, seed, step)
+            if path.is_file():
+                continue
+            cfg = self.config(recipe, seed, step)
+            folder = backend.run_dir(cfg)
+            ckpt = backend.checkpoint_at(folder, step)
+            t0, c0 = time.perf_counter(), time.process_time()
+            start = backend.latest_step(folder)
+            if ckpt is None:
+                if start > step:
+                    raise RuntimeError(f"{folder}: trained to step {start} but the checkpoint of step {step} is gone; "
+                                       f"delete the run folder to retrain it")
+                self.log(f"[compare] {name}: training steps {start} -> {step}")
+                ckpt = backend.train_to(cfg)
+            t1, c1 = time.perf_counter(), time.process_time()
+            res = self.evaluate_checkpoint(ckpt, recipe)
+            t2, c2 = time.perf_counter(), time.process_time()
+            res.update(recipe=recipe.name, seed=seed, step=step, trained_from=start,
+                       train_seconds=t1 - t0, train_cpu_seconds=c1 - c0, eval_seconds=t2 - t1,
+                       eval_cpu_seconds=c2 - c1, torch_threads=torch.get_num_threads(), rank=self.rank)
+            _write_json(path, res)
+            self.log(f"[compare] {name} step {step}: {res['metric']} {res['value']:.3f}, "
+                     f"class acc {100 * res['class_acc']:.1f}% (train {t1 - t0:.0f} s, eval {t2 - t1:.0f} s)")
+
+    def missing(self) -> list[Path]:
+        return [eval_path(self.out, r, s, st) for r, s in self.spec.runs() for st in self.spec.eval_steps
+                if not eval_path(self.out, r, s, st).is_file()]
+
+    def run(self) -> Path | None:
+        """This rank's runs; rank 0 then waits for the others and writes the report (-> summary.md)."""
+        check_spec(self.out, self.spec, self.rank, self.log)
+        self.setup()
+        for i, (recipe, seed) in enumerate(self.spec.runs()):
+            if i % self.world == self.rank:
+                self.run_one(recipe, seed)
+        if self.rank != 0:
+            return None
+        _wait_for(lambda: not self.missing(), "the other ranks' evaluations", self.log, poll=5.0)
+        from .report import write_report
+        return write_report(self.out, self.spec)

@@ -1,0 +1,124 @@
+"""What a comparison trains and how it evaluates: recipes x seeds, evaluated at fixed steps.
+
+A `Recipe` is a preset with overrides (dotted config keys) under a short name. Every recipe
+runs once per seed with the same data, the same step budget (the last evaluation step)
+and the same evaluation: `num_samples` class-balanced samples from one fixed noise batch
+(`eval_seed`, the same for every run and step), decoded, scored by the metric
+(irepa.compare.evaluate). `common` overrides apply to every recipe (e.g. a device).
+
+The spec is written to the comparison folder as spec.json; a rerun continues only with
+an equal spec (recipes and seeds may be added), so results never mix settings.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from irepa.metrics.classifier_fd import ClassifierSettings
+
+METRICS = ("auto", "inception", "classifier")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+@dataclass
+class Recipe:
+    name: str
+    """short label: plot legend, table row, run folder prefix"""
+    preset: str
+    overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not _NAME_RE.match(self.name):
+            raise ValueError(f"recipe name {self.name!r}: use letters, digits and _.+- (it names folders)")
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"recipe {self.name!r}: overrides must be a mapping of config keys, got "
+                             f"{type(self.overrides).__name__}")
+
+
+@dataclass
+class CompareSpec:
+    recipes: list[Recipe]
+    seeds: list[int]
+    eval_steps: list[int]
+    """training steps at which every run's EMA model is evaluated; the last is the step budget"""
+    common: dict = field(default_factory=dict)
+    """overrides applied to every recipe (before its own)"""
+    num_samples: int = 500
+    sample_method: str = "heun"
+    sample_steps: int = 10
+    eval_seed: int = 1234
+    """noise and labels of the evaluation samples (the same for every run and step)"""
+    metric: str = "auto"
+    """auto (Inception FID when the ADM weights are found, else the classifier distance) | inception | classifier"""
+    classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
+
+    def __post_init__(self):
+        self.recipes = [r if isinstance(r, Recipe) else Recipe(**r) for r in self.recipes]
+        if isinstance(self.classifier, dict):
+            self.classifier = ClassifierSettings(**self.classifier)
+        self.seeds = [int(s) for s in ([self.seeds] if isinstance(self.seeds, int) else self.seeds)]
+        self.eval_steps = [int(s) for s in ([self.eval_steps] if isinstance(self.eval_steps, int)
+                                            else self.eval_steps)]
+        names = [r.name for r in self.recipes]
+        if not self.recipes or len(set(names)) != len(names):
+            raise ValueError(f"recipes must be a non-empty list with distinct names, got {names}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct integers, got {self.seeds}")
+        if not self.eval_steps or self.eval_steps != sorted(set(self.eval_steps)) or self.eval_steps[0] <= 0:
+            raise ValueError(f"eval_steps must be positive and strictly increasing, got {self.eval_steps}")
+        if self.num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2 (a covariance needs two samples), got {self.num_samples}")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        from irepa.sampling import check_settings
+        check_settings(self.sample_method, self.sample_steps)
+
+    @property
+    def steps(self) -> int:
+        return self.eval_steps[-1]
+
+    def runs(self) -> list[tuple[Recipe, int]]:
+        """Every (recipe, seed), seeds outermost: with one run per rank, each seed's recipes run side by side."""
+        return [(r, s) for s in self.seeds for r in self.recipes]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompareSpec":
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"comparison spec: unknown key(s) {bad}; known: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CompareSpec":
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: not a comparison spec ({e})") from None
+
+    def incompatible_with(self, old: "CompareSpec") -> list[str]:
+        """What differs from the spec a comparison folder was started with, beyond added recipes/seeds."""
+        a, b = old.to_dict(), self.to_dict()
+        diff = [k for k in a if k not in ("recipes", "seeds") and a[k] != b[k]]
+        olds = {r["name"]: r for r in a["recipes"]}
+        diff += [f"recipe {r['name']}" for r in b["recipes"] if r["name"] in olds and olds[r["name"]] != r]
+        return diff
+
+
+def digits_default() -> CompareSpec:
+    """The embedded default: digits, SiT-T/2, no alignment vs REPA (MLP, raw HOG) vs iREPA (conv,
+    spatial norm, HOG), three seeds, one step budget; about 25 minutes on 2 CPU cores as
+    `torchrun --nproc_per_node=2 launch/compare.py` (README, "Comparing recipes")."""
+    return CompareSpec(
+        recipes=[Recipe("none", "digits-sit-irepa", {"align.encoders": []}),
+                 Recipe("repa", "digits-sit-repa"),
+                 Recipe("irepa", "digits-sit-irepa")],
+        seeds=[0, 1, 2],
+        eval_steps=[100, 200, 300, 400, 500],
+        num_samples=500, sample_method="heun", sample_steps=10)

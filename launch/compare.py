@@ -1,0 +1,71 @@
+"""Train several recipes on the same data with the same seeds and plot quality against steps.
+
+  torchrun --nproc_per_node=2 launch/compare.py          # embedded default: digits, none vs REPA vs iREPA
+  python launch/compare.py                               # the same, one run after another
+  python launch/compare.py --spec my_comparison.json --out runs/compare/mine
+  python launch/compare.py --seeds '[0,1]' --eval_steps '[100,200]' --out runs/compare/short
+  python launch/compare.py --print_spec > my.json        # the default spec, to edit
+  python launch/compare.py --report_only --out runs/compare/digits
+
+A spec (json) lists recipes ({"name", "preset", "overrides"}), seeds, eval_steps, common
+overrides and the evaluation settings (irepa/compare/spec.py). Every run is trained to each
+eval step in turn, its EMA model sampled and scored; rerunning the same command continues
+an interrupted comparison. Under torchrun each rank trains whole runs (one process each).
+Output in OUT: results.csv, summary.md, convergence.png, tb/ (TensorBoard), setup.json
+(which metric was used), runs/ and evals/.
+
+The metric is FID with the ADM Inception weights when they are found ($IREPA_INCEPTION_WEIGHTS,
+~/.cache/irepa, torch hub cache; --inception_weights), else the Frechet distance in the
+features of a small CNN trained on the real data (cached in CACHE_DIR/classifiers), plus
+that CNN's accuracy on class-conditional samples. --metric auto|inception|classifier.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main(spec: str | None = None, out: str = "runs/compare/digits", seeds=None, eval_steps=None,
+         num_samples: int | None = None, metric: str | None = None, cache_dir: str | None = None,
+         device: str = "auto", inception_weights: str | None = None, report_only: bool = False,
+         print_spec: bool = False):
+    from irepa.compare.spec import CompareSpec, digits_default
+
+    try:
+        s = CompareSpec.load(spec) if spec else digits_default()
+        changes = {k: v for k, v in (("seeds", seeds), ("eval_steps", eval_steps), ("num_samples", num_samples),
+                                     ("metric", metric)) if v is not None}
+        if changes:
+            s = CompareSpec.from_dict({**s.to_dict(), **changes})
+    except ValueError as e:
+        sys.exit(f"launch/compare.py: {e}")
+    if print_spec:
+        print(json.dumps(s.to_dict(), indent=2))
+        return
+    if report_only:
+        from irepa.compare.report import write_report
+        print(write_report(out, s).read_text())
+        return
+    from irepa.compare.backend import Interrupted
+    from irepa.compare.runner import Comparison
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if rank == 0 else \
+        (lambda m: print(f"[rank {rank}] {m}", file=sys.stderr, flush=True))
+    try:
+        summary = Comparison(s, out, cache_dir=cache_dir, device=device, rank=rank, world_size=world,
+                             inception_weights=inception_weights, log=log).run()
+    except (Interrupted, KeyboardInterrupt) as e:
+        sys.exit(f"launch/compare.py: interrupted ({e or 'SIGINT'}); finished evaluations are kept in {out}: "
+                 f"run the same command again to continue")
+    except ValueError as e:
+        sys.exit(f"launch/compare.py: {e}")
+    if summary is not None:
+        print(summary.read_text())
+        print(f"report: {out}/summary.md, {out}/results.csv, {out}/convergence.png, tensorboard --logdir {out}/tb")
+
+
+if __name__ == "__main__":
+    from irepa.cli import run
+    run(main, "compare.py")

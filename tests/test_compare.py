@@ -1,0 +1,148 @@
+"""Recipe comparisons (irepa.compare, launch/compare.py) on tiny digits runs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from irepa.compare import backend
+from irepa.compare.report import steps_to_reach, write_report
+from irepa.compare.runner import check_spec, eval_path
+from irepa.compare.spec import CompareSpec, Recipe, digits_default
+from irepa.train import checkpoint as ckpt_io
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"model.name": "SiT-Tiny/2", "model.input_size": 8, "data.resolution": 64, "train.batch_size": 16,
+        "train.log_every": 1, "train.ckpt_every": 100, "train.ema_decays": [0.9], "optim.warmup_steps": 3}
+TINY_SPEC = {"recipes": [{"name": "none", "preset": "digits-sit-irepa", "overrides": {"align.encoders": []}},
+                         {"name": "irepa", "preset": "digits-sit-irepa"}],
+             "seeds": [0], "eval_steps": [2, 4], "common": TINY, "num_samples": 20, "sample_steps": 2,
+             "classifier": {"epochs": 2}}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """Prepared digits and metric classifiers, shared by the module's comparisons."""
+    return tmp_path_factory.mktemp("compare-cache")
+
+
+def test_segmented_training_is_bit_identical_to_one_run(tmp_path, cache):
+    """Compared against: one uninterrupted 6-step run. Training the same run folder to 2, then 4,
+    then 6 steps (how the comparison evaluates at fixed steps, warm-up crossing the boundaries)
+    must leave the same model, EMA, optimizer state and RNG, bit for bit."""
+    def cfg(steps, name):
+        return backend.run_config("digits-sit-irepa", TINY, seed=3, steps=steps, out_dir=tmp_path, run_name=name,
+                                  cache_dir=cache)
+    straight = ckpt_io.load_checkpoint(backend.train_to(cfg(6, "straight")))
+    for s in (2, 4, 6):
+        last = backend.train_to(cfg(s, "segmented"))
+    segmented = ckpt_io.load_checkpoint(last)
+    for part in ("model", "rng"):
+        assert straight[part].keys() == segmented[part].keys()
+        assert all(torch.equal(straight[part][k], segmented[part][k]) for k in straight[part]), part
+    for a, b in zip(straight["ema"], segmented["ema"]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = straight["optimizer"]["state"], segmented["optimizer"]["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    assert straight["trainer"]["data"] == segmented["trainer"]["data"]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "segmented" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]  # each step trained once: the segments resumed, none restarted
+
+
+def _compare(spec_path, out, cache, *extra, signal_at=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("IREPA_SIGNAL_AT", None)
+    if signal_at:
+        env["IREPA_SIGNAL_AT"] = signal_at
+    cmd = [sys.executable, str(ROOT / "launch" / "compare.py"), "--spec", str(spec_path), "--out", str(out),
+           "--cache_dir", str(cache), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_interrupted_comparison_resumes_to_the_same_csv(tmp_path, cache):
+    """Compared against: the same comparison run without interruption. A SIGINT inside the first
+    run's second segment (the trainer checkpoints step 3 and returns; the comparison stops with a
+    message), then a SIGKILL inside the second run's second segment, then a plain rerun: the
+    results.csv must be byte for byte the uninterrupted one."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(TINY_SPEC))
+    ref = _compare(spec, tmp_path / "ref", cache)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert "| none |" in ref.stdout and "fd_classifier" in (tmp_path / "ref" / "results.csv").read_text()
+
+    out = tmp_path / "cut"
+    first = _compare(spec, out, cache, signal_at=f"3:{int(signal.SIGINT)}")
+    assert first.returncode != 0 and "interrupted" in first.stderr and "run the same command again" in first.stderr
+    s = CompareSpec.from_dict(TINY_SPEC)
+    none, irepa = s.recipes
+    assert eval_path(out, none, 0, 2).is_file() and not eval_path(out, none, 0, 4).exists()
+    assert backend.latest_step(out / "runs" / "none-s0") == 3
+    second = _compare(spec, out, cache, signal_at=f"3:{int(signal.SIGKILL)}")
+    assert second.returncode == -signal.SIGKILL
+    assert eval_path(out, none, 0, 4).is_file() and eval_path(out, irepa, 0, 2).is_file()
+    assert not eval_path(out, irepa, 0, 4).exists() and not (out / "results.csv").exists()
+    third = _compare(spec, out, cache)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert (out / "results.csv").read_bytes() == (tmp_path / "ref" / "results.csv").read_bytes()
+    assert (out / "convergence.png").stat().st_size > 0 and list((out / "tb" / "irepa" / "mean").glob("events.*"))
+    assert "Frechet distance in the metric classifier's features" in (out / "summary.md").read_text()
+
+    changed = _compare(spec, out, cache, "--num_samples", "10")  # other settings: refused, nothing touched
+    assert changed.returncode != 0 and "num_samples" in changed.stderr and "Traceback" not in changed.stderr
+    assert (out / "results.csv").read_bytes() == (tmp_path / "ref" / "results.csv").read_bytes()
+
+
+def test_spec_validation_and_resume_rules(tmp_path):
+    with pytest.raises(ValueError, match="distinct names"):
+        CompareSpec(recipes=[Recipe("a", "p"), Recipe("a", "q")], seeds=[0], eval_steps=[1])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        CompareSpec(recipes=[Recipe("a", "p")], seeds=[0], eval_steps=[2, 2])
+    with pytest.raises(ValueError, match="unknown key"):
+        CompareSpec.from_dict({**TINY_SPEC, "num_sample": 3})
+    with pytest.raises(ValueError, match="names folders"):
+        Recipe("a/b", "p")
+    with pytest.raises(ValueError, match="sets train.steps"):
+        backend.run_config("digits-sit-irepa", {"steps": 3}, seed=0, steps=2, out_dir=tmp_path, run_name="r",
+                           cache_dir=tmp_path)
+    s = CompareSpec.from_dict(TINY_SPEC)
+    check_spec(tmp_path, s, 0, print)
+    more = CompareSpec.from_dict({**TINY_SPEC, "seeds": [0, 1],
+                                  "recipes": TINY_SPEC["recipes"] + [{"name": "repa", "preset": "digits-sit-repa"}]})
+    check_spec(tmp_path, more, 0, print)  # added seeds and recipes continue the same folder
+    assert CompareSpec.load(tmp_path / "spec.json").seeds == [0, 1]
+    other = CompareSpec.from_dict({**TINY_SPEC, "recipes": [{"name": "none", "preset": "digits-sit-repa"}]})
+    with pytest.raises(ValueError, match="recipe none"):
+        check_spec(tmp_path, other, 0, print)
+    d = digits_default()
+    assert [r.name for r in d.recipes] == ["none", "repa", "irepa"] and len(d.seeds) == 3
+
+
+def _fake_eval(out, spec, recipe, seed, step, value, acc):
+    p = eval_path(out, spec.recipes[[r.name for r in spec.recipes].index(recipe)], seed, step)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps({"recipe": recipe, "seed": seed, "step": step, "metric": "fd_classifier",
+                             "value": value, "class_acc": acc, "num_samples": 20, "train_seconds": 1.0}))
+
+
+def test_report_table_and_speedup(tmp_path):
+    """Compared against hand-computed means, sample standard deviations and interpolated steps."""
+    assert steps_to_reach({10: 50.0, 20: 30.0, 40: 10.0}, 20.0) == pytest.approx(30.0)
+    assert steps_to_reach({10: 50.0, 20: 30.0}, 5.0) is None
+    spec = CompareSpec(recipes=[Recipe("none", "p"), Recipe("irepa", "p")], seeds=[0, 1], eval_steps=[10, 20])
+    for seed, (a, b) in enumerate([(40.0, 20.0), (44.0, 24.0)]):
+        _fake_eval(tmp_path, spec, "none", seed, 10, a, 0.5)
+        _fake_eval(tmp_path, spec, "none", seed, 20, b, 0.7)
+        _fake_eval(tmp_path, spec, "irepa", seed, 10, a - 20, 0.8)
+        _fake_eval(tmp_path, spec, "irepa", seed, 20, b - 10, 0.9)
+    text = write_report(tmp_path, spec).read_text()
+    assert "| none | 42.00 ± 2.83 | 22.00 ± 2.83 | 70.0 ± 0.0 |" in text
+    assert "| irepa | 22.00 ± 2.83 | 12.00 ± 2.83 | 90.0 ± 0.0 |" in text
+    assert "irepa 10 (2.00x)" in text  # 22 <= 22 at the first eval step already
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert rows[0] == "recipe,seed,step,metric,value,class_acc,num_samples" and len(rows) == 9
+    assert rows[1] == "none,0,10,fd_classifier,40.000000,0.500000,20"
+    assert (tmp_path / "convergence.png").stat().st_size > 0
