@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from irepa.data.digits import load_digits_images, pixel_codec_decode, pixel_codec_encode
+from irepa.codec import pixel_codec_decode, pixel_codec_encode
+from irepa.data.digits import load_digits_images
 from irepa.metrics.classifier_fd import ClassifierSettings, load_or_train, split_indices, train_classifier
 
 FAST = ClassifierSettings(epochs=6)

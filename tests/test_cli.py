@@ -39,6 +39,7 @@ def test_check_args_on_commands_and_kwargs():
     ("prepare.py", ["digits", "OUT", "--resolutoin", "64"]),
     ("evaluate.py", ["a.npz", "b.npz", "--out", "OUT/x.json", "--batchh", "2"]),
     ("analyze.py", ["metrics", "--encoder", "hog", "--out", "OUT"]),
+    ("compare.py", ["--out", "OUT", "--eval_step", "[2]"]),
 ])
 def test_launch_scripts_refuse_typos_before_writing(tmp_path, script, args):
     out = tmp_path / "out"

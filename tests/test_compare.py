@@ -37,10 +37,10 @@ def test_segmented_training_is_bit_identical_to_one_run(tmp_path, cache):
     def cfg(steps, name):
         return backend.run_config("digits-sit-irepa", TINY, seed=3, steps=steps, out_dir=tmp_path, run_name=name,
                                   cache_dir=cache)
-    straight = ckpt_io.load_checkpoint(backend.train_to(cfg(6, "straight")))
+    straight = ckpt_io.read_checkpoint(backend.train_to(cfg(6, "straight")))
     for s in (2, 4, 6):
         last = backend.train_to(cfg(s, "segmented"))
-    segmented = ckpt_io.load_checkpoint(last)
+    segmented = ckpt_io.read_checkpoint(last)
     for part in ("model", "rng"):
         assert straight[part].keys() == segmented[part].keys()
         assert all(torch.equal(straight[part][k], segmented[part][k]) for k in straight[part]), part

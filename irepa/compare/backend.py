@@ -1,8 +1,8 @@
-"""Everything a comparison needs from the trainer, in one module.
+"""Everything a comparison needs from the trainer and the recipes, in one module.
 
-The rest of irepa.compare never imports irepa.train: it resolves configs, trains a run up
-to a step, loads the EMA model of a checkpoint, samples and decodes, and reads the real
-data through the functions here. Evaluation at fixed steps is done from outside the
+The rest of irepa.compare never imports irepa.train or irepa.recipes: it resolves configs,
+trains a run up to a step, loads the EMA model of a checkpoint, samples and decodes (through
+the run's recipe, as the trainer's grids do), and reads the real data through the functions here. Evaluation at fixed steps is done from outside the
 trainer: train to s1 (the trainer writes a checkpoint at its last step), evaluate that
 checkpoint, then train the same run folder to s2 (the trainer resumes exactly), and so on.
 tests/test_compare.py checks that segmenting this way gives the same weights, bit for bit,
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from irepa.config import Config, resolve
+from irepa.config import Config
 
 # keys the comparison sets itself for every run (a recipe may not override them)
 OWNED_KEYS = ("train.steps", "train.seed", "train.out_dir", "train.run_name", "train.resume", "data.cache_dir")
@@ -36,6 +36,8 @@ def run_config(preset: str, overrides: dict, *, seed: int, steps: int, out_dir: 
     bad = [k for k in overrides if k in OWNED_KEYS or k in {o.split(".")[1] for o in OWNED_KEYS}]
     if bad:
         raise ValueError(f"recipe overrides {bad}: the comparison sets {', '.join(OWNED_KEYS)} itself")
+    from irepa.recipes import resolve
+
     extra = {"train.sample_method": sampler[0], "train.sample_steps": sampler[1]} if sampler else {}
     return resolve(preset, {**overrides, **extra, "train.steps": steps, "train.seed": seed,
                             "train.out_dir": str(out_dir), "train.run_name": run_name, "train.resume": True,
@@ -45,7 +47,7 @@ def run_config(preset: str, overrides: dict, *, seed: int, steps: int, out_dir: 
 @contextmanager
 def _one_process_run():
     """Train in this process as a world of one, whatever torchrun set (one run per rank), and
-    give SIGINT / SIGTERM back to their previous handlers afterwards (the trainer installs its own)."""
+    make sure SIGINT / SIGTERM get their previous handlers back afterwards."""
     keys = ("RANK", "WORLD_SIZE")
     saved_env = {k: os.environ.get(k) for k in keys}
     saved_sig = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -95,16 +97,8 @@ def train_to(cfg: Config) -> Path:
 
 def load_ema(ckpt: str | Path, device="cpu"):
     """(EMA model in eval mode, its run's Config) of a checkpoint folder."""
-    from irepa.train.checkpoint import load_for_inference
+    from irepa.train.export import load_for_inference
     return load_for_inference(ckpt, "ema", device)
-
-
-def velocity_fn(model, cfg: Config):
-    if cfg.train.objective == "jit":
-        from irepa.models.jit import jit_velocity_fn
-        return jit_velocity_fn(model)
-    from irepa.sampling import model_velocity_fn
-    return model_velocity_fn(model)
 
 
 def latent_shape(cfg: Config) -> tuple[int, int, int]:
@@ -142,29 +136,33 @@ class Data:
 def prepare_data(cfg: Config, device="cpu") -> Data:
     """Prepare the run's dataset if it is not there yet (built-in digits), check it against the
     model, and return its handle. Needs nothing from the run folder."""
-    from irepa.train.build import build_data, build_model
+    from irepa.recipes import for_config
+    from irepa.train.build import build_data
 
+    recipe = for_config(cfg)
     torch_state = torch.get_rng_state()
     with _one_process_run():
-        bundle = build_data(cfg, build_model(cfg, fused=False), 0, 1, torch.device(device))
+        bundle = build_data(cfg, recipe, recipe.build_model(fused=False), 0, 1, torch.device(device))
     torch.set_rng_state(torch_state)
     if bundle.decode is None:
         raise ValueError(f"{cfg.data.source}: no decoder for this dataset on this machine (its VAE folder is "
                          f"missing); the comparison evaluates decoded samples")
     loader = bundle.loader
     return Data(Path(loader.root), bundle.decode, getattr(loader, "shift", None), getattr(loader, "scale", None),
-                dict(loader.manifest))
+                dict(bundle.manifest))
 
 
 @torch.no_grad()
 def sample_images(model, cfg: Config, data: Data, noise: torch.Tensor, labels: torch.Tensor, method: str,
                   steps: int, batch: int = 256, device="cpu") -> torch.Tensor:
-    """EMA samples for `labels` from `noise` (no guidance), decoded: [N, 3, H, W] in [0, 1] on the CPU."""
-    from irepa.sampling import sample
+    """EMA samples for `labels` from `noise` (no guidance; the run's recipe samples, as for the
+    trainer's grids), decoded: [N, 3, H, W] in [0, 1] on the CPU."""
+    from irepa.recipes import for_config
 
-    vf = velocity_fn(model, cfg)
+    recipe = for_config(cfg)
     out = []
     for i in range(0, len(labels), batch):
-        x = sample(vf, noise[i:i + batch].to(device), labels[i:i + batch].to(device), method=method, steps=steps)
+        x = recipe.sample(model, noise[i:i + batch].to(device), labels[i:i + batch].to(device), method=method,
+                          steps=steps, null_class=cfg.model.num_classes)
         out.append(data.decode(x.float()).float().cpu())
     return torch.cat(out)
