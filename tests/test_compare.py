@@ -11,7 +11,8 @@ import torch
 
 from irepa.compare import backend
 from irepa.compare.report import steps_to_reach, write_report
-from irepa.compare.runner import check_spec, eval_path
+from irepa.compare.layout import eval_path
+from irepa.compare.runner import check_spec
 from irepa.compare.spec import CompareSpec, Recipe, digits_default
 from irepa.train import checkpoint as ckpt_io
 

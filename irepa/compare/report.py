@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .evaluate import METRIC_LABELS
+from .layout import SETUP, eval_path, write_atomic
 from .spec import CompareSpec
 
 CSV_FIELDS = ("recipe", "seed", "step", "metric", "value", "class_acc", "num_samples")
@@ -29,7 +30,6 @@ CSV_FIELDS = ("recipe", "seed", "step", "metric", "value", "class_acc", "num_sam
 
 def load_results(out: Path, spec: CompareSpec) -> list[dict]:
     """The evaluations present, in spec order (recipes, then seeds, then steps)."""
-    from .runner import eval_path
     rows = []
     for r in spec.recipes:
         for s in spec.seeds:
@@ -40,12 +40,6 @@ def load_results(out: Path, spec: CompareSpec) -> list[dict]:
     return rows
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_csv(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -53,7 +47,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     for r in rows:
         w.writerow([r["recipe"], r["seed"], r["step"], r["metric"], f"{r['value']:.6f}", f"{r['class_acc']:.6f}",
                     r["num_samples"]])
-    _atomic_write(path, buf.getvalue().encode())
+    write_atomic(path, buf.getvalue().encode())
 
 
 def curves(rows: list[dict], spec: CompareSpec, key: str) -> dict[str, dict[int, np.ndarray]]:
@@ -131,7 +125,7 @@ def write_markdown(path: Path, rows: list[dict], spec: CompareSpec, setup: dict)
     if t:
         lines += ["", t]
     text = "\n".join(lines) + "\n"
-    _atomic_write(path, text.encode())
+    write_atomic(path, text.encode())
     return text
 
 
@@ -193,7 +187,7 @@ def write_report(out: str | Path, spec: CompareSpec) -> Path:
     """All four outputs from the evaluations present; -> summary.md."""
     out = Path(out)
     rows = load_results(out, spec)
-    setup_path = out / "setup.json"
+    setup_path = out / SETUP
     setup = json.loads(setup_path.read_text()) if setup_path.is_file() else {}
     write_csv(out / "results.csv", rows)
     write_markdown(out / "summary.md", rows, spec, setup)

@@ -1,17 +1,11 @@
 """Run a comparison: every (recipe, seed) trained in segments and evaluated at each eval step.
 
-Folder layout (OUT):
-  spec.json                    the spec (a rerun must match it; recipes and seeds may be added)
-  setup.json                   the metric used, the classifier's test accuracy, the real-data floor
-  runs/<recipe>-s<seed>/       trainer run folders (checkpoints, TensorBoard, sample grids)
-  evals/<recipe>-s<seed>/step-N.json   one evaluation, written atomically
-  results.csv, summary.md, convergence.png, tb/   the report (irepa.compare.report)
-
-Resume: an evaluation whose file exists is never redone; a run continues from its newest
-checkpoint (the trainer resumes exactly), so an interrupted comparison continues where it
-stopped and gives the same numbers. With torchrun, rank r takes runs r, r + W, ... (each a
-one-process training); rank 0 prepares the data and the metric first, and writes the report
-once every run is evaluated.
+Layout of the comparison folder: irepa.compare.layout. Resume: an evaluation whose file
+exists is never redone; a run continues from its newest checkpoint (the trainer resumes
+exactly), so an interrupted comparison continues where it stopped and gives the same
+numbers. With torchrun, rank r takes runs r, r + W, ... (each a one-process training);
+rank 0 prepares the data and the metric first, and writes the report once every run is
+evaluated.
 """
 from __future__ import annotations
 
@@ -24,24 +18,13 @@ import torch
 
 from . import backend
 from .evaluate import Evaluator, build_evaluator
+from .layout import SETUP, SPEC, eval_path, run_name, write_atomic
+from .report import write_report
 from .spec import CompareSpec, Recipe
-
-SETUP = "setup.json"
-
-
-def run_name(recipe: Recipe, seed: int) -> str:
-    return f"{recipe.name}-s{seed}"
-
-
-def eval_path(out: Path, recipe: Recipe, seed: int, step: int) -> Path:
-    return out / "evals" / run_name(recipe, seed) / f"step-{step:07d}.json"
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _wait_for(pred, what: str, log, poll: float = 2.0) -> None:
@@ -55,7 +38,7 @@ def _wait_for(pred, what: str, log, poll: float = 2.0) -> None:
 
 def check_spec(out: Path, spec: CompareSpec, rank: int, log) -> None:
     """Write OUT/spec.json (rank 0), or refuse a spec that differs from the one the folder holds."""
-    path = out / "spec.json"
+    path = out / SPEC
     if rank != 0:
         _wait_for(path.is_file, path, log)
     if path.is_file():
@@ -84,6 +67,7 @@ class Comparison:
         self.inception_weights = inception_weights
         self.log = log
         self.evaluator: Evaluator | None = None
+        self.data: dict[str, backend.Data] = {}
 
     # -- configs and data -------------------------------------------------------------------
     def config(self, recipe: Recipe, seed: int, steps: int):
@@ -187,5 +171,4 @@ class Comparison:
         if self.rank != 0:
             return None
         _wait_for(lambda: not self.missing(), "the other ranks' evaluations", self.log, poll=5.0)
-        from .report import write_report
         return write_report(self.out, self.spec)
