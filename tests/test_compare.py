@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from irepa.compare import backend
-from irepa.compare.report import steps_to_reach, write_report
 from irepa.compare.layout import eval_path
-from irepa.compare.runner import check_spec
+from irepa.compare.report import steps_to_reach, write_report
+from irepa.compare.runner import Comparison, check_spec
 from irepa.compare.spec import CompareSpec, Recipe, digits_default
 from irepa.train import checkpoint as ckpt_io
 
@@ -25,10 +25,10 @@ TINY_SPEC = {"recipes": [{"name": "none", "preset": "digits-sit-irepa", "overrid
              "classifier": {"epochs": 2}}
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """Prepared digits and metric classifiers, shared by the module's comparisons."""
-    return tmp_path_factory.mktemp("compare-cache")
+@pytest.fixture
+def cache(digits_cache, one_thread):
+    """Prepared digits and metric classifiers shared by the session; one intra-op thread."""
+    return digits_cache
 
 
 def test_segmented_training_is_bit_identical_to_one_run(tmp_path, cache):
@@ -54,47 +54,87 @@ def test_segmented_training_is_bit_identical_to_one_run(tmp_path, cache):
     assert logged == [1, 2, 3, 4, 5, 6]  # each step trained once: the segments resumed, none restarted
 
 
-def _compare(spec_path, out, cache, *extra, signal_at=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("IREPA_SIGNAL_AT", None)
-    if signal_at:
-        env["IREPA_SIGNAL_AT"] = signal_at
-    cmd = [sys.executable, str(ROOT / "launch" / "compare.py"), "--spec", str(spec_path), "--out", str(out),
-           "--cache_dir", str(cache), *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+class _Interrupt:
+    """A trainer's loader, with `action()` run before batch `at` of this segment is handed out."""
+
+    def __init__(self, loader, at: int, action):
+        self.loader, self.at, self.action = loader, at, action
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == self.at:
+                self.action()
+            yield batch
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
 
 
-def test_interrupted_comparison_resumes_to_the_same_csv(tmp_path, cache):
+class _Crash(Exception):
+    pass
+
+
+def _crash():
+    raise _Crash("killed")
+
+
+def _interrupt(monkeypatch, run: str, steps: int, at: int, action):
+    """Make the training segment of `run` that ends at `steps` meet `action` before its batch `at`."""
+    from irepa.train import trainer as trainer_mod
+
+    def train(cfg):
+        tr = trainer_mod.Trainer(cfg)
+        if cfg.train.run_name == run and cfg.train.steps == steps:
+            tr.data.loader = _Interrupt(tr.data.loader, at, action)
+        return tr.train()
+    monkeypatch.setattr(trainer_mod, "train", train)
+
+
+def _compare(out, cache, spec=TINY_SPEC):
+    return Comparison(CompareSpec.from_dict(spec), out, cache_dir=cache, device="cpu", log=lambda m: None).run()
+
+
+def test_interrupted_comparison_resumes_to_the_same_csv(tmp_path, cache, monkeypatch):
     """Compared against: the same comparison run without interruption. A SIGINT inside the first
-    run's second segment (the trainer checkpoints step 3 and returns; the comparison stops with a
-    message), then a SIGKILL inside the second run's second segment, then a plain rerun: the
-    results.csv must be byte for byte the uninterrupted one."""
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps(TINY_SPEC))
-    ref = _compare(spec, tmp_path / "ref", cache)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    assert "| none |" in ref.stdout and "fd_classifier" in (tmp_path / "ref" / "results.csv").read_text()
-
-    out = tmp_path / "cut"
-    first = _compare(spec, out, cache, signal_at=f"3:{int(signal.SIGINT)}")
-    assert first.returncode != 0 and "interrupted" in first.stderr and "run the same command again" in first.stderr
+    run's second segment (the trainer checkpoints step 3 and returns; the comparison stops), then a
+    crash inside the second run's second segment (nothing saved after step 2), then a plain
+    rerun: results.csv must be byte for byte the uninterrupted one."""
+    _compare(tmp_path / "ref", cache)
+    ref_csv = (tmp_path / "ref" / "results.csv").read_bytes()
+    assert b"fd_classifier" in ref_csv and len(ref_csv.splitlines()) == 5
     s = CompareSpec.from_dict(TINY_SPEC)
     none, irepa = s.recipes
+    out = tmp_path / "cut"
+
+    with monkeypatch.context() as m:
+        _interrupt(m, "none-s0", 4, 0, lambda: os.kill(os.getpid(), signal.SIGINT))
+        with pytest.raises(backend.Interrupted, match="stopped at step 3 before step 4"):
+            _compare(out, cache)
     assert eval_path(out, none, 0, 2).is_file() and not eval_path(out, none, 0, 4).exists()
     assert backend.latest_step(out / "runs" / "none-s0") == 3
-    second = _compare(spec, out, cache, signal_at=f"3:{int(signal.SIGKILL)}")
-    assert second.returncode == -signal.SIGKILL
+    with monkeypatch.context() as m:
+        _interrupt(m, "irepa-s0", 4, 1, _crash)
+        with pytest.raises(_Crash):
+            _compare(out, cache)
     assert eval_path(out, none, 0, 4).is_file() and eval_path(out, irepa, 0, 2).is_file()
     assert not eval_path(out, irepa, 0, 4).exists() and not (out / "results.csv").exists()
-    third = _compare(spec, out, cache)
-    assert third.returncode == 0, third.stderr[-3000:]
-    assert (out / "results.csv").read_bytes() == (tmp_path / "ref" / "results.csv").read_bytes()
+    assert backend.latest_step(out / "runs" / "irepa-s0") == 2
+    _compare(out, cache)
+    assert (out / "results.csv").read_bytes() == ref_csv
     assert (out / "convergence.png").stat().st_size > 0 and list((out / "tb" / "irepa" / "mean").glob("events.*"))
     assert "Frechet distance in the metric classifier's features" in (out / "summary.md").read_text()
 
-    changed = _compare(spec, out, cache, "--num_samples", "10")  # other settings: refused, nothing touched
-    assert changed.returncode != 0 and "num_samples" in changed.stderr and "Traceback" not in changed.stderr
-    assert (out / "results.csv").read_bytes() == (tmp_path / "ref" / "results.csv").read_bytes()
+
+def test_cli_refuses_other_settings_in_a_started_folder(tmp_path):
+    """launch/compare.py on a folder started with other settings: an error naming them, before any work."""
+    (tmp_path / "spec.json").write_text(json.dumps(CompareSpec.from_dict(TINY_SPEC).to_dict()))
+    spec = tmp_path / "other.json"
+    spec.write_text(json.dumps({**TINY_SPEC, "num_samples": 10}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "compare.py"), "--spec", str(spec), "--out",
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "num_samples" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.json", "spec.json"]
 
 
 def test_spec_validation_and_resume_rules(tmp_path):
