@@ -94,14 +94,27 @@ def _compare(out, cache, spec=TINY_SPEC):
     return Comparison(CompareSpec.from_dict(spec), out, cache_dir=cache, device="cpu", log=lambda m: None).run()
 
 
-def test_interrupted_comparison_resumes_to_the_same_csv(tmp_path, cache, monkeypatch):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, digits_cache):
+    """results.csv of the tiny comparison run once, uninterrupted, in this process on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("reference")
+        _compare(out, digits_cache)
+    finally:
+        torch.set_num_threads(n)
+    csv = (out / "results.csv").read_bytes()
+    assert b"fd_classifier" in csv and len(csv.splitlines()) == 5
+    return csv
+
+
+def test_interrupted_comparison_resumes_to_the_same_csv(tmp_path, cache, monkeypatch, reference):
     """Compared against: the same comparison run without interruption. A SIGINT inside the first
     run's second segment (the trainer checkpoints step 3 and returns; the comparison stops), then a
     crash inside the second run's second segment (nothing saved after step 2), then a plain
     rerun: results.csv must be byte for byte the uninterrupted one."""
-    _compare(tmp_path / "ref", cache)
-    ref_csv = (tmp_path / "ref" / "results.csv").read_bytes()
-    assert b"fd_classifier" in ref_csv and len(ref_csv.splitlines()) == 5
+    ref_csv = reference
     s = CompareSpec.from_dict(TINY_SPEC)
     none, irepa = s.recipes
     out = tmp_path / "cut"
@@ -123,6 +136,23 @@ def test_interrupted_comparison_resumes_to_the_same_csv(tmp_path, cache, monkeyp
     assert (out / "results.csv").read_bytes() == ref_csv
     assert (out / "convergence.png").stat().st_size > 0 and list((out / "tb" / "irepa" / "mean").glob("events.*"))
     assert "Frechet distance in the metric classifier's features" in (out / "summary.md").read_text()
+
+
+def test_one_run_per_rank_gives_the_same_csv(tmp_path, digits_cache, reference):
+    """Compared against: the same comparison run one run after another in this process. Under
+    torchrun with 2 ranks (one run each, one thread each) rank 0 writes the report once both
+    runs are evaluated; the CSV is the same bytes."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(TINY_SPEC))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "launch" / "compare.py"), "--spec", str(spec), "--out", str(tmp_path / "out"),
+           "--cache_dir", digits_cache]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = {json.loads(p.read_text())["rank"] for p in (tmp_path / "out" / "evals").rglob("step-*.json")}
+    assert ranks == {0, 1}
+    assert (tmp_path / "out" / "results.csv").read_bytes() == reference
 
 
 def test_cli_refuses_other_settings_in_a_started_folder(tmp_path):

@@ -97,8 +97,9 @@ class Comparison:
     def setup(self) -> Evaluator:
         """Prepare data and metric (rank 0 first; the other ranks then load what it cached)."""
         marker = self.out / SETUP
-        if self.rank != 0:
-            _wait_for(marker.is_file, marker, self.log)
+        if self.rank != 0:  # rank 0 rewrites the marker for this spec once it has prepared everything
+            _wait_for(lambda: marker.is_file() and json.loads(marker.read_text()).get("spec") == self.spec.to_dict(),
+                      marker, self.log)
         data = self._data()
         images, labels = data[self.spec.recipes[0].name].real()
         self.evaluator = build_evaluator(images, labels, self.spec.metric, self.spec.classifier,
@@ -107,7 +108,7 @@ class Comparison:
         self.data = data
         if self.rank == 0:
             ev = self.evaluator
-            _write_json(marker, {"metric": ev.metric, "description": ev.describe(),
+            _write_json(marker, {"spec": self.spec.to_dict(), "metric": ev.metric, "description": ev.describe(),
                                  "classifier": ev.classifier.report, "classifier_key": ev.classifier.key,
                                  "floor": ev.floor(self.spec.num_samples), "floor_num_samples": self.spec.num_samples,
                                  "device": str(self.device), "torch_threads": torch.get_num_threads(),
