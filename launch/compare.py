@@ -18,6 +18,9 @@ The metric is FID with the ADM Inception weights when they are found ($IREPA_INC
 ~/.cache/irepa, torch hub cache; --inception_weights), else the Frechet distance in the
 features of a small CNN trained on the real data (cached in CACHE_DIR/classifiers), plus
 that CNN's accuracy on class-conditional samples. --metric auto|inception|classifier.
+--eval_noise K scores every run's last checkpoint with K more evaluation noise batches, so
+summary.md can set the metric's sampling noise beside the spread over seeds (done runs are
+not retrained).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import sys
 
 def main(spec: str | None = None, out: str = "runs/compare/digits", seeds=None, eval_steps=None,
          num_samples: int | None = None, metric: str | None = None, cache_dir: str | None = None,
-         device: str = "auto", inception_weights: str | None = None, report_only: bool = False,
+         device: str = "auto", inception_weights: str | None = None, eval_noise: int = 0, report_only: bool = False,
          print_spec: bool = False):
     from irepa.compare.spec import CompareSpec, digits_default
 
@@ -55,7 +58,7 @@ def main(spec: str | None = None, out: str = "runs/compare/digits", seeds=None, 
         (lambda m: print(f"[rank {rank}] {m}", file=sys.stderr, flush=True))
     try:
         summary = Comparison(s, out, cache_dir=cache_dir, device=device, rank=rank, world_size=world,
-                             inception_weights=inception_weights, log=log).run()
+                             inception_weights=inception_weights, log=log).run(eval_noise=int(eval_noise))
     except (Interrupted, KeyboardInterrupt) as e:
         sys.exit(f"launch/compare.py: interrupted ({e or 'SIGINT'}); finished evaluations are kept in {out}: "
                  f"run the same command again to continue")

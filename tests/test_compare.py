@@ -136,6 +136,12 @@ def test_interrupted_comparison_resumes_to_the_same_csv(tmp_path, cache, monkeyp
     assert (out / "results.csv").read_bytes() == ref_csv
     assert (out / "convergence.png").stat().st_size > 0 and list((out / "tb" / "irepa" / "mean").glob("events.*"))
     assert "Frechet distance in the metric classifier's features" in (out / "summary.md").read_text()
+    # --eval_noise: the last checkpoints scored again with another noise batch, nothing retrained
+    Comparison(s, out, cache_dir=cache, device="cpu", log=lambda m: None).run(eval_noise=1)
+    noise = (out / "eval_noise.csv").read_text().splitlines()
+    assert len(noise) == 3 and noise[1].startswith(f"none,0,4,{s.eval_seed + 1},fd_classifier,")
+    assert (out / "results.csv").read_bytes() == ref_csv and backend.latest_step(out / "runs" / "none-s0") == 4
+    assert "Metric noise at step 4: none: evaluation-noise sd" in (out / "summary.md").read_text()
 
 
 def test_one_run_per_rank_gives_the_same_csv(tmp_path, digits_cache, reference):

@@ -4,6 +4,8 @@
   setup.json                            the metric used, the classifier's accuracy, the real-data floor
   runs/<recipe>-s<seed>/                trainer run folders (checkpoints, TensorBoard, sample grids)
   evals/<recipe>-s<seed>/step-N.json    one evaluation, written atomically
+  evals/<recipe>-s<seed>/step-N-eval-seed-E.json   the same checkpoint scored with another
+                                        evaluation noise batch (--eval_noise: the metric's sampling noise)
   results.csv, summary.md, convergence.png, tb/   the report (irepa.compare.report)
 """
 from __future__ import annotations
@@ -21,6 +23,10 @@ def run_name(recipe, seed: int) -> str:
 
 def eval_path(out: Path, recipe, seed: int, step: int) -> Path:
     return Path(out) / "evals" / run_name(recipe, seed) / f"step-{step:07d}.json"
+
+
+def noise_path(out: Path, recipe, seed: int, step: int, eval_seed: int) -> Path:
+    return Path(out) / "evals" / run_name(recipe, seed) / f"step-{step:07d}-eval-seed-{eval_seed}.json"
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -9,6 +9,8 @@
 - convergence.png: metric and class accuracy against steps, one line (mean over seeds) per
   recipe and a band from the lowest to the highest seed.
 - tb/<recipe>/seed-<s> and tb/<recipe>/mean: eval/<metric> and eval/class_acc scalars.
+- eval_noise.csv (with --eval_noise): the last checkpoints scored with other evaluation noise
+  batches; summary.md then compares this sampling spread of the metric with the seed spread.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .evaluate import METRIC_LABELS
-from .layout import SETUP, eval_path, write_atomic
+from .layout import SETUP, eval_path, run_name, write_atomic
 from .spec import CompareSpec
 
 CSV_FIELDS = ("recipe", "seed", "step", "metric", "value", "class_acc", "num_samples")
@@ -38,6 +40,36 @@ def load_results(out: Path, spec: CompareSpec) -> list[dict]:
                 if p.is_file():
                     rows.append(json.loads(p.read_text()))
     return rows
+
+
+def load_noise(out: Path, spec: CompareSpec) -> list[dict]:
+    """Scores of the last checkpoints under other evaluation seeds (--eval_noise), in spec order."""
+    rows = []
+    for r, s in spec.runs():
+        folder = Path(out) / "evals" / run_name(r, s)
+        found = [json.loads(p.read_text()) for p in folder.glob(f"step-{spec.steps:07d}-eval-seed-*.json")]
+        rows += sorted(found, key=lambda d: d["eval_seed"])
+    return rows
+
+
+def noise_summary(rows: list[dict], noise: list[dict], spec: CompareSpec) -> list[str]:
+    """Per recipe: sd of the metric over evaluation noise batches (same checkpoint; mean over its
+    runs) next to the sd over training seeds, both at the last step."""
+    main = {(r["recipe"], r["seed"]): r["value"] for r in rows if r["step"] == spec.steps}
+    extra: dict[tuple, list] = {}
+    for r in noise:
+        extra.setdefault((r["recipe"], r["seed"]), []).append(r["value"])
+    out = []
+    for rec in spec.recipes:
+        runs = [k for k in extra if k[0] == rec.name and k in main]
+        if not runs:
+            continue
+        sampling = np.mean([np.std([main[k], *extra[k]], ddof=1) for k in runs])
+        seeds = np.array([main[k] for k in main if k[0] == rec.name])
+        seed_sd = f"{seeds.std(ddof=1):.2f}" if len(seeds) > 1 else "-"
+        out.append(f"{rec.name}: evaluation-noise sd {sampling:.2f} ({1 + len(extra[runs[0]])} noise batches per "
+                   f"checkpoint, mean over {len(runs)} runs), seed sd {seed_sd}")
+    return out
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -96,7 +128,7 @@ def _timings(rows: list[dict]) -> str:
             f"{mean['eval']:.0f} s / {mean['eval_cpu']:.0f} s; torch threads {threads}, ranks {ranks}.")
 
 
-def write_markdown(path: Path, rows: list[dict], spec: CompareSpec, setup: dict) -> str:
+def write_markdown(path: Path, rows: list[dict], spec: CompareSpec, setup: dict, noise: list[dict] = ()) -> str:
     metric = setup.get("metric", rows[0]["metric"] if rows else "?")
     vals, accs = curves(rows, spec, "value"), curves(rows, spec, "class_acc")
     last = spec.eval_steps[-1]
@@ -121,6 +153,9 @@ def write_markdown(path: Path, rows: list[dict], spec: CompareSpec, setup: dict)
             reach.append(f"{r.name} {'not within ' + str(last) if s is None else f'{s:.0f} ({last / s:.2f}x)'}")
         lines += ["", f"Steps to reach {base}'s mean at step {last} ({target:.2f}), linear between eval steps "
                       f"(speed-up vs {base}): " + "; ".join(reach) + "."]
+    lines_noise = noise_summary(rows, list(noise), spec)
+    if lines_noise:
+        lines += ["", f"Metric noise at step {last}: " + "; ".join(lines_noise) + "."]
     t = _timings(rows)
     if t:
         lines += ["", t]
@@ -189,8 +224,17 @@ def write_report(out: str | Path, spec: CompareSpec) -> Path:
     rows = load_results(out, spec)
     setup_path = out / SETUP
     setup = json.loads(setup_path.read_text()) if setup_path.is_file() else {}
+    noise = load_noise(out, spec)
     write_csv(out / "results.csv", rows)
-    write_markdown(out / "summary.md", rows, spec, setup)
+    if noise:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(("recipe", "seed", "step", "eval_seed", "metric", "value", "class_acc"))
+        for r in noise:
+            w.writerow([r["recipe"], r["seed"], r["step"], r["eval_seed"], r["metric"], f"{r['value']:.6f}",
+                        f"{r['class_acc']:.6f}"])
+        write_atomic(out / "eval_noise.csv", buf.getvalue().encode())
+    write_markdown(out / "summary.md", rows, spec, setup, noise)
     if rows:
         write_plot(out / "convergence.png", rows, spec, setup)
         write_tensorboard(out / "tb", rows, spec)

@@ -18,7 +18,7 @@ import torch
 
 from . import backend
 from .evaluate import Evaluator, build_evaluator
-from .layout import SETUP, SPEC, eval_path, run_name, write_atomic
+from .layout import SETUP, SPEC, eval_path, noise_path, run_name, write_atomic
 from .report import write_report
 from .spec import CompareSpec, Recipe
 
@@ -117,16 +117,17 @@ class Comparison:
         return self.evaluator
 
     # -- evaluation -------------------------------------------------------------------------
-    def eval_batch(self, num_classes: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def eval_batch(self, num_classes: int, shape: tuple[int, ...], eval_seed: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """The fixed evaluation noise and class-balanced labels (the same for every run and step)."""
-        g = torch.Generator().manual_seed(self.spec.eval_seed)
+        g = torch.Generator().manual_seed(self.spec.eval_seed if eval_seed is None else eval_seed)
         n = self.spec.num_samples
         labels = torch.arange(n) % num_classes
         return torch.randn((n, *shape), generator=g), labels
 
-    def evaluate_checkpoint(self, ckpt: Path, recipe: Recipe) -> dict:
+    def evaluate_checkpoint(self, ckpt: Path, recipe: Recipe, eval_seed: int | None = None) -> dict:
         model, cfg = backend.load_ema(ckpt, self.device)
-        noise, labels = self.eval_batch(cfg.model.num_classes, backend.latent_shape(cfg))
+        noise, labels = self.eval_batch(cfg.model.num_classes, backend.latent_shape(cfg), eval_seed)
         images = backend.sample_images(model, cfg, self.data[recipe.name], noise, labels, self.spec.sample_method,
                                        self.spec.sample_steps, device=self.device)
         return self.evaluator(images, labels)
@@ -158,18 +159,41 @@ class Comparison:
             self.log(f"[compare] {name} step {step}: {res['metric']} {res['value']:.3f}, "
                      f"class acc {100 * res['class_acc']:.1f}% (train {t1 - t0:.0f} s, eval {t2 - t1:.0f} s)")
 
-    def missing(self) -> list[Path]:
-        return [eval_path(self.out, r, s, st) for r, s in self.spec.runs() for st in self.spec.eval_steps
-                if not eval_path(self.out, r, s, st).is_file()]
+    def noise_seeds(self, extra: int) -> list[int]:
+        return [self.spec.eval_seed + j for j in range(1, extra + 1)]
 
-    def run(self) -> Path | None:
-        """This rank's runs; rank 0 then waits for the others and writes the report (-> summary.md)."""
+    def run_noise(self, recipe: Recipe, seed: int, extra: int) -> None:
+        """Score the run's last checkpoint again with `extra` other evaluation noise batches."""
+        step = self.spec.steps
+        for e in self.noise_seeds(extra):
+            path = noise_path(self.out, recipe, seed, step, e)
+            if path.is_file():
+                continue
+            ckpt = backend.checkpoint_at(self.out / "runs" / run_name(recipe, seed), step)
+            if ckpt is None:
+                raise RuntimeError(f"{self.out / 'runs' / run_name(recipe, seed)}: no checkpoint of step {step}")
+            res = self.evaluate_checkpoint(ckpt, recipe, e)
+            _write_json(path, {**res, "recipe": recipe.name, "seed": seed, "step": step, "eval_seed": e})
+            self.log(f"[compare] {run_name(recipe, seed)} step {step}, eval seed {e}: {res['metric']} "
+                     f"{res['value']:.3f}, class acc {100 * res['class_acc']:.1f}%")
+
+    def missing(self, eval_noise: int = 0) -> list[Path]:
+        out = [eval_path(self.out, r, s, st) for r, s in self.spec.runs() for st in self.spec.eval_steps]
+        out += [noise_path(self.out, r, s, self.spec.steps, e) for r, s in self.spec.runs()
+                for e in self.noise_seeds(eval_noise)]
+        return [p for p in out if not p.is_file()]
+
+    def run(self, eval_noise: int = 0) -> Path | None:
+        """This rank's runs (and, with eval_noise = K, K more scores of each run's last checkpoint);
+        rank 0 then waits for the others and writes the report (-> summary.md)."""
         check_spec(self.out, self.spec, self.rank, self.log)
         self.setup()
-        for i, (recipe, seed) in enumerate(self.spec.runs()):
-            if i % self.world == self.rank:
-                self.run_one(recipe, seed)
+        mine = [rs for i, rs in enumerate(self.spec.runs()) if i % self.world == self.rank]
+        for recipe, seed in mine:
+            self.run_one(recipe, seed)
+        for recipe, seed in mine if eval_noise else []:
+            self.run_noise(recipe, seed, eval_noise)
         if self.rank != 0:
             return None
-        _wait_for(lambda: not self.missing(), "the other ranks' evaluations", self.log, poll=5.0)
+        _wait_for(lambda: not self.missing(eval_noise), "the other ranks' evaluations", self.log, poll=5.0)
         return write_report(self.out, self.spec)
