@@ -62,7 +62,7 @@ def main(spec: str | None = None, out: str = "runs/compare/digits", seeds=None, 
     except (Interrupted, KeyboardInterrupt) as e:
         sys.exit(f"launch/compare.py: interrupted ({e or 'SIGINT'}); finished evaluations are kept in {out}: "
                  f"run the same command again to continue")
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:  # a bad spec, preset, override, folder or missing weights
         sys.exit(f"launch/compare.py: {e}")
     if summary is not None:
         print(summary.read_text())

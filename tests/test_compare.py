@@ -162,15 +162,23 @@ def test_one_run_per_rank_gives_the_same_csv(tmp_path, digits_cache, reference):
 
 
 def test_cli_refuses_other_settings_in_a_started_folder(tmp_path):
-    """launch/compare.py on a folder started with other settings: an error naming them, before any work."""
-    (tmp_path / "spec.json").write_text(json.dumps(CompareSpec.from_dict(TINY_SPEC).to_dict()))
-    spec = tmp_path / "other.json"
-    spec.write_text(json.dumps({**TINY_SPEC, "num_samples": 10}))
+    """launch/compare.py on a folder that holds evaluations made with other settings, or with a
+    misspelt preset: an error naming it, before anything is written."""
+    out = tmp_path / "out"
+    done = out / "evals" / "none-s0" / "step-0000002.json"
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
+    (out / "spec.json").write_text(json.dumps(CompareSpec.from_dict(TINY_SPEC).to_dict()))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "compare.py"), "--spec", str(spec), "--out",
-                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "num_samples" in proc.stderr and "Traceback" not in proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.json", "spec.json"]
+    for change, expect in (({"num_samples": 10}, "num_samples"),
+                           ({"recipes": [{"name": "x", "preset": "digits-sit-irepaa"}]}, "unknown preset")):
+        spec = tmp_path / "other.json"
+        spec.write_text(json.dumps({**TINY_SPEC, **change}))
+        proc = subprocess.run([sys.executable, str(ROOT / "launch" / "compare.py"), "--spec", str(spec), "--out",
+                               str(out)], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
 def test_spec_validation_and_resume_rules(tmp_path):
@@ -186,7 +194,11 @@ def test_spec_validation_and_resume_rules(tmp_path):
         backend.run_config("digits-sit-irepa", {"steps": 3}, seed=0, steps=2, out_dir=tmp_path, run_name="r",
                            cache_dir=tmp_path)
     s = CompareSpec.from_dict(TINY_SPEC)
-    check_spec(tmp_path, s, 0, print)
+    check_spec(tmp_path, CompareSpec.from_dict({**TINY_SPEC, "num_samples": 7}), 0, print)
+    check_spec(tmp_path, s, 0, print)  # nothing evaluated or trained yet: the new spec replaces the old
+    assert CompareSpec.load(tmp_path / "spec.json").num_samples == TINY_SPEC["num_samples"]
+    (tmp_path / "evals" / "none-s0").mkdir(parents=True)
+    (tmp_path / "evals" / "none-s0" / "step-0000002.json").write_text("{}")
     more = CompareSpec.from_dict({**TINY_SPEC, "seeds": [0, 1],
                                   "recipes": TINY_SPEC["recipes"] + [{"name": "repa", "preset": "digits-sit-repa"}]})
     check_spec(tmp_path, more, 0, print)  # added seeds and recipes continue the same folder

@@ -37,17 +37,20 @@ def _wait_for(pred, what: str, log, poll: float = 2.0) -> None:
 
 
 def check_spec(out: Path, spec: CompareSpec, rank: int, log) -> None:
-    """Write OUT/spec.json (rank 0), or refuse a spec that differs from the one the folder holds."""
+    """Write OUT/spec.json (rank 0), or refuse a spec that differs from the one the folder holds
+    once it holds evaluations or trained runs (before that, the new spec replaces the old)."""
     path = out / SPEC
     if rank != 0:
-        _wait_for(path.is_file, path, log)
-    if path.is_file():
+        _wait_for(lambda: path.is_file() and CompareSpec.load(path).to_dict() == spec.to_dict(), path, log)
+        return
+    started = any((out / "evals").rglob("step-*.json")) or any((out / "runs").glob("*/checkpoints"))
+    if path.is_file() and started:
         old = CompareSpec.load(path)
         diff = spec.incompatible_with(old)
         if diff:
             raise ValueError(f"{path}: this comparison folder was started with other settings ({', '.join(diff)}); "
                              f"use another --out, or the same settings (recipes and seeds may be added)")
-        if rank == 0 and old.to_dict() != spec.to_dict():
+        if old.to_dict() != spec.to_dict():
             _write_json(path, spec.to_dict())
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -186,6 +189,8 @@ class Comparison:
     def run(self, eval_noise: int = 0) -> Path | None:
         """This rank's runs (and, with eval_noise = K, K more scores of each run's last checkpoint);
         rank 0 then waits for the others and writes the report (-> summary.md)."""
+        for recipe in self.spec.recipes:  # a bad preset or override fails here, before anything is written
+            self.config(recipe, self.spec.seeds[0], self.spec.steps)
         check_spec(self.out, self.spec, self.rank, self.log)
         self.setup()
         mine = [rs for i, rs in enumerate(self.spec.runs()) if i % self.world == self.rank]
