@@ -230,7 +230,7 @@ def test_report_table_and_speedup(tmp_path):
     text = write_report(tmp_path, spec).read_text()
     assert "| none | 42.00 ± 2.83 | 22.00 ± 2.83 | 70.0 ± 0.0 |" in text
     assert "| irepa | 22.00 ± 2.83 | 12.00 ± 2.83 | 90.0 ± 0.0 |" in text
-    assert "irepa 10 (2.00x)" in text  # 22 <= 22 at the first eval step already
+    assert "| step 20: 22.00 | 20 (1.00x) | 10 (2.00x) |" in text  # irepa is at 22 by its first eval step
     rows = (tmp_path / "results.csv").read_text().splitlines()
     assert rows[0] == "recipe,seed,step,metric,value,class_acc,num_samples" and len(rows) == 9
     assert rows[1] == "none,0,10,fd_classifier,40.000000,0.500000,20"

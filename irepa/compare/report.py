@@ -128,6 +128,28 @@ def _timings(rows: list[dict]) -> str:
             f"{mean['eval']:.0f} s / {mean['eval_cpu']:.0f} s; torch threads {threads}, ranks {ranks}.")
 
 
+def speedup_table(vals: dict[str, dict[int, np.ndarray]], spec: CompareSpec) -> list[str]:
+    """Markdown rows: for the first recipe's mean at each eval step after the first (the target),
+    the step at which each recipe's mean reaches it (linear between eval steps) and the speed-up
+    (target step / that step)."""
+    base = spec.recipes[0].name
+    means = {r: {k: float(v.mean()) for k, v in d.items() if len(v)} for r, d in vals.items()}
+    targets = [s for s in spec.eval_steps[1:] if s in means[base]]
+    if not targets:
+        return []
+    lines = ["", f"Steps to reach {base}'s mean at each eval step (linear between eval steps; speed-up = "
+                 f"that step / steps needed):", "",
+             f"| {base}'s mean at | " + " | ".join(r.name for r in spec.recipes) + " |",
+             "|---|" + "---|" * len(spec.recipes)]
+    for t in targets:
+        cells = []
+        for r in spec.recipes:
+            s = steps_to_reach(means[r.name], means[base][t])
+            cells.append(f"> {max(means[r.name])}" if s is None else f"{s:.0f} ({t / s:.2f}x)")
+        lines.append(f"| step {t}: {means[base][t]:.2f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_markdown(path: Path, rows: list[dict], spec: CompareSpec, setup: dict, noise: list[dict] = ()) -> str:
     metric = setup.get("metric", rows[0]["metric"] if rows else "?")
     vals, accs = curves(rows, spec, "value"), curves(rows, spec, "class_acc")
@@ -144,15 +166,7 @@ def write_markdown(path: Path, rows: list[dict], spec: CompareSpec, setup: dict,
         cells = [_mean_sd(vals[r.name].get(s, np.array([])), 2) for s in spec.eval_steps]
         acc = accs[r.name].get(last, np.array([]))
         lines.append(f"| {r.name} | " + " | ".join(cells) + f" | {_mean_sd(100 * acc, 1)} |")
-    base = spec.recipes[0].name
-    if last in vals[base] and len(vals[base][last]):
-        target = float(vals[base][last].mean())
-        reach = []
-        for r in spec.recipes:
-            s = steps_to_reach({k: float(v.mean()) for k, v in vals[r.name].items()}, target)
-            reach.append(f"{r.name} {'not within ' + str(last) if s is None else f'{s:.0f} ({last / s:.2f}x)'}")
-        lines += ["", f"Steps to reach {base}'s mean at step {last} ({target:.2f}), linear between eval steps "
-                      f"(speed-up vs {base}): " + "; ".join(reach) + "."]
+    lines += speedup_table(vals, spec)
     lines_noise = noise_summary(rows, list(noise), spec)
     if lines_noise:
         lines += ["", f"Metric noise at step {last}: " + "; ".join(lines_noise) + "."]
@@ -164,31 +178,43 @@ def write_markdown(path: Path, rows: list[dict], spec: CompareSpec, setup: dict,
     return text
 
 
+def _band(ax, d: dict[int, np.ndarray], label: str, scale: dict[int, float] | None = None) -> None:
+    steps = sorted(s for s in d if scale is None or s in scale)
+    if not steps:
+        return
+    vals = [d[s] / (scale[s] if scale else 1.0) for s in steps]
+    line, = ax.plot(steps, [v.mean() for v in vals], marker="o", ms=3, label=label)
+    ax.fill_between(steps, [v.min() for v in vals], [v.max() for v in vals], color=line.get_color(), alpha=0.2, lw=0)
+
+
 def write_plot(path: Path, rows: list[dict], spec: CompareSpec, setup: dict) -> None:
+    """Metric (log scale, with the real-data floor), metric relative to the first recipe's mean
+    at the same step, and class accuracy; lines are means over seeds, bands min..max."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metric = setup.get("metric", rows[0]["metric"] if rows else "?")
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
-    for ax, key, label in ((axes[0], "value", METRIC_LABELS.get(metric, metric)),
-                           (axes[1], "class_acc", "class accuracy of samples")):
-        for r, d in curves(rows, spec, key).items():
-            steps = sorted(d)
-            if not steps:
-                continue
-            mean = np.array([d[s].mean() for s in steps])
-            lo, hi = np.array([d[s].min() for s in steps]), np.array([d[s].max() for s in steps])
-            line, = ax.plot(steps, mean, marker="o", ms=3, label=f"{r} (n={max(len(d[s]) for s in steps)})")
-            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
-        if key == "value" and "floor" in setup:
-            ax.axhline(setup["floor"], color="gray", ls="--", lw=1, label="real data")
-            ax.set_yscale("log")
+    vals, accs = curves(rows, spec, "value"), curves(rows, spec, "class_acc")
+    base = spec.recipes[0].name
+    base_mean = {s: float(v.mean()) for s, v in vals[base].items()}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=90)
+    for r in vals:
+        n = max((len(v) for v in vals[r].values()), default=0)
+        _band(axes[0], vals[r], f"{r} (n={n})")
+        _band(axes[1], vals[r], r, base_mean)
+        _band(axes[2], accs[r], r)
+    if "floor" in setup:
+        axes[0].axhline(setup["floor"], color="gray", ls="--", lw=1, label="real data")
+    axes[0].set_yscale("log")
+    axes[1].axhline(1.0, color="gray", lw=0.8)
+    for ax, label in zip(axes, (METRIC_LABELS.get(metric, metric), f"{metric} / {base}'s mean at the step",
+                                "class accuracy of samples")):
         ax.set_xlabel("training step")
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("mean over seeds, band = min..max", fontsize=9)
+    fig.suptitle(f"{len(spec.seeds)} seeds: line = mean, band = min..max; lower metric is better", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")
     fig.savefig(tmp)
