@@ -141,7 +141,8 @@ def test_interrupted_comparison_resumes_to_the_same_csv(tmp_path, cache, monkeyp
     noise = (out / "eval_noise.csv").read_text().splitlines()
     assert len(noise) == 3 and noise[1].startswith(f"none,0,4,{s.eval_seed + 1},fd_classifier,")
     assert (out / "results.csv").read_bytes() == ref_csv and backend.latest_step(out / "runs" / "none-s0") == 4
-    assert "Metric noise at step 4: none: evaluation-noise sd" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "Metric noise at step 4, 2 evaluation noise batches" in summary and "\n| none | " in summary
 
 
 def test_one_run_per_rank_gives_the_same_csv(tmp_path, digits_cache, reference):

@@ -53,22 +53,36 @@ def load_noise(out: Path, spec: CompareSpec) -> list[dict]:
 
 
 def noise_summary(rows: list[dict], noise: list[dict], spec: CompareSpec) -> list[str]:
-    """Per recipe: sd of the metric over evaluation noise batches (same checkpoint; mean over its
-    runs) next to the sd over training seeds, both at the last step."""
-    main = {(r["recipe"], r["seed"]): r["value"] for r in rows if r["step"] == spec.steps}
-    extra: dict[tuple, list] = {}
-    for r in noise:
-        extra.setdefault((r["recipe"], r["seed"]), []).append(r["value"])
-    out = []
-    for rec in spec.recipes:
-        runs = [k for k in extra if k[0] == rec.name and k in main]
-        if not runs:
-            continue
-        sampling = np.mean([np.std([main[k], *extra[k]], ddof=1) for k in runs])
-        seeds = np.array([main[k] for k in main if k[0] == rec.name])
-        seed_sd = f"{seeds.std(ddof=1):.2f}" if len(seeds) > 1 else "-"
-        out.append(f"{rec.name}: evaluation-noise sd {sampling:.2f} ({1 + len(extra[runs[0]])} noise batches per "
-                   f"checkpoint, mean over {len(runs)} runs), seed sd {seed_sd}")
+    """Markdown lines on the metric's sampling noise at the last step (--eval_noise).
+
+    Every run is scored with the same noise batches, so a batch shifts all runs alike: besides
+    the sd of one checkpoint's score over batches (next to the sd over training seeds), the
+    difference of each recipe's seed-mean to the first recipe's, batch by batch, says whether
+    the ranking survives a change of batch."""
+    score = {(r["recipe"], r["seed"], spec.eval_seed): r["value"] for r in rows if r["step"] == spec.steps}
+    score.update({(r["recipe"], r["seed"], r["eval_seed"]): r["value"] for r in noise})
+    batches = sorted({k[2] for k in score})
+    if len(batches) < 2:
+        return []
+    names = [r.name for r in spec.recipes]
+
+    def per_seed(name):
+        return [s for s in spec.seeds if all((name, s, e) in score for e in batches)]
+
+    sd_batch = {n: np.mean([np.std([score[n, s, e] for e in batches], ddof=1) for s in per_seed(n)])
+                for n in names if per_seed(n)}
+    sd_seed = {n: np.std([score[n, s, spec.eval_seed] for s in per_seed(n)], ddof=1) if len(per_seed(n)) > 1
+               else float("nan") for n in sd_batch}
+    out = ["", f"Metric noise at step {spec.steps}, {len(batches)} evaluation noise batches (eval seeds "
+               f"{batches[0]}..{batches[-1]}, each shared by all runs):", "",
+           "| recipe | sd over batches (one checkpoint) | sd over seeds | mean - " + names[0] + " per batch |",
+           "|---|---|---|---|"]
+    base = {e: np.mean([score[names[0], s, e] for s in per_seed(names[0])]) for e in batches}
+    for n in sd_batch:
+        diffs = [np.mean([score[n, s, e] for s in per_seed(n)]) - base[e] for e in batches]
+        d = ", ".join(f"{v:+.2f}" for v in diffs)
+        out.append(f"| {n} | {sd_batch[n]:.2f} | {sd_seed[n]:.2f} | {d} (mean {np.mean(diffs):+.2f}, "
+                   f"sd {np.std(diffs, ddof=1):.2f}) |")
     return out
 
 
@@ -167,9 +181,7 @@ def write_markdown(path: Path, rows: list[dict], spec: CompareSpec, setup: dict,
         acc = accs[r.name].get(last, np.array([]))
         lines.append(f"| {r.name} | " + " | ".join(cells) + f" | {_mean_sd(100 * acc, 1)} |")
     lines += speedup_table(vals, spec)
-    lines_noise = noise_summary(rows, list(noise), spec)
-    if lines_noise:
-        lines += ["", f"Metric noise at step {last}: " + "; ".join(lines_noise) + "."]
+    lines += noise_summary(rows, list(noise), spec)
     t = _timings(rows)
     if t:
         lines += ["", t]
