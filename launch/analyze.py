@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from irepa.cli import UsageError  # a command line that names something wrong
+from irepa.dist import pick_device
 from irepa.analysis import (
     EncoderFn, ImageSet, correlate_rows, default_anchors, digits_set,
     encoder_anchor_maps, folder_set, join_column, measure_encoders, plot_correlation,
@@ -65,7 +66,7 @@ def _build_encoders(names, device: str) -> dict[str, EncoderFn]:
 
 
 def _device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return str(pick_device(device or "auto"))
 
 
 

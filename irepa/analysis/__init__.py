@@ -1,6 +1,7 @@
 """Encoder analysis: spatial metrics over image sets, their correlation with gFID,
 spatial-norm pictures. The CLI is launch/analyze.py.
 
+  spatial           the spatial metrics LDS, CDS, SRSS, RMSC (public name: irepa.metrics.spatial)
   features          image sets (digits, folders), masks, per-image metrics, linear probe
   correlation       encoder tables (CSV), Pearson/Spearman r vs gFID, the Figure-4 plot
   spatialnorm_maps  anchor-patch cosine maps before/after spatial norm, their picture
