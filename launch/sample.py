@@ -16,7 +16,10 @@ options) sets N.
 
 --interval LOW,HIGH is in SiT time (t = 1 is noise) for every model, JiT included: the
 JiT release's interval (0.1, 1.0) in its own time (t = 1 is data) is 0,0.9 here
-(irepa.sampling.jit_interval converts).
+(irepa.sampling.jit_interval converts). Each model kind is guided as its release guides
+(irepa.sampling.guidance_schedule): SiT models on the closed interval, decided at each
+step's start time (Heun's corrector included); JiT models on the JiT release's interval,
+open at both ends in JiT time (closed at t = 1 when HIGH = 1), decided at every call.
 
 Decoding: digits runs use the pixel codec, JiT runs plain pixels; latent models need a VAE
 (--vae, a local diffusers AutoencoderKL folder; default: the folder the run's data manifest
@@ -130,11 +133,14 @@ def main(model: str, out: str, num_samples: int | None = None, batch: int = 64, 
     net, info = load_model(model, which, model_name, dev)
     channels = net.in_channels
     decode, decoder_desc = build_decoder(info, channels, vae, latent_stats, latent_scale, dev)
+    interval_rule = "jit" if info["objective"] == "jit" else "sit"  # where CFG is on, as each release decides
+    # the rule is part of the plan whenever it acts, so shards sampled under another rule are never merged
+    guidance = {"cfg_rule": interval_rule} if cfg != 1.0 else {}
     plan = gen.SamplePlan(num_samples=n, num_classes=info["num_classes"], labels=labels, seed=seed,
                           shard_size=shard_size, batch_size=batch, method=method, steps=steps, cfg=cfg,
                           interval=_interval(interval), latent_shape=(channels, net.input_size, net.input_size),
                           extra={"model": info["source"], "which": which, "decoder": decoder_desc,
-                                 "noise_scale": noise_scale})
+                                 "noise_scale": noise_scale, **guidance})
     out_dir = Path(out)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,7 +157,8 @@ def main(model: str, out: str, num_samples: int | None = None, batch: int = 64, 
 
     def sample_batch(noise, y, g):
         x = sample(velocity_fn, noise * noise_scale, y, method, steps, cfg, plan.interval,
-                   null_class=getattr(net, "null_class", info["num_classes"]), generator=g)
+                   null_class=getattr(net, "null_class", info["num_classes"]), generator=g,
+                   interval_rule=interval_rule)
         return decode(x)
 
     final = out_dir / "samples.npz"

@@ -203,3 +203,35 @@ def test_latent_run_decodes_with_the_vae_its_data_manifest_names(tmp_path):
     (data / "manifest.json").unlink()
     with pytest.raises(ValueError, match=f"{data / 'manifest.json'} is not on this machine"):
         sample.build_decoder(info, 4, str(tmp_path / "vae"), None, None, "cpu")
+
+
+def test_each_model_kind_is_guided_by_its_release_rule(run_dir, tmp_path, monkeypatch):
+    """SiT runs sample with the SiT release's CFG interval rule, JiT runs with the JiT
+    release's (irepa.sampling.guidance_schedule); the rule is recorded in plan.json when CFG acts."""
+    sample = _load_launch("sample")
+    rules = []
+    real = sample.sample
+
+    def recording(*a, **kw):
+        rules.append(kw["interval_rule"])
+        return real(*a, **kw)
+    monkeypatch.setattr(sample, "sample", recording)
+
+    jit_run = tmp_path / "jit-run"
+    jit_run.mkdir()
+    cfg = resolve("jit-b16-irepa", {"model.name": "JiT-Tiny/4", "model.input_size": 16, "model.align_depth": 1,
+                                    "model.num_classes": 10, "align.encoders": [],
+                                    "data.source": str(tmp_path / "pixels-not-here"), "data.resolution": 16})
+    (jit_run / "config.json").write_text(cfg.to_json())
+    sd = build_model(cfg, fused=False).state_dict()
+    save_checkpoint(jit_run, 1, model_sd={f"model.{k}": v for k, v in sd.items()}, ema_sds=[sd],
+                    optimizer_sd={"state": {}, "param_groups": []}, trainer_state={},
+                    rng_tensors={"cpu": torch.get_rng_state()})
+    kw = dict(n=2, batch=2, method="heun", steps=2, cfg=2.0, interval="0,0.9", device="cpu")
+    for run, rule in ((run_dir, "sit"), (jit_run, "jit")):
+        out = tmp_path / f"out-{rule}"
+        sample.main(str(run), str(out), **kw)
+        assert rules[-1] == rule
+        assert json.loads((out / "plan.json").read_text())["extra"]["cfg_rule"] == rule
+    sample.main(str(run_dir), str(tmp_path / "no-cfg"), **{**kw, "cfg": 1.0})
+    assert "cfg_rule" not in json.loads((tmp_path / "no-cfg" / "plan.json").read_text())["extra"]
