@@ -143,13 +143,17 @@ def head_spec(head_sd: dict[str, torch.Tensor]) -> dict | None:
         if w is not None:
             if w.shape[-1] != w.shape[-2] or w.shape[-1] % 2 == 0:
                 raise ValueError(f"projector {i}: conv kernel {tuple(w.shape[-2:])} is not square and odd")
-            kinds.add("conv"), kernel.add(int(w.shape[-1])), dims.append(int(w.shape[0]))
+            kinds.add("conv")
+            kernel.add(int(w.shape[-1]))
+            dims.append(int(w.shape[0]))
             continue
         layers = [head_sd.get(f"projectors.{i}.net.{j}.weight") for j in _MLP_LAYERS]
         if any(x is None for x in layers):
             raise ValueError(f"projector {i}: an MLP head needs Linear layers 0, 2 and 4; got "
                              f"{sorted(k for k in head_sd if k.startswith(f'projectors.{i}.'))}")
-        kinds.add("mlp"), hidden.add(int(layers[0].shape[0])), dims.append(int(layers[2].shape[0]))
+        kinds.add("mlp")
+        hidden.add(int(layers[0].shape[0]))
+        dims.append(int(layers[2].shape[0]))
     if len(kinds) > 1 or len(hidden) > 1 or len(kernel) > 1:
         raise ValueError(f"projectors differ in kind {sorted(kinds)}, MLP width {sorted(hidden)} or kernel "
                          f"{sorted(kernel)}; one AlignmentHead builds them all alike")
