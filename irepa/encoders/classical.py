@@ -128,7 +128,13 @@ RELEASE_GRAY = (0.2126, 0.7152, 0.0722)  # the release's HOGVisionEncoder (BT.70
 
 
 class DenseHOG(HOG):
-    """The release's HOG: 2 px cells, every 4x4-cell block, resized to the token grid."""
+    """The release's HOG: 2 px cells, every 4x4-cell block, resized to the token grid.
+
+    Precision as the release's scikit-image call: gray and gradients in float32 (the
+    release hands hog() a float32 image of 0-255 values / 255), orientations, magnitudes
+    and block norms in float64 (scikit-image's histogram code converts the gradients),
+    then float32 for the final L2 normalization and the bilinear resize.
+    """
 
     def __init__(self, name: str = "hog-dense"):
         super().__init__(name, cell=2)
@@ -136,8 +142,14 @@ class DenseHOG(HOG):
         self.dim = self.block_cells * self.block_cells * self.orientations
 
     def gray(self, x: torch.Tensor) -> torch.Tensor:
-        w = torch.tensor(RELEASE_GRAY, dtype=x.dtype, device=x.device)
-        return rgb_to_gray(x.clamp(0, 1), w).clamp(0, 1)
+        v = x.clamp(0, 1) * 255  # exact 0..255 for 8-bit images, as the release's raw pixels
+        w = RELEASE_GRAY
+        return ((w[0] * v[:, 0] + w[1] * v[:, 1] + w[2] * v[:, 2]) / 255.0).clamp(0, 1)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        g_row, g_col = central_gradients(self.gray(x))
+        g_row, g_col = g_row.double(), g_col.double()
+        return self.blocks(torch.hypot(g_col, g_row), self.orientation_bins(g_row, g_col)).to(x.dtype)
 
     def blocks(self, mag: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
         B, H, W = mag.shape
@@ -148,7 +160,7 @@ class DenseHOG(HOG):
         hb, wb = cells.shape[-2] - k + 1, cells.shape[-1] - k + 1
         blocks = F.unfold(cells, k)                                  # [B, n*k*k, hb*wb], (orientation, row, col)
         blocks = blocks.view(B, n, k, k, hb * wb).permute(0, 4, 2, 3, 1).reshape(B, hb * wb, self.dim)
-        blocks = F.normalize(_normalize_l2_hys(blocks, self.clip, self.eps), dim=-1)
+        blocks = F.normalize(_normalize_l2_hys(blocks, self.clip, self.eps).float(), dim=-1)
         grid = (H // GRID_PATCH, W // GRID_PATCH)
         fmap = blocks.transpose(1, 2).reshape(B, self.dim, hb, wb)
         fmap = F.interpolate(fmap, size=grid, mode="bilinear", align_corners=False)

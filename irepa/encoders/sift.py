@@ -9,7 +9,10 @@ then L2-normalized: [B, (H/16)*(W/16), 128]. Grayscale is kornia's rgb_to_graysc
 End2End-Diffusion/iREPA @99ad4ac (ldm/vision_encoder.py, run with kornia 0.8.1); the
 upright SIFT written as tensor ops is "sift-upright" (classical.py).
 
-kornia is a PyPI package (pip install kornia); it is imported when this encoder is built.
+kornia is a PyPI package; it is imported when this encoder is built, and must be the
+release's 0.8.1: kornia 0.9 rewrote PatchDominantGradientOrientation (the orientation
+histogram and the angle convention) and its descriptors differ by up to 0.6 (measured on
+scikit-image's astronaut at 256 px), so another version is refused.
 """
 from __future__ import annotations
 
@@ -19,16 +22,21 @@ from .base import GRID_PATCH, Encoder
 
 SIFT_PATCH = 41          # kornia SIFTDescriptor's patch
 ORIENT_PATCH = SIFT_PATCH // 2
+KORNIA_VERSION = "0.8.1"  # the release's pin (environment/requirements.txt)
 
 
 def _kornia():
     try:
         import kornia
         import kornia.feature
-        return kornia
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("encoder 'sift' (the release's dense SIFT) needs kornia: pip install kornia; "
-                          "'sift-upright' needs nothing") from e
+        raise ImportError(f"encoder 'sift' (the release's dense SIFT) needs kornia: pip install "
+                          f"kornia=={KORNIA_VERSION}; 'sift-upright' needs nothing") from e
+    if kornia.__version__ != KORNIA_VERSION:
+        raise RuntimeError(f"encoder 'sift' follows kornia {KORNIA_VERSION} (the release's); kornia "
+                           f"{kornia.__version__} computes other orientations and descriptors: "
+                           f"pip install kornia=={KORNIA_VERSION}")
+    return kornia
 
 
 def grid_keypoints(H: int, W: int, step: int = GRID_PATCH) -> torch.Tensor:
