@@ -65,12 +65,20 @@ FAMILIES: dict[str, HFFamily] = {
 }
 
 
-# the model's last LayerNorm, which `final_norm` False skips
-_FINAL_NORM = {"mae": "layernorm"}
+# family -> (the model's last LayerNorm, whether last_hidden_state already has it): the
+# registry's final_norm decides whether the tokens get it (MAE: no, as the release; CLIP:
+# no, post_layernorm only feeds the pooled CLS)
+_FINAL_NORM = {"mae": ("layernorm", True), "clip": ("post_layernorm", False)}
+
+
+def _inner(model: torch.nn.Module) -> torch.nn.Module:
+    """The module holding embeddings / norms (transformers 4 wraps CLIP and SigLIP towers
+    in .vision_model, transformers 5 does not)."""
+    return model.vision_model if hasattr(model, "vision_model") else model
 
 
 def _embeddings(model: torch.nn.Module):
-    return model.vision_model.embeddings if hasattr(model, "vision_model") else model.embeddings
+    return _inner(model).embeddings
 
 
 def _stored_pos(emb) -> torch.Tensor:
@@ -109,9 +117,11 @@ class HFEncoder(Encoder):
             emb.interpolate_pos_encoding = _ReleasePosEmbed(emb, model.config.patch_size, self._pos_prefix(), spec.pos)
         self.final_norm = None
         if spec.family in _FINAL_NORM:
-            attr = _FINAL_NORM[spec.family]
-            self.final_norm = getattr(model, attr) if spec.final_norm else None
-            setattr(model, attr, torch.nn.Identity())
+            attr, in_output = _FINAL_NORM[spec.family]
+            owner = _inner(model)
+            self.final_norm = getattr(owner, attr) if spec.final_norm else None
+            if in_output:
+                setattr(owner, attr, torch.nn.Identity())
         self.freeze()
 
     def _pos_prefix(self) -> int:

@@ -58,7 +58,7 @@ class EncoderSpec:
 
     @property
     def needs_weights(self) -> bool:
-        return self.family not in ("hog", "hog-dense", "sift")
+        return self.family not in ("hog", "hog-dense", "sift", "sift-upright")
 
     @property
     def normalization(self) -> str:
