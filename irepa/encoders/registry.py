@@ -10,6 +10,18 @@ LayerNorm eps overrides. The defaults are those of End2End-Diffusion/iREPA @99ad
 where a quirk looks like a mistake the other choice is registered as a variant name
 (`VARIANTS`). `table()` in __init__.py renders these specs for the README.
 
+Upstream code each family was run against side by side (same weights and pixels, fp32;
+max rel after the fixes in brackets), or read where marked:
+- release (End2End-Diffusion/iREPA @99ad4ac, timm 1.0.17, transformers 4.56.1): MoCo v3
+  b/l (models/mocov3_vit.py) [0], MAE-L (models/mae_vit.py) [0], I-JEPA-H (models/jepa.py)
+  [5e-7], PE core/lang/spatial (models/pe.py, pe_config.py, rope.py) [0], WebSSL,
+  SigLIP, SigLIP2, SAM2 (transformers) [0], HOG (scikit-image) [1e-7], SIFT (kornia
+  0.8.1) [0], VGG16 (torchvision 0.28 layout) [0];
+- DINO v1 via facebookresearch/dino @7c446df [8e-7], DINOv2 via facebookresearch/dinov2
+  @b8931f7 [0], DINOv3 via facebookresearch/dinov3 @94a96ac (the release's pin) [4e-7],
+  CLIP via openai/CLIP @dcba3cb (the release's pin, fp16 weights) [0];
+- read only: C-RADIOv3 (NVlabs/RADIO @c0f3701, radio.py).
+
 `dim` is the real model's token width; tiny test variants (`build(name, tiny=True)`)
 have the same architecture with small widths. `source` is the Hugging Face repo id
 (looked up in the local cache only) or the checkpoint file name.
@@ -78,7 +90,8 @@ _DINO = dict(normalize_first=True, pos="timm", final_norm=True, layer_norm_eps=1
 _DINOV3 = dict(interpolation="bilinear", antialias=True, pos="rope", final_norm=True)  # DINOv3Encoder (torchvision Resize)
 _WEBSSL = dict(normalize_first=True, pos="hf", final_norm=True)                         # WebSSLEncoder
 _MOCO = dict(pos="timm@16", final_norm=True)                                           # MoCoV3Encoder
-_SIGLIP = dict(normalize_first=True, pos="hf", final_norm=True)                         # SigLIP(2)Encoder: ImageNet stats
+_SIGLIP = dict(normalize_first=True, pos="hf", final_norm=True,                        # SigLIP(2)Encoder: ImageNet stats
+               note="release: 256 px only, ImageNet mean/std (+siglip-norm: 0.5)")
 _PE = dict(mean=HALF, std=HALF, interpolation="bilinear", pos="bilinear")              # PEEncoder
 _SAM2 = dict(pos="hiera")                                                               # SAM2Encoder
 _RADIO = dict(mean=CLIP_MEAN, std=CLIP_STD, interpolation="bilinear", pos="cpe")        # CRadioEncoder (conditioner in the model)
@@ -107,7 +120,7 @@ _SPECS = [
     _s("jepa-vit-h", "ijepa", 1280, 14, "facebook/ijepa_vith14_1k", normalize_first=True, pos="timm",
        final_norm=True, layer_norm_eps=1e-6),
     _s("mae-vit-l", "mae", 1024, 16, "facebook/vit-mae-large", pos="timm@16", final_norm=False,
-       layer_norm_eps=1e-6, note="release skips the final LayerNorm (+norm applies it)"),
+       layer_norm_eps=1e-6, note="release: 256 px only, no final LayerNorm (+norm applies it)"),
     _s("siglip-vit-b", "siglip", 768, 16, "google/siglip-base-patch16-256", **_SIGLIP),
     _s("siglip-vit-l", "siglip", 1024, 16, "google/siglip-large-patch16-256", **_SIGLIP),
     _s("siglip-vit-so400m", "siglip", 1152, 14, "google/siglip-so400m-patch14-224", **_SIGLIP),
