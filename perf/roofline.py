@@ -2,7 +2,8 @@
 
     python perf/roofline.py                                  # SiT-XL/2 and JiT-B/16 + iREPA, batch 256, H200
     python perf/roofline.py --models SiT-XL/2 --device h100-sxm --micro_batch 128
-    python perf/roofline.py --record                         # also perf/results/roofline.csv + RESULTS.md
+    python perf/roofline.py --device h200,h100-sxm --record  # also perf/results/roofline.csv + RESULTS.md
+    python perf/suite_report.py --update                     # then the targets table shows the predictions
 
 What is counted. The training step of perf/bench_step.py (one optimizer step of the batch,
 micro-batches as the trainer's planner picks them for the device's memory) runs once on
@@ -843,11 +844,45 @@ def update_results(md: Path, csv_path: Path) -> None:
     md.write_text(text)
 
 
+def predict_device(a, key: str, dev: Device, command: str, date: str, commit: str) -> list[dict]:
+    """Print and return the rows of one device model: each model x configuration, then the loss alone."""
+    rows = []
+    for name in [m for m in a.models.split(",") if m]:
+        costs = {}
+        for config in [c for c in a.configs.split(",") if c]:
+            tr = trace_step(name, config, a.batch, dev, a.micro_batch, a.quick)
+            c = costs[config] = cost(tr, dev)
+            print(format_cost(tr, c, dev), flush=True)
+            rows.append(row(tr, c, key, dev, command, date, commit))
+        ours = {k: v for k, v in costs.items() if k != "baseline"}
+        if ours:
+            best = max(ours, key=lambda k: ours[k].img_per_s)
+            ratio = (f", {costs[best].img_per_s / costs['baseline'].img_per_s:.2f}x the baseline"
+                     if "baseline" in costs else "")
+            print(f"{name}: predicted best configuration {best}: {costs[best].img_per_s:.0f} img/s, MFU "
+                  f"{100 * costs[best].mfu:.1f}%{ratio}")
+    for shape in [s for s in a.loss_shapes.split(",") if s]:
+        B, T, E = (int(v) for v in shape.lower().split("x"))
+        pr = alignment_prediction(B, T, E, dev)
+        for provider, v in pr.items():
+            rows.append(dict(date=date, commit=commit, device_model=key, model=f"alignment-loss {B}x{T}x{E}",
+                             config=provider, batch=B, matmul_tflops=dev.matmul_tflops,
+                             bandwidth_tbs=dev.bandwidth_tbs, pred_ms=f"{v['ms']:.4f}", kernels=v["kernels"],
+                             command=command, **{"alignment loss_gb": f"{v['bytes'] / 1e9:.3f}",
+                                                 "alignment loss_ms": f"{v['ms']:.4f}"}))
+        n_min = 3 * B * T * E * 2  # read z, y, write dz (bf16): what any implementation must move
+        print(f"alignment loss B={B} T={T} E={E} bf16, fwd+bwd at {dev.bandwidth_tbs} TB/s: " + ", ".join(
+            f"{k} {v['ms']:.3f} ms ({v['bytes'] / n_min:.1f}x the minimum bytes, {v['kernels']} kernels)"
+            for k, v in pr.items()) + f"; fused vs compile {pr['compile']['ms'] / pr['fused']['ms']:.2f}x, "
+              f"vs eager {pr['eager']['ms'] / pr['fused']['ms']:.2f}x")
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="SiT-XL/2,JiT-B/16")
     p.add_argument("--configs", default=",".join(CONFIGS))
-    p.add_argument("--device", default="h200", help=f"device model: {', '.join(DEVICES)}")
+    p.add_argument("--device", default="h200", help=f"device model(s), a comma list of: {', '.join(DEVICES)}")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--micro_batch", type=int, default=None, help="default: the trainer's planner for the device")
     p.add_argument("--matmul_tflops", type=float, default=None)
@@ -861,46 +896,22 @@ def main(argv=None) -> None:
     p.add_argument("--csv", type=Path, default=HERE / "results" / "roofline.csv")
     p.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     a = p.parse_args(argv)
-    if a.device not in DEVICES:
-        raise SystemExit(f"unknown --device {a.device!r}; choose from {list(DEVICES)}")
-    dev = DEVICES[a.device]
+    keys = [d for d in a.device.split(",") if d]
+    bad = [d for d in keys if d not in DEVICES]
+    if bad or not keys:
+        raise SystemExit(f"unknown --device {a.device!r}; choose from {list(DEVICES)} (a comma list runs each)")
     over = {k: v for k, v in dict(matmul_tflops=a.matmul_tflops, bandwidth_tbs=a.bandwidth_tbs,
                                    memory_gib=a.memory_gib).items() if v is not None}
-    if over:
-        dev = Device(**{**dev.__dict__, **over, "source": dev.source + f"; overridden: {over}"})
-    print(f"device model {a.device}: {dev.source}")
     command = "python " + " ".join(shlex.quote(x) for x in ["perf/roofline.py", *(argv if argv is not None else sys.argv[1:])])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     commit = _commit()
     rows = []
-    for name in [m for m in a.models.split(",") if m]:
-        costs = {}
-        for config in [c for c in a.configs.split(",") if c]:
-            tr = trace_step(name, config, a.batch, dev, a.micro_batch, a.quick)
-            c = costs[config] = cost(tr, dev)
-            print(format_cost(tr, c, dev), flush=True)
-            rows.append(row(tr, c, a.device, dev, command, date, commit))
-        ours = {k: v for k, v in costs.items() if k != "baseline"}
-        if ours:
-            best = max(ours, key=lambda k: ours[k].img_per_s)
-            ratio = (f", {costs[best].img_per_s / costs['baseline'].img_per_s:.2f}x the baseline"
-                     if "baseline" in costs else "")
-            print(f"{name}: predicted best configuration {best}: {costs[best].img_per_s:.0f} img/s, MFU "
-                  f"{100 * costs[best].mfu:.1f}%{ratio}")
-    for shape in [s for s in a.loss_shapes.split(",") if s]:
-        B, T, E = (int(v) for v in shape.lower().split("x"))
-        pr = alignment_prediction(B, T, E, dev)
-        for provider, v in pr.items():
-            rows.append(dict(date=date, commit=commit, device_model=a.device, model=f"alignment-loss {B}x{T}x{E}",
-                             config=provider, batch=B, matmul_tflops=dev.matmul_tflops,
-                             bandwidth_tbs=dev.bandwidth_tbs, pred_ms=f"{v['ms']:.4f}", kernels=v["kernels"],
-                             command=command, **{"alignment loss_gb": f"{v['bytes'] / 1e9:.3f}",
-                                                 "alignment loss_ms": f"{v['ms']:.4f}"}))
-        n_min = 3 * B * T * E * 2  # read z, y, write dz (bf16): what any implementation must move
-        print(f"alignment loss B={B} T={T} E={E} bf16, fwd+bwd at {dev.bandwidth_tbs} TB/s: " + ", ".join(
-            f"{k} {v['ms']:.3f} ms ({v['bytes'] / n_min:.1f}x the minimum bytes, {v['kernels']} kernels)"
-            for k, v in pr.items()) + f"; fused vs compile {pr['compile']['ms'] / pr['fused']['ms']:.2f}x, "
-              f"vs eager {pr['eager']['ms'] / pr['fused']['ms']:.2f}x")
+    for key in keys:
+        dev = DEVICES[key]
+        if over:
+            dev = Device(**{**dev.__dict__, **over, "source": dev.source + f"; overridden: {over}"})
+        print(f"device model {key}: {dev.source}")
+        rows += predict_device(a, key, dev, command, date, commit)
     if a.record and rows:
         write_csv(a.csv, rows)
         update_results(a.results, a.csv)
