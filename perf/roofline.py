@@ -72,13 +72,13 @@ import argparse
 import contextlib
 import csv
 import datetime
-import math
 import re
 import shlex
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -94,7 +94,7 @@ import bench_step  # noqa: E402,F401  (finds irepa: installed, linked by gpu_sui
 
 from irepa import models  # noqa: E402
 from irepa.align import AlignmentHead, alignment_loss  # noqa: E402
-from irepa.train import memory  # noqa: E402
+from irepa.train import memory, parallelize  # noqa: E402
 from irepa.train.ema import EMA  # noqa: E402
 from irepa.train.flops import train_flops_per_image  # noqa: E402
 from irepa.train.objective import build_objective  # noqa: E402
@@ -514,7 +514,6 @@ class Trace:
     """irepa.train.flops: model + projector, forward + backward, for the whole batch"""
     plan: str = ""
     params: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 def _fused_adaln(x, shift, scale, eps: float = 1e-6):
@@ -582,7 +581,6 @@ def trace_step(name: str, config: str, batch: int, device: Device, micro_batch: 
         jit_module = sys.modules.get(type(model).__module__)
         patch_modulate = contextlib.nullcontext()
         if jit_module is not None and hasattr(jit_module, "modulate"):
-            from unittest import mock
             patch_modulate = mock.patch.object(jit_module, "modulate", tagger.wrap(jit_module.modulate, "norm"))
 
         ema = EMA.__new__(EMA)  # EMA's own __init__ deep-copies and .float()s, which fake modules refuse
@@ -604,7 +602,6 @@ def trace_step(name: str, config: str, batch: int, device: Device, micro_batch: 
             with CudaAutocast(amp_dtype):
                 net(xs, ys, fs, None, drop)
 
-        notes = []
         if micro_batch is None:
             def make_inputs(n):
                 return (torch.randn(n, C, S, S), torch.zeros(n, dtype=torch.long),
@@ -635,14 +632,13 @@ def trace_step(name: str, config: str, batch: int, device: Device, micro_batch: 
                 scaler.scale(loss).backward()
             with tagger.update_phase():
                 scaler.unscale_(opt)
-                from irepa.train import parallelize
                 parallelize.clip_grad_norm_(params, 1.0)
                 scaler.step(opt)
                 scaler.update()
                 opt.zero_grad(set_to_none=True)
                 ema.update(net.model)
     n_params = sum(p.numel() for p in params)
-    return Trace(name, config, batch, micro_batch, rec.ops, useful, plan_text, n_params, notes)
+    return Trace(name, config, batch, micro_batch, rec.ops, useful, plan_text, n_params)
 
 
 # ---- cost -----------------------------------------------------------------------------------------
