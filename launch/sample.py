@@ -4,7 +4,7 @@
       --num_samples 50000 --vae /models/sd-vae-ft-mse --cfg 1.8 --interval 0,0.7
   python launch/sample.py runs/digits-sit-irepa --out samples/digits --num_samples 1000 --method heun --steps 40
   torchrun --nproc_per_node=8 launch/sample.py SiT-XL-2-iREPA.pt --model_name SiT-XL/2 \\
-      --vae /models/sd-vae-ft-mse --latent_scale 0.18215 --out samples/ref
+      --vae /models/sd-vae-ft-mse --latent_stats sdvae-ft-mse-f8d4-latents-stats.pt --out samples/ref
 
 MODEL is a run folder (newest checkpoint), a checkpoint folder (checkpoints/step-N), or a
 released reference .pt state dict (read with weights_only=True). Shards already in
@@ -16,15 +16,28 @@ options) sets N.
 
 --interval LOW,HIGH is in SiT time (t = 1 is noise) for every model, JiT included: the
 JiT release's interval (0.1, 1.0) in its own time (t = 1 is data) is 0,0.9 here
-(irepa.sampling.jit_interval converts).
+(irepa.sampling.jit_interval converts). Each model kind is guided as its release guides
+(irepa.sampling.guidance_schedule): SiT models on the closed interval, decided at each
+step's start time (Heun's corrector included); JiT models on the JiT release's interval,
+open at both ends in JiT time (closed at t = 1 when HIGH = 1), decided at every call.
 
 Decoding: digits runs use the pixel codec, JiT runs plain pixels; latent models need a VAE
 (--vae, a local diffusers AutoencoderKL folder; default: the folder the run's data manifest
 names, when it is on this machine) and the latent scaling the model was trained with:
---latent_stats FILE (json/npz with per-channel mean and std; default: the data manifest of
-the run, DATA/manifest.json) or --latent_scale 0.18215 (the default for released .pt
-checkpoints). Model calls run in fp32 unless --precision bf16; the time grid and the state
-are float64 (irepa.sampling).
+--latent_stats FILE (per-channel statistics: the releases' sdvae-ft-mse-f8d4-latents-stats.pt,
+read as plain tensors with weights_only=True, or .npz/.json with latents_scale/latents_bias or
+mean/std; default for run folders: the run's data manifest, DATA/manifest.json) or
+--latent_scale 0.18215 (one factor, as SD and the REPA release).
+
+Released .pt checkpoints (`release_latent_scaling` decides): the iREPA release's code scales
+latents per channel, so a checkpoint it trained (projector keys projectors.K.projection_layer.*,
+a conv head, or its training args) is refused without --latent_stats
+sdvae-ft-mse-f8d4-latents-stats.pt; a REPA-release checkpoint (projectors.K.{0,2,4}, or REPA's
+args) decodes with 0.18215 unless told otherwise; a checkpoint that shows neither (no
+projectors, no args, e.g. the SiT release) needs one of the two flags.
+
+Model calls run in fp32 unless --precision bf16; the time grid and the state are float64
+(irepa.sampling).
 """
 from __future__ import annotations
 
@@ -63,13 +76,37 @@ def load_model(path: str, which: str, model_name: str | None, device):
     p = Path(path)
     if p.is_file():
         from irepa.models.convert import load_reference_checkpoint
-        model, _, info = load_reference_checkpoint(p, which=which, name=model_name)
+        model, _, info = load_reference_checkpoint(p, which=which, name=model_name, head=False)
         return model.to(device), {"objective": "sit", "num_classes": info["num_classes"], "data": None,
-                                  "source": str(p.resolve())}
+                                  "source": str(p.resolve()), "release": info["release"]}
     from irepa.train.checkpoint import load_for_inference
     model, cfg = load_for_inference(p, which=which, device=device)
     return model, {"objective": cfg.train.objective, "num_classes": cfg.model.num_classes,
                    "data": cfg.data.source, "source": str(p.resolve())}
+
+
+def release_latent_scaling(info: dict, channels: int, latent_stats: str | None,
+                           latent_scale: float | None) -> tuple[gen.LatentScaling, str]:
+    """The latent scaling of a released .pt checkpoint (info["release"], irepa.models.convert):
+    the iREPA release's checkpoints need its per-channel statistics file, REPA's default to
+    0.18215, and one that shows neither needs the user's choice."""
+    src, stats = info["source"], gen.OFFICIAL_LATENT_STATS
+    if info["release"] == "irepa":
+        if not latent_stats:
+            given = f" (--latent_scale {latent_scale} is not how it was trained)" if latent_scale else ""
+            raise ValueError(f"{src} was trained by the iREPA release's code (its projector layout or training "
+                             f"args say so), which scales SD-VAE latents per channel: pass --latent_stats "
+                             f"{stats} (the release's pretrained_models/ file; .pt, .npz or .json){given}")
+        return gen.LatentScaling.from_file(latent_stats), f"stats:{latent_stats}"
+    if latent_stats:
+        return gen.LatentScaling.from_file(latent_stats), f"stats:{latent_stats}"
+    if latent_scale:
+        return gen.LatentScaling.factor(latent_scale, channels), f"scale:{latent_scale}"
+    if info["release"] == "repa":  # the REPA release scales by the SD factor
+        return gen.LatentScaling.factor(0.18215, channels), "scale:0.18215"
+    raise ValueError(f"{src} does not show which release trained it (no projectors, no training args), so its "
+                     f"latent scaling is unknown: pass --latent_stats {stats} (iREPA release) or --latent_scale "
+                     f"0.18215 (SiT and REPA releases)")
 
 
 def build_decoder(info: dict, channels: int, vae: str | None, latent_stats: str | None,
@@ -87,14 +124,14 @@ def build_decoder(info: dict, channels: int, vae: str | None, latent_stats: str 
             where = f" ({manifest_path} names {recorded}, which is not on this machine)" if recorded else ""
             raise ValueError(f"a latent model needs --vae DIR (local diffusers AutoencoderKL folder, e.g. "
                              f"sd-vae-ft-mse){where}")
-    if latent_stats:
+    if "release" in info:  # a released .pt checkpoint
+        scaling, how = release_latent_scaling(info, channels, latent_stats, latent_scale)
+    elif latent_stats:
         scaling, how = gen.LatentScaling.from_file(latent_stats), f"stats:{latent_stats}"
     elif latent_scale:
         scaling, how = gen.LatentScaling.factor(latent_scale, channels), f"scale:{latent_scale}"
     elif manifest is not None:
         scaling, how = gen.LatentScaling.from_file(manifest_path), f"stats:{manifest_path}"
-    elif info["data"] is None:  # released reference checkpoints (REPA/iREPA) use the SD-VAE factor
-        scaling, how = gen.LatentScaling.factor(0.18215, channels), "scale:0.18215"
     else:
         raise ValueError(f"latent scaling unknown: the run's data manifest {manifest_path} is not on this machine; "
                          f"pass --latent_stats FILE (e.g. a copy of that manifest.json) or --latent_scale 0.18215")
@@ -130,11 +167,14 @@ def main(model: str, out: str, num_samples: int | None = None, batch: int = 64, 
     net, info = load_model(model, which, model_name, dev)
     channels = net.in_channels
     decode, decoder_desc = build_decoder(info, channels, vae, latent_stats, latent_scale, dev)
+    interval_rule = "jit" if info["objective"] == "jit" else "sit"  # where CFG is on, as each release decides
+    # the rule is part of the plan whenever it acts, so shards sampled under another rule are never merged
+    guidance = {"cfg_rule": interval_rule} if cfg != 1.0 else {}
     plan = gen.SamplePlan(num_samples=n, num_classes=info["num_classes"], labels=labels, seed=seed,
                           shard_size=shard_size, batch_size=batch, method=method, steps=steps, cfg=cfg,
                           interval=_interval(interval), latent_shape=(channels, net.input_size, net.input_size),
                           extra={"model": info["source"], "which": which, "decoder": decoder_desc,
-                                 "noise_scale": noise_scale})
+                                 "noise_scale": noise_scale, **guidance})
     out_dir = Path(out)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,7 +191,8 @@ def main(model: str, out: str, num_samples: int | None = None, batch: int = 64, 
 
     def sample_batch(noise, y, g):
         x = sample(velocity_fn, noise * noise_scale, y, method, steps, cfg, plan.interval,
-                   null_class=getattr(net, "null_class", info["num_classes"]), generator=g)
+                   null_class=getattr(net, "null_class", info["num_classes"]), generator=g,
+                   interval_rule=interval_rule)
         return decode(x)
 
     final = out_dir / "samples.npz"

@@ -9,8 +9,8 @@ from irepa.analysis.correlation import (
     METRIC_COLUMNS, agg_pyplot, correlate_rows, join_column, plot_correlation, read_rows, write_rows,
 )
 from irepa.analysis.features import (
-    IMAGE_EXTS, EncoderFn, ImageSet, digits_set, folder_set, ink_masks, linear_probe, measure,
-    measure_encoders, read_mask, read_rgb,
+    IMAGE_EXTS, EncoderFn, ImageSet, digits_set, filter_by_mask, folder_set, ink_masks, linear_probe, measure,
+    measure_encoders, read_mask, read_rgb, subset,
 )
 from irepa.analysis.spatialnorm_maps import (
     anchor_maps, default_anchors, encoder_anchor_maps, plot_spatialnorm,
@@ -18,7 +18,7 @@ from irepa.analysis.spatialnorm_maps import (
 
 __all__ = [
     "EncoderFn", "IMAGE_EXTS", "ImageSet", "METRIC_COLUMNS", "agg_pyplot", "anchor_maps",
-    "correlate_rows", "default_anchors", "digits_set", "encoder_anchor_maps", "folder_set",
+    "correlate_rows", "default_anchors", "digits_set", "encoder_anchor_maps", "filter_by_mask", "folder_set",
     "ink_masks", "join_column", "linear_probe", "measure", "measure_encoders", "plot_correlation",
-    "plot_spatialnorm", "read_mask", "read_rgb", "read_rows", "write_rows",
+    "plot_spatialnorm", "read_mask", "read_rgb", "read_rows", "subset", "write_rows",
 ]

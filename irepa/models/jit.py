@@ -337,7 +337,8 @@ def jit_velocity_fn(model: nn.Module, t_eps: float = 0.05):
     t < t_eps: it keeps the step finite at t = 0 and caps the 1/t amplification of the
     prediction error; with 50 steps the last step (t = 0.02 -> 0) therefore moves 0.02/0.05
     = 40% of the way to x_hat, as in the release. CFG on this v equals CFG on x_hat (same
-    denominator); give the interval in SiT time (irepa.sampling.jit_interval converts).
+    denominator); give the interval in SiT time (irepa.sampling.jit_interval converts) and
+    sample with interval_rule="jit" (the JiT release's open interval).
     """
     from irepa.sampling import x_prediction_velocity_fn
     return x_prediction_velocity_fn(model, t_eps)
