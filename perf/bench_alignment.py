@@ -7,6 +7,7 @@ autograd keeps for backward (counted with saved_tensors_hooks on fake tensors: d
 independent). One CSV row per measurement with device, commit and date.
 
   python perf/bench_alignment.py                       # GPU: B=256, T=256, E 768 and 1536, bf16
+  python perf/bench_alignment.py --shapes 256x256x768,256x256x1024
   python perf/bench_alignment.py --saved-only          # any machine: saved-for-backward bytes
   python perf/bench_alignment.py --device cpu --quick  # flow check on CPU (Triton interpreter)
 
@@ -17,6 +18,8 @@ kernels move by design (kernels/alignment.py header): fwd 4n (y for the spatial-
 statistics, z and y for the tokens, write the gradient direction; the second read of the
 token rows is counted as an L2 hit), bwd 2n (read it, write dz), full 6n.
 --saved-only also prints what a forward-only (no grad) call of the fused op allocates.
+Rows are appended to the CSV as each provider finishes (a run cut off by a time limit keeps
+what it measured). torch.compile of the reference is static per shape (dynamic=False).
 The helpers here are shared with bench_adaln.py.
 """
 from __future__ import annotations
@@ -51,6 +54,7 @@ def parse_common(description: str, default_csv: Path) -> argparse.Namespace:
     p.add_argument("--compile-check", action="store_true",
                    help="compile the kernels for sm_90 here (no GPU needed), print their global load/store kinds as JSON")
     p.add_argument("--providers", default="fused,eager,compile")
+    p.add_argument("--shapes", default="", help="BxTxC list, e.g. 256x256x768,256x256x1024 (default: the script's)")
     p.add_argument("--layout", default="contiguous", choices=["contiguous", "transposed"],
                    help="transposed: the first input is a [B, C, T] buffer viewed as [B, T, C] (conv projector)")
     p.add_argument("--csv", type=Path, default=default_csv)
@@ -68,6 +72,7 @@ def make_input(shape, device: str, dtype, layout: str) -> torch.Tensor:
 
 
 def env_info(device: str) -> dict:
+    """Provenance of a row; the commit is $IREPA_COMMIT where the GPU suite set it (no .git there)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
                                 text=True, check=True).stdout.strip()
@@ -76,6 +81,7 @@ def env_info(device: str) -> dict:
         commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
+    commit = os.environ.get("IREPA_COMMIT") or commit
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu x{os.cpu_count()}"
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
             "device_name": name, "torch": torch.__version__}
@@ -162,15 +168,46 @@ def compile_check(specs: dict) -> None:
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
+    """Append rows. Columns are the union of the file's and the rows' (first seen first); a file
+    whose header lacks some of the rows' columns is rewritten once with them (its rows keep
+    their values, the new columns stay empty), through a temporary file."""
+    if not rows:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    fields = list(rows[0])
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
+    old_fields, old_rows = [], None
+    if path.exists() and path.stat().st_size:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields = list(reader.fieldnames or [])
+            if any(k not in old_fields for r in rows for k in r):
+                old_rows = list(reader)
+    fields = list(dict.fromkeys(old_fields + [k for r in rows for k in r]))
+    if old_rows is None:
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, restval="")
+            if not old_fields:
+                w.writeheader()
+            w.writerows(rows)
+    else:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, restval="")
             w.writeheader()
-        w.writerows(rows)
-    print(f"appended {len(rows)} rows to {path}")
+            w.writerows(old_rows + rows)
+        os.replace(tmp, path)
+    print(f"appended {len(rows)} rows to {path}", flush=True)
+
+
+def parse_shapes(text: str, default: list) -> list[tuple[int, int, int]]:
+    if not text:
+        return default
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+        raise SystemExit(f"--shapes {text!r}: expected a comma list of BxTxC with positive sizes, e.g. 256x256x768")
+    return shapes
 
 
 def time_modes(make_out, inputs: list[torch.Tensor], device: str, quick: bool, grad_out=None) -> dict:
@@ -246,11 +283,11 @@ def main() -> None:
     if args.compile_check:
         return compile_check(alignment_specs(K, args.dtype))
     info = env_info(args.device)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    shapes = parse_shapes(args.shapes, QUICK_SHAPES if args.quick else SHAPES)
     providers = args.providers.split(",")
     fns = {"fused": fused_alignment_loss, "eager": alignment_loss}
     if "compile" in providers:
-        fns["compile"] = torch.compile(alignment_loss, fullgraph=True)
+        fns["compile"] = torch.compile(alignment_loss, fullgraph=True, dynamic=False)
     rows = []
     copy_gbps = float("nan") if args.saved_only else copy_bandwidth(args.device, args.quick)
     print(f"{info['device_name']}: copy {copy_gbps:.0f} GB/s")
@@ -284,8 +321,8 @@ def main() -> None:
             results[p] = time_modes(lambda: fn(z, y, gamma), [z], args.device, args.quick)
             mem = peak_memory(lambda: fn(z, y, gamma).backward(), args.device)
             z.grad = None
-            rows += timing_rows(base, p, results[p], min_bytes, kernel_bytes if p == "fused" else None,
-                                copy_gbps, mem, saved.get(p))
+            finish(timing_rows(base, p, results[p], min_bytes, kernel_bytes if p == "fused" else None,
+                               copy_gbps, mem, saved.get(p)), args.csv)
         print_speedups(results)
     finish(rows, args.csv)
 
