@@ -8,10 +8,16 @@ import torch.nn as nn
 
 
 class EMA:
-    """One or more EMA copies of `model` (DiT convention: ema = d * ema + (1 - d) * param)."""
+    """One or more EMA copies of `model` (DiT convention: ema = d * ema + (1 - d) * param).
 
-    def __init__(self, model: nn.Module, decays: list[float]):
+    buffers=True also averages the floating-point buffers with the same decay and copies
+    the others (integer counters), as REPA-E's EMA does for the latent BatchNorm's running
+    statistics; otherwise buffers keep the values they had when the EMA was made.
+    """
+
+    def __init__(self, model: nn.Module, decays: list[float], buffers: bool = False):
         self.decays = list(decays)
+        self.buffers = buffers
         self.models = []
         for _ in self.decays:
             m = copy.deepcopy(model).float().eval().requires_grad_(False)
@@ -23,6 +29,14 @@ class EMA:
         params = [p.detach().float() if p.dtype != torch.float32 else p.detach() for p in model.parameters()]
         for d, m in zip(self.decays, self.models):
             torch._foreach_lerp_(list(m.parameters()), params, 1.0 - d)
+        if self.buffers:
+            src = list(model.buffers())
+            for d, m in zip(self.decays, self.models):
+                for e, b in zip(m.buffers(), src):
+                    if e.is_floating_point():
+                        e.lerp_(b.detach().to(e.dtype), 1.0 - d)
+                    else:
+                        e.copy_(b)
 
     def state_dicts(self) -> list[dict[str, torch.Tensor]]:
         return [m.state_dict() for m in self.models]
