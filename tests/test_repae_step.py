@@ -1,0 +1,174 @@
+"""REPA-E's end-to-end step, the latent BatchNorm and the EMA of buffers.
+
+Compared against: nn.BatchNorm2d(affine=False, eps=1e-4, momentum=0.1) (the reference's
+layer), REPA-E's EMA formula written out (d * ema + (1 - d) * x for float buffers, copy
+for integer ones), and gradients recomputed independently with torch.autograd.grad from
+the loss terms the reference puts in each update.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from irepa import models, transport
+from irepa.align import AlignmentHead
+from irepa.autoencoder.discriminator import build_discriminator
+from irepa.autoencoder.end_to_end import EndToEndConfig, EndToEndStep, Posterior, RepaESiT, VAEAutoencode
+from irepa.autoencoder.losses import generator_loss
+from irepa.autoencoder.lpips import build_lpips
+from irepa.autoencoder.sdvae import build_sdvae
+from irepa.models.latent_norm import LatentNorm
+from irepa.train.ema import EMA
+
+B, RES, E = 4, 32, 16
+
+
+def test_latent_norm_matches_batchnorm_train_and_eval():
+    torch.manual_seed(0)
+    ours, ref = LatentNorm(4), torch.nn.BatchNorm2d(4, eps=1e-4, momentum=0.1, affine=False)
+    scale, bias = torch.tensor([0.5, 2.0, 1.0, 0.25]), torch.tensor([0.1, -0.2, 0.3, 1.0])
+    ours.init_from_stats(scale, bias)
+    ref.running_mean.copy_(bias)
+    ref.running_var.copy_((1 / scale) ** 2)
+    z = torch.randn(6, 4, 5, 5) * 3 + 1
+    for mode in ("train", "train", "eval"):
+        ours.train(mode == "train")
+        ref.train(mode == "train")
+        torch.testing.assert_close(ours(z), ref(z))
+        torch.testing.assert_close(ours.bn.running_mean, ref.running_mean)
+        torch.testing.assert_close(ours.bn.running_var, ref.running_var)
+        assert ours.bn.num_batches_tracked.item() == ref.num_batches_tracked.item()
+    s, b = ours.stats()
+    torch.testing.assert_close(s, ref.running_var.rsqrt())
+    torch.testing.assert_close(b, ref.running_mean)
+    x = ours.eval()(z)  # eval normalizes with sqrt(var + eps); decoding uses var^-1/2 (no eps), as the reference
+    torch.testing.assert_close(ours.denormalize(x), z, rtol=1e-3, atol=1e-3)
+    assert ours.state_dict().keys() == {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked"}
+    with pytest.raises(ValueError, match="channels"):
+        ours.init_from_stats(torch.ones(3), torch.zeros(3))
+
+
+def test_ema_averages_float_buffers_and_copies_counters():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 3), LatentNorm(3))
+    ema = EMA(m, [0.9], buffers=True)
+    e0 = {k: v.clone() for k, v in ema.models[0].state_dict().items()}
+    m[1].train()(torch.randn(8, 3, 2, 2))
+    with torch.no_grad():
+        m[0].weight.add_(1.0)
+    ema.update(m)
+    sd, new = ema.models[0].state_dict(), m.state_dict()
+    for k in ("1.bn.running_mean", "1.bn.running_var", "0.weight"):
+        torch.testing.assert_close(sd[k], 0.9 * e0[k] + 0.1 * new[k])
+    assert sd["1.bn.num_batches_tracked"].item() == 1
+    plain = EMA(m, [0.9])
+    m[1](torch.randn(8, 3, 2, 2))
+    before = plain.models[0].state_dict()["1.bn.running_mean"].clone()
+    plain.update(m)
+    assert torch.equal(plain.models[0].state_dict()["1.bn.running_mean"], before)
+
+
+def _parts(seed=0, lr_vae=1e-2, lr_sit=1e-2, lr_disc=1e-2, sgd=False, clip=1.0):
+    torch.manual_seed(seed)
+    vae = build_sdvae("tiny")
+    sit = models.build("SiT-Tiny/2", input_size=RES // 8, in_channels=4, num_classes=10, latent_norm=True,
+                       align_depth=1)
+    sit.latent_norm.init_from_stats(torch.full((4,), 2.0), torch.zeros(4))
+    net = RepaESiT(sit, AlignmentHead(sit.dim, [E], "conv", 0.6))
+    disc, lp = build_discriminator(tiny=True), build_lpips(tiny=True)
+    opt = (lambda ps, lr: torch.optim.SGD(ps, lr=lr)) if sgd else (lambda ps, lr: torch.optim.AdamW(ps, lr=lr))
+    auto = VAEAutoencode(vae)
+    return EndToEndStep(vae_train=auto, vae=auto, disc_train=disc, disc=disc, lpips=lp, sit_train=net, sit=net,
+                        opt_vae=opt(vae.parameters(), lr_vae), opt_disc=opt(disc.parameters(), lr_disc),
+                        opt_sit=opt(net.parameters(), lr_sit), ema=EMA(sit, [0.9], buffers=True),
+                        cfg=EndToEndConfig(grad_clip=clip))
+
+
+def _batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, 3, RES, RES, generator=g) * 2 - 1
+    return x, torch.randint(0, 10, (B,), generator=g), [torch.randn(B, (RES // 16) ** 2 * 4, E, generator=g)[:, :4]]
+
+
+def _params(m):
+    return [p.detach().clone() for p in m.parameters()]
+
+
+def test_step_routes_gradients_as_the_reference():
+    """SGD(lr=1), no clipping: each part's update is minus the gradient of exactly its loss.
+    VAE: L_rec + 1.5 * align through the frozen eval-mode SiT (no diffusion term);
+    SiT: denoise + 0.5 * align on the detached latent of the pre-update VAE."""
+    st = _parts(sgd=True, lr_vae=1.0, lr_sit=1.0, clip=None)
+    ref = copy.deepcopy(st)
+    x, y, feats = _batch()
+    vae0, sit0 = _params(st.vae), _params(st.sit)
+    st.step(x, y, feats, None, torch.Generator().manual_seed(7), step=0)
+    # independent recomputation with the same draws
+    g = torch.Generator().manual_seed(7)
+    mean, logvar, z, recon = ref.vae(x, g)
+    t = transport.sample_time(B, generator=g)
+    noise = torch.randn(z.shape, generator=g)
+    ref.sit.eval()
+    xn = ref.sit.model.latent_norm(z)
+    _, hidden = ref.sit.model(transport.interpolate(xn, noise, t), t, y, None)
+    align_v = ref.sit.head(hidden, feats)
+    rec, _ = generator_loss(x, recon, Posterior(mean, logvar), ref.disc, ref.lpips, 0, ref.cfg.loss)
+    vae_ps = list(ref.vae.parameters())
+    g_vae = torch.autograd.grad(rec + 1.5 * align_v, vae_ps, retain_graph=True)
+    for p0, p1, gr in zip(vae0, st.vae.parameters(), g_vae):
+        torch.testing.assert_close(p1.detach(), p0 - gr, rtol=1e-4, atol=1e-6)
+    # the checks above could fail: the alignment term does move the VAE, and a diffusion
+    # term (were z not detached) would move it too
+    g_align = torch.autograd.grad(align_v, vae_ps, retain_graph=True, allow_unused=True)  # the encoder only
+    assert sum(gr.abs().sum() for gr in g_align if gr is not None) > 0
+    ref.sit.train()
+    d_live, _ = ref.sit(z, y, feats, t, noise, None)
+    g_diff = torch.autograd.grad(d_live, vae_ps, retain_graph=True, allow_unused=True)
+    assert sum(gr.abs().sum() for gr in g_diff if gr is not None) > 0
+    # SiT: from a fresh copy of the SiT (the reference pass above moved its BN stats)
+    sit_ref = copy.deepcopy(st.sit)
+    sit_ref.load_state_dict(_parts(sgd=True).sit.state_dict())  # initial weights and stats (same seed)
+    d, a = sit_ref(z.detach(), y, feats, t, noise, None)
+    g_sit = torch.autograd.grad(d + 0.5 * a, list(sit_ref.parameters()))
+    for p0, p1, gr in zip(sit0, st.sit.parameters(), g_sit):
+        torch.testing.assert_close(p1.detach(), p0 - gr, rtol=1e-4, atol=1e-6)
+
+
+def test_parts_do_not_touch_each_other():
+    """VAE lr 0: the VAE ends the step unchanged and without gradients (the SiT pass leaks
+    none); SiT lr 0: the SiT weights are unchanged by the VAE update. The SiT update is the
+    same whether or not the VAE stepped before it."""
+    x, y, feats = _batch()
+    a = _parts(lr_vae=0.0)
+    vae0 = _params(a.vae)
+    a.step(x, y, feats, None, torch.Generator().manual_seed(3), 0)
+    assert all(torch.equal(p0, p1) for p0, p1 in zip(vae0, a.vae.parameters()))
+    assert all(p.grad is None for p in a.vae.parameters())
+    b = _parts(lr_sit=0.0)
+    sit0 = _params(b.sit)
+    vae0 = _params(b.vae)
+    b.step(x, y, feats, None, torch.Generator().manual_seed(3), 0)
+    assert all(torch.equal(p0, p1) for p0, p1 in zip(sit0, b.sit.parameters()))
+    assert not all(torch.equal(p0, p1) for p0, p1 in zip(vae0, b.vae.parameters()))
+    c = _parts()
+    c.step(x, y, feats, None, torch.Generator().manual_seed(3), 0)
+    for pa, pc in zip(a.sit.parameters(), c.sit.parameters()):
+        assert torch.equal(pa, pc)
+
+
+def test_same_draws_and_modes_in_both_passes():
+    seen = {}
+    st = _parts()
+    st.observer = lambda name, **kw: seen.__setitem__(name, kw)
+    x, y, feats = _batch()
+    out = st.step(x, y, feats, torch.zeros(B, dtype=torch.bool), torch.Generator().manual_seed(0), 0)
+    v, s = seen["vae_pass"], seen["sit_pass"]
+    assert torch.equal(v["t"], s["t"]) and torch.equal(v["noise"], s["noise"])
+    assert v["training"] is False and v["frozen"] is True
+    assert s["training"] is True and s["frozen"] is False
+    assert all(torch.isfinite(val).all() for val in out.values())
+    assert st.sit.model.latent_norm.bn.num_batches_tracked.item() == 1  # only the SiT pass updates BN stats
+    ema_bn = st.ema.models[0].latent_norm.bn
+    torch.testing.assert_close(ema_bn.running_var, 0.9 * torch.full((4,), 0.25) + 0.1 * st.sit.model.latent_norm.bn.running_var)
