@@ -12,7 +12,7 @@ latent-only  the step train_ldm_only / our prepare -> train path runs with an ex
 Same SiT, projector, batch, encoder features (random stand-ins: the encoder cost is the
 same in both and not part of either step here), precision and device. Weights are random
 (the cost does not depend on them). Timing: per-step wall time after warm-up with a device
-sync per step; median and 20/80 % quantiles; one CSV row per step kind in
+sync per step, the two kinds interleaved step by step; median and 20/80 % quantiles; one CSV row per step kind in
 perf/results/bench_repae.csv (device, commit, date, command).
 """
 from __future__ import annotations
@@ -108,9 +108,9 @@ def main(argv=None):
     y = torch.randint(0, 1000, (batch,), generator=g, device=device)
     T = (res // 16) ** 2
     feats = [torch.randn(batch, T, net.head.projectors[0].conv.out_channels, generator=g, device=device)]
-    e2e = _timed(lambda i: step.step(x, y, feats, None, g, i), a.steps, a.warmup, device)
+    e2e_fn = lambda i: step.step(x, y, feats, None, g, i)  # noqa: E731
 
-    # latent-only: stored posteriors of the (now fixed) VAE, BatchNorm held in eval
+    # latent-only: stored posteriors of the (fixed) VAE, BatchNorm held in eval
     with torch.no_grad():
         mean, logvar, _, _ = vae(x, g)
     std = torch.exp(0.5 * logvar.clamp(-30, 20))
@@ -132,7 +132,11 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         ema.update(net.model)
 
-    lat = _timed(latent_step, a.steps, a.warmup, device)
+    # interleaved (one of each per round), so a change of machine load hits both kinds alike
+    lat, e2e = [], []
+    for i in range(a.warmup + a.steps):
+        lat += _timed(latent_step, 1, 0, device) if i >= a.warmup else (_timed(latent_step, 0, 1, device) and [])
+        e2e += _timed(e2e_fn, 1, 0, device) if i >= a.warmup else (_timed(e2e_fn, 0, 1, device) and [])
     rows = []
     commit = _commit()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({_cpu()})"

@@ -172,3 +172,46 @@ def test_same_draws_and_modes_in_both_passes():
     assert st.sit.model.latent_norm.bn.num_batches_tracked.item() == 1  # only the SiT pass updates BN stats
     ema_bn = st.ema.models[0].latent_norm.bn
     torch.testing.assert_close(ema_bn.running_var, 0.9 * torch.full((4,), 0.25) + 0.1 * st.sit.model.latent_norm.bn.running_var)
+
+
+_WORKER = """
+import sys, torch, torch.distributed as dist
+from irepa.models.latent_norm import LatentNorm
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+z = torch.randn(8, 4, 3, 3) * 2 + 0.5
+ln = LatentNorm(4).train()
+part = z[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+out = ln(part)
+(out * torch.arange(out.numel()).view_as(out).float()).sum().backward()
+torch.save((out.detach(), part.grad, ln.bn.running_mean, ln.bn.running_var), sys.argv[1] + f"/r{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_latent_norm_two_ranks_equals_one_batch(tmp_path):
+    """2 gloo ranks with half the batch each = nn.BatchNorm2d on the whole batch: outputs,
+    running statistics and input gradients (what SyncBatchNorm does on GPUs)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    (tmp_path / "w.py").write_text(_WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "w.py"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = [torch.load(tmp_path / f"r{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    z = (torch.randn(8, 4, 3, 3) * 2 + 0.5).requires_grad_(True)
+    ref = torch.nn.BatchNorm2d(4, eps=1e-4, momentum=0.1, affine=False)
+    out = ref(z)
+    w = torch.cat([torch.arange(4 * 4 * 9).view(4, 4, 3, 3).float()] * 2)
+    (out * w).sum().backward()
+    torch.testing.assert_close(torch.cat([r[0] for r in res]), out.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r[1] for r in res]), z.grad, rtol=1e-4, atol=1e-5)
+    for r in res:
+        torch.testing.assert_close(r[2], ref.running_mean)
+        torch.testing.assert_close(r[3], ref.running_var)
