@@ -31,7 +31,9 @@ SDVAE_F8D4 = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_ch
 # tests and the digits demo: the same layout (four levels, f8, 4 channels), narrow
 SDVAE_TINY = dict(SDVAE_F8D4, block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8,
                   sample_size=64)
-VAE_CONFIGS = {"f8d4": SDVAE_F8D4, "tiny": SDVAE_TINY}
+# the digits demo at 64 px: narrower at the high-resolution levels, where a CPU spends its time
+SDVAE_DIGITS = dict(SDVAE_TINY, block_out_channels=(8, 16, 32, 32))
+VAE_CONFIGS = {"f8d4": SDVAE_F8D4, "tiny": SDVAE_TINY, "digits": SDVAE_DIGITS}
 REPAE_VAE_FILE = "sdvae-f8d4.pt"
 
 
