@@ -31,52 +31,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from irepa.codec import DIGITS_CODEC, open_codec
+
 from . import format as fmt
 from .sources import open_source
-
-DIGITS_CODEC = "digits-codec"
-
-
-# ---------------------------------------------------------------------------------------
-# latent codecs: x01 [B, 3, R, R] in [0, 1] -> (mean, std) [B, C, h, w]
-
-class SDVAE(nn.Module):
-    """diffusers AutoencoderKL loaded from a local folder (never the hub)."""
-
-    def __init__(self, path: str, device: torch.device):
-        super().__init__()
-        from diffusers import AutoencoderKL
-
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"VAE folder {path} not found (expected a diffusers AutoencoderKL "
-                                    f"save_pretrained folder with config.json)")
-        self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval().requires_grad_(False)
-        self.name = str(Path(path).resolve())
-
-    @torch.no_grad()
-    def forward(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.vae.encode(x01 * 2 - 1).latent_dist
-        return dist.mean.float(), dist.std.float()
-
-
-class DigitsCodec(nn.Module):
-    """data/digits.py's pixel codec as a "VAE" with zero posterior std."""
-
-    name = DIGITS_CODEC
-
-    def __init__(self, resolution: int):
-        super().__init__()
-        if resolution % 8:
-            raise ValueError(f"digits codec: resolution {resolution} is not a multiple of 8")
-        self.latent_size = resolution // 8
-
-    @torch.no_grad()
-    def forward(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from .digits import pixel_codec_encode
-
-        mean = pixel_codec_encode(x01.float(), self.latent_size)
-        return mean, torch.zeros_like(mean)
-
 
 def build_encoder(enc: str | nn.Module) -> nn.Module:
     if isinstance(enc, nn.Module):
@@ -166,12 +124,12 @@ def prepare(source: str, out: str, *, resolution: int = 256, vae: str | None = N
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
 
-    codec = None if kind == "pixels" else DigitsCodec(resolution) if vae == DIGITS_CODEC else SDVAE(vae, dev)
+    codec = None if kind == "pixels" else open_codec(vae, dev, resolution)
     encs = [build_encoder(e).to(dev).eval() for e in encoders]
 
     # shapes from one dry run, so the memmaps can be preallocated
     probe = torch.zeros(1, 3, resolution, resolution, device=dev)
-    latent_shape = list(codec(probe)[0].shape[1:]) if codec is not None else None
+    latent_shape = list(codec.encode(probe)[0].shape[1:]) if codec is not None else None
     enc_info = []
     for e, s in zip(encs, storages):
         y = e(probe)
@@ -323,7 +281,7 @@ def _encode_batch(crops: np.ndarray, labels: np.ndarray, codec, encs, enc_info, 
     x01 = u8.to(dev).float().div_(255)
     rows = {"label": np.repeat(labels, 2)}
     if codec is not None:
-        mean, std = codec(x01)
+        mean, std = codec.encode(x01)
         rows["latent"] = torch.stack([mean, std], dim=1).cpu().numpy().astype(np.float32)
         rows["images"] = u8.numpy()
     else:

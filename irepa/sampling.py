@@ -3,8 +3,9 @@
 Convention: SiT time, x_t = (1 - t) x + t e, t = 1 is noise, t = 0 data, and
 `velocity_fn(x, t, y) -> v` returns the velocity v = e - x (a model's `(out, hidden)`
 tuple is fine too: the first element is used). JiT predicts x at its own time s = 1 - t
-(s = 1 data); `velocity_from_x_prediction(x_pred_fn)` wraps it into this convention, so
-every model uses the same integrators.
+(s = 1 data); `velocity_from_x_prediction(x_pred_fn, eps)` wraps it into this convention, so
+every model uses the same integrators. Which wrapper a trained model needs is its recipe's
+choice (irepa.recipes: `Recipe.velocity_fn`).
 
 Numerics: the grid of times is built in float64 and the state is integrated in float64
 (the REPA release does the same); each model call gets the state cast to the noise's
@@ -28,26 +29,22 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def x_prediction_to_velocity(x_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                             eps: float = 0.05) -> torch.Tensor:
+def x_prediction_to_velocity(x_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: float) -> torch.Tensor:
     """SiT-convention velocity from an x-prediction: v = (x_t - x_hat) / max(t, eps).
 
-    t [B] is SiT time (JiT's s = 1 - t). eps is JiT's clamp of 1 - s (0.05 in the release),
-    which keeps v finite at the data end.
+    t [B] is SiT time (JiT's s = 1 - t). eps is the recipe's clamp of 1 - s (JiT's T_EPS,
+    irepa.recipes.jit), which keeps v finite at the data end.
     """
     tb = t.to(torch.float32).clamp_min(eps).view(-1, *([1] * (x_t.dim() - 1)))
     return ((x_t.float() - x_hat.float()) / tb).to(x_t.dtype)
 
 
-def velocity_from_x_prediction(x_pred_fn: Callable, eps: float = 0.05) -> VelocityFn:
+def velocity_from_x_prediction(x_pred_fn: Callable, eps: float) -> VelocityFn:
     """Wrap a JiT-style `x_pred_fn(z, s, y) -> x_hat` (JiT time s = 1 - t, s = 1 data; a
     `(x_hat, hidden)` tuple is fine) as a SiT-convention `velocity_fn` for `sample`."""
     def velocity_fn(x, t, y):
         return x_prediction_to_velocity(_first(x_pred_fn(x, 1.0 - t, y)), x, t, eps)
     return velocity_fn
-
-
-x_prediction_velocity_fn = velocity_from_x_prediction  # the name irepa.models.jit uses
 
 
 def jit_interval(low_s: float, high_s: float) -> tuple[float, float]:

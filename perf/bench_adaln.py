@@ -46,7 +46,7 @@ def main() -> None:
     args = parse_common(__doc__.splitlines()[0], HERE / "results" / "bench_adaln.csv")
     from irepa.kernels import adaln as K
     from irepa.kernels import fused_adaln
-    from irepa.models.layers import modulate_norm_ref
+    from irepa.adaln import modulate_norm_ref
 
     dtype = DTYPES[args.dtype]
     if args.compile_check:

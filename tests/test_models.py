@@ -70,8 +70,8 @@ def test_transport_path_and_score():
 def test_null_class_and_out_of_range_labels_are_named(name, size):
     # a model trained without label dropout has no null row: CFG on it must say so, not
     # fail inside nn.Embedding with "index out of range in self"
-    from irepa.models.jit import jit_velocity_fn
-    from irepa.sampling import model_velocity_fn, sample
+    from irepa import recipes
+    from irepa.sampling import sample
 
     ch = 4 if name.startswith("SiT") else 3
     x, t = torch.randn(2, ch, size, size), torch.rand(2)
@@ -89,6 +89,6 @@ def test_null_class_and_out_of_range_labels_are_named(name, size):
     with FakeTensorMode(allow_non_fake_inputs=True):  # the micro-batch planner's forward reads no values
         out, _ = with_null(torch.empty(2, ch, size, size), torch.empty(2), torch.zeros(2, dtype=torch.long))
     assert out.shape == x.shape
-    vfn = jit_velocity_fn(no_null) if name.startswith("JiT") else model_velocity_fn(no_null)
+    vfn = recipes.get("jit" if name.startswith("JiT") else "sit")().velocity_fn(no_null)
     with pytest.raises(ValueError, match="cfg != 1 needs null_class"):
         sample(vfn, x, torch.tensor([0, 1]), "heun", 2, cfg=2.0, null_class=no_null.null_class)

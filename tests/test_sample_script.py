@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from irepa.config import resolve
-from irepa.metrics import generate as gen
-from irepa.train.build import build_model
-from irepa.train.checkpoint import save_checkpoint
+from irepa import codec
+from irepa import generate as gen
+from irepa.recipes import resolve
+from irepa.recipes.sit import SiTRecipe
+from irepa.train import checkpoint
+from irepa.train.build import offline_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,14 +35,13 @@ def run_dir(tmp_path_factory):
                                        "align.encoders": []})
     (run / "config.json").write_text(cfg.to_json())
     torch.manual_seed(0)
-    model = build_model(cfg, fused=False)
+    parts = offline_parts(cfg, encoder_dims=[])
+    model, ema = parts["model"].module.model, parts["model"].ema
     with torch.no_grad():  # a non-zero output layer, so samples depend on noise and labels
         model.final_layer.linear.weight.normal_(0, 0.5)
         model.final_layer.adaLN_modulation[-1].weight.normal_(0, 0.5)
-    sd = model.state_dict()
-    save_checkpoint(run, 5, model_sd={f"model.{k}": v for k, v in sd.items()}, ema_sds=[sd],
-                    optimizer_sd={"state": {}, "param_groups": []}, trainer_state={},
-                    rng_tensors={"cpu": torch.get_rng_state()})
+    ema.load_state_dicts([model.state_dict()])
+    checkpoint.save(run, 5, parts, trainer_state={}, rng={"cpu": torch.get_rng_state()})
     return run
 
 
@@ -98,13 +99,13 @@ def test_output_does_not_depend_on_rank_count(tmp_path):
 
 def test_latent_scaling(tmp_path):
     z = torch.randn(2, 4, 3, 3)
-    f = gen.LatentScaling.factor(0.18215)
+    f = codec.LatentScaling.factor(0.18215)
     torch.testing.assert_close(f.unscale(z), z / 0.18215)
     (tmp_path / "m.json").write_text(json.dumps({"latent_stats": {"mean": [1, 2, 3, 4], "std": [2, 2, 2, 2]}}))
-    s = gen.LatentScaling.from_file(tmp_path / "m.json")
+    s = codec.LatentScaling.from_file(tmp_path / "m.json")
     torch.testing.assert_close(s.unscale(z), z * 2 + torch.tensor([1.0, 2, 3, 4]).view(1, 4, 1, 1))
     with pytest.raises(FileNotFoundError, match="config.json"):
-        gen.VAEDecoder(tmp_path, f)
+        codec.VAE(tmp_path)
 
 
 def test_vae_decoder_from_local_folder(tmp_path):
@@ -113,7 +114,7 @@ def test_vae_decoder_from_local_folder(tmp_path):
     vae = diffusers.AutoencoderKL(block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=8,
                                   down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
     vae.save_pretrained(tmp_path / "vae")
-    dec = gen.VAEDecoder(tmp_path / "vae", gen.LatentScaling.factor(0.18215))
+    dec = codec.LatentDecoder(codec.VAE(tmp_path / "vae"), codec.LatentScaling.factor(0.18215))
     z = torch.randn(2, 4, 6, 6)
     img = dec(z)
     assert img.shape == (2, 3, 6, 6) and img.min() >= 0 and img.max() <= 1
@@ -189,8 +190,8 @@ def test_latent_run_decodes_with_the_vae_its_data_manifest_names(tmp_path):
     data.mkdir()
     latent = {"vae": str((tmp_path / "vae").resolve()), "channel_mean": [0.5] * 4, "channel_std": [2.0] * 4}
     (data / "manifest.json").write_text(json.dumps({"latent": latent}))
-    info = {"data": str(data), "objective": "sit", "num_classes": 3}
-    decode, desc = sample.build_decoder(info, 4, None, None, None, "cpu")
+    info = {"data": str(data), "builtin": None, "num_classes": 3}
+    decode, desc = sample.build_decoder(SiTRecipe(), info, 4, None, None, None, "cpu")
     assert desc == f"vae:{latent['vae']}:stats:{data / 'manifest.json'}"
     z = torch.randn(2, 4, 6, 6)
     with torch.no_grad():
@@ -199,7 +200,7 @@ def test_latent_run_decodes_with_the_vae_its_data_manifest_names(tmp_path):
     # the manifest names a folder this machine lacks: say so, and which manifest said it
     (data / "manifest.json").write_text(json.dumps({"latent": {**latent, "vae": str(tmp_path / "gone")}}))
     with pytest.raises(ValueError, match=f"needs --vae DIR.*{tmp_path / 'gone'}, which is not on this machine"):
-        sample.build_decoder(info, 4, None, None, None, "cpu")
+        sample.build_decoder(SiTRecipe(), info, 4, None, None, None, "cpu")
     (data / "manifest.json").unlink()
     with pytest.raises(ValueError, match=f"{data / 'manifest.json'} is not on this machine"):
-        sample.build_decoder(info, 4, str(tmp_path / "vae"), None, None, "cpu")
+        sample.build_decoder(SiTRecipe(), info, 4, str(tmp_path / "vae"), None, None, "cpu")

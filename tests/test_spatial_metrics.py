@@ -1,4 +1,4 @@
-"""irepa.metrics.spatial against direct per-pair loops, plus known cases (SPEC.md section 6)."""
+"""irepa.metrics.spatial (= irepa.analysis.spatial) against direct per-pair loops, plus known cases (SPEC.md section 6)."""
 import math
 
 import numpy as np

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from irepa.metrics.spatial import nan_mean, spatial_metrics
+from irepa.analysis.spatial import nan_mean, spatial_metrics
 
 EncoderFn = Callable[[torch.Tensor], torch.Tensor]
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")

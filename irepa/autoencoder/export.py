@@ -75,3 +75,26 @@ def export_vae(vae: nn.Module, running_mean: torch.Tensor, running_var: torch.Te
     else:
         os.rename(tmp, out)
     return out
+
+
+def load_bn_stats(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents_scale [C], latents_bias [C]) to initialise the latent BatchNorm, from REPA-E's
+    <vae>-latents-stats.pt, an exported latent_stats.json (or its folder), or a data manifest.json
+    (scale = 1 / channel_std, bias = channel_mean)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / STATS_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"latent statistics not found: {p}")
+    if p.suffix in (".pt", ".pth"):
+        d = torch.load(str(p), map_location="cpu", weights_only=True)
+        if not isinstance(d, dict) or "latents_scale" not in d or "latents_bias" not in d:
+            raise ValueError(f"{p}: expected REPA-E latent stats {{'latents_scale', 'latents_bias'}}")
+        return d["latents_scale"].float().flatten(), d["latents_bias"].float().flatten()
+    d = json.loads(p.read_text())
+    if "latents_scale" in d:
+        return torch.tensor(d["latents_scale"]).float(), torch.tensor(d["latents_bias"]).float()
+    lat = d.get("latent") or {}
+    if "channel_std" in lat:
+        return 1.0 / torch.tensor(lat["channel_std"]).float(), torch.tensor(lat["channel_mean"]).float()
+    raise ValueError(f"{p}: no latent statistics (latents_scale/latents_bias, or latent.channel_mean/channel_std)")

@@ -196,15 +196,33 @@ def load_sdvae(weights: str | os.PathLike | None = None, config: str | dict = "f
 
 
 # ---------------------------------------------------------------------------------------
-# forward pieces
+# the training forward
 
-def sample_posterior(posterior, generator: torch.Generator | None) -> torch.Tensor:
-    """z = mean + std * eps with eps from `generator` (diffusers' DiagonalGaussianDistribution)."""
-    eps = torch.randn(posterior.mean.shape, generator=generator, device=posterior.mean.device,
-                      dtype=posterior.mean.dtype)
-    return posterior.mean + posterior.std * eps
+class Posterior:
+    """Diagonal Gaussian q(z|x) with the LDM / diffusers clamp of the log-variance to [-30, 20]."""
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
+        self.mean, self.logvar = mean, logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) summed over C, H, W: [B]."""
+        m, lv = self.mean.float(), self.logvar.float()
+        return 0.5 * (m.pow(2) + lv.exp() - 1.0 - lv).sum((1, 2, 3))
 
 
-def kl_per_sample(posterior) -> torch.Tensor:
-    """KL(q(z|x) || N(0, I)) summed over C, H, W: [B]."""
-    return posterior.kl()
+class VAEAutoencode(nn.Module):
+    """The VAE's training forward as one module (what DDP wraps; state-dict keys vae.*):
+    x in [-1, 1] -> (posterior mean, log-variance, z = mean + std * eps, recon = decode(z)),
+    eps from `generator`, so a resumed run repeats its draws."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        mean, logvar = self.vae.encode(x).latent_dist.parameters.chunk(2, dim=1)
+        post = Posterior(mean, logvar)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        z = post.mean + post.std * eps
+        return mean, logvar, z, self.vae.decode(z).sample

@@ -124,18 +124,22 @@ class SiT(nn.Module):
         x = x_BTP.reshape(B, g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(B, c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                drop_mask: torch.Tensor | None = None, hidden_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor | None = None,
+                extra_cond: torch.Tensor | None = None, hidden_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, C, H, W], t [B] in [0, 1] (1 = noise), y [B] labels (num_classes = null).
 
+        extra_cond [B, D]: added to the conditioning vector (t and y embeddings), for recipes
+        that condition on more than t (MeanFlow's embedding of t - r).
         Returns (velocity [B, C_out, H, W], hidden [B, T, D] after block align_depth);
-        hidden_only stops after block align_depth and returns (None, hidden).
+        hidden_only stops after block align_depth and returns (None, hidden) (REPA-E's VAE pass).
         """
         if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
             raise ValueError(f"SiT expects inputs [B, {self.in_channels}, {self.input_size}, {self.input_size}], "
                              f"got {tuple(x.shape)}")
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y, drop_mask)
+        if extra_cond is not None:
+            c = c + extra_cond
         hidden = None
         for i, blk in enumerate(self.blocks):
             h = blk(h, c)
