@@ -3,7 +3,7 @@
     python perf/bench_repae.py --device cpu --preset digits        # the digits demo's shapes (CPU)
     python perf/bench_repae.py --preset xl                         # SiT-XL/2 + SD-VAE f8d4 at 256 px (GPU)
 
-end-to-end   irepa.autoencoder.end_to_end.EndToEndStep: VAE forward, VAE update through the
+end-to-end   irepa.recipes.repae.RepaEStep (what the trainer runs): VAE forward, VAE update through the
              frozen SiT's first blocks (+ L1, LPIPS, KL, GAN), discriminator update, SiT
              update, EMA; three AdamW optimizers, clipping each
 latent-only  the step train_ldm_only / our prepare -> train path runs with an exported VAE:
@@ -32,35 +32,45 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from irepa import models  # noqa: E402
+from irepa import recipes  # noqa: E402
 from irepa.align import AlignmentHead  # noqa: E402
-from irepa.autoencoder.discriminator import PatchDiscriminator  # noqa: E402
-from irepa.autoencoder.end_to_end import EndToEndConfig, EndToEndStep, RepaESiT, VAEAutoencode  # noqa: E402
 from irepa.autoencoder.lpips import LPIPS  # noqa: E402
-from irepa.autoencoder.sdvae import build_sdvae  # noqa: E402
+from irepa.train.build import AlignedDiffusion  # noqa: E402
 from irepa.train.ema import EMA  # noqa: E402
-from irepa.train.parallelize import clip_grad_norm_  # noqa: E402
+from irepa.train.loss_scale import LossScaler  # noqa: E402
+from irepa.train.step import Part, TrainStep  # noqa: E402
 
-# preset -> (SiT, image side, VAE config, discriminator ndf, LPIPS width divisor, encoder dim, align depth)
+# bench preset -> (recipe preset, overrides, LPIPS width divisor)
 PRESETS = {
-    "digits": ("SiT-T/2", 32, "tiny", 8, 16, 128, 2),
-    "b-tiny-vae": ("SiT-B/2", 128, "tiny", 8, 16, 768, 4),
-    "b": ("SiT-B/2", 256, "f8d4", 64, 1, 768, 4),
-    "xl": ("SiT-XL/2", 256, "f8d4", 64, 1, 768, 8),
+    "digits": ("digits-repae-irepa", {}, 16),
+    "b": ("repae-sit-b2-irepa", {"repae.lpips": "tiny"}, 1),
+    "xl": ("repae-sit-xl2-irepa", {"repae.lpips": "tiny"}, 1),
 }
 
 
-def build(preset: str, device, batch: int):
-    name, res, vae_cfg, ndf, lp_div, enc_dim, depth = PRESETS[preset]
+def build(preset: str, device, batch: int, amp):
+    """The REPA-E step with random weights (VAE, discriminator, LPIPS: no files needed), as the trainer builds it."""
+    name, over, lp_div = PRESETS[preset]
+    cfg = recipes.resolve(name, {**over, "repae.vae_weights": "random", "repae.disc_weights": "random",
+                                 "repae.latent_stats": "estimate", "train.batch_size": batch,
+                                 "model.num_classes": 1000})
+    r = recipes.for_config(cfg)
     torch.manual_seed(0)
-    sit = models.build(name, input_size=res // 8, in_channels=4, num_classes=1000, align_depth=depth,
-                       latent_norm=True, attn_backend="sdpa")
-    net = RepaESiT(sit, AlignmentHead(sit.dim, [enc_dim], "conv", 0.6)).to(device)
-    vae = VAEAutoencode(build_sdvae(vae_cfg)).to(device)
-    disc, lp = PatchDiscriminator(ndf=ndf).to(device), LPIPS(width_div=lp_div).to(device)
-    ema = EMA(sit, [0.9999], buffers=True)
+    model = r.build_model(fused=False)
+    enc_dim = 128 if preset == "digits" else 768
+    net = AlignedDiffusion(model, AlignmentHead(model.dim, [enc_dim], "conv", 0.6), r).to(device)
     adam = lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=device.type == "cuda" or None)  # noqa: E731
-    return net, vae, disc, lp, ema, adam, res
+    ps = list(net.parameters())
+    parts = {"model": Part(net, net, adam(ps), ps, 1e-4, EMA(model, [0.9999]), model, 1.0)}
+    for pname, spec in r.extra_parts(device).items():
+        m = spec.module.to(device)
+        pps = list(m.parameters())
+        parts[pname] = Part(m, m, adam(pps), pps, 1e-4, None, None, 1.0)
+    r._lpips = LPIPS(width_div=lp_div).to(device)
+    st = TrainStep(r, parts, features=lambda b: b["feats"], micro_batch=batch, amp_dtype=amp,
+                   scaler=LossScaler(False), align_weight=cfg.align.weight, warmup_steps=0, seed=0, rank=0,
+                   device=device)
+    return r, r.make_step(st), st, cfg.data.resolution, enc_dim
 
 
 def _timed(fn, steps: int, warmup: int, device) -> list[float]:
@@ -85,7 +95,7 @@ def _q(xs, q):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="digits", choices=sorted(PRESETS))
-    ap.add_argument("--batch", type=int, default=None, help="default: 32 digits, 4 on CPU otherwise, 32 on GPU")
+    ap.add_argument("--batch", type=int, default=None, help="default: 32 digits, 2 on CPU otherwise, 32 on GPU")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -93,44 +103,37 @@ def main(argv=None):
     ap.add_argument("--csv", default=str(ROOT / "perf/results/bench_repae.csv"))
     a = ap.parse_args(argv)
     device = torch.device(a.device)
-    batch = a.batch or (32 if a.preset == "digits" or device.type == "cuda" else 4)
+    batch = a.batch or (32 if a.preset == "digits" or device.type == "cuda" else 2)
     prec = a.precision or ("bf16" if device.type == "cuda" else "fp32")
     amp = torch.bfloat16 if prec == "bf16" else None
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    net, vae, disc, lp, ema, adam, res = build(a.preset, device, batch)
-    step = EndToEndStep(vae_train=vae, vae=vae, disc_train=disc, disc=disc, lpips=lp, sit_train=net, sit=net,
-                        opt_vae=adam(vae.parameters()), opt_disc=adam(disc.parameters()),
-                        opt_sit=adam(net.parameters()), ema=ema, cfg=EndToEndConfig(), amp_dtype=amp)
+    r, e2e_step, st, res, enc_dim = build(a.preset, device, batch, amp)
     g = torch.Generator(device=device).manual_seed(0)
-    x = torch.rand(batch, 3, res, res, generator=g, device=device) * 2 - 1
-    y = torch.randint(0, 1000, (batch,), generator=g, device=device)
     T = (res // 16) ** 2
-    feats = [torch.randn(batch, T, net.head.projectors[0].conv.out_channels, generator=g, device=device)]
-    e2e_fn = lambda i: step.step(x, y, feats, None, g, i)  # noqa: E731
+    data = {"x": torch.rand(batch, 3, res, res, generator=g, device=device) * 2 - 1,
+            "y": torch.randint(0, 1000, (batch,), generator=g, device=device),
+            "feats": [torch.randn(batch, T, enc_dim, generator=g, device=device)]}
+    e2e_fn = lambda i: e2e_step(data, i)  # noqa: E731
 
-    # latent-only: stored posteriors of the (fixed) VAE, BatchNorm held in eval
+    # latent-only: stored posteriors of the (fixed) VAE, the latent BatchNorm held in eval, SiT update + EMA
+    part = st.parts["model"]
     with torch.no_grad():
-        mean, logvar, _, _ = vae(x, g)
+        mean, logvar, _, _ = st.parts["vae"].module(data["x"], g)
     std = torch.exp(0.5 * logvar.clamp(-30, 20))
-    opt = adam(net.parameters())
-    params = [p for p in net.parameters() if p.requires_grad]
-    ctx = (lambda: torch.autocast(device.type, amp)) if amp else nullcontext
 
     def latent_step(i):
-        net.train()
-        net.model.latent_norm.eval()
-        z = mean + std * torch.randn(mean.shape, generator=g, device=device)
-        t = torch.rand(batch, generator=g, device=device)
-        noise = torch.randn(z.shape, generator=g, device=device)
-        with ctx():
-            d, al = net(z, y, feats, t, noise, None)
-        (d + 0.5 * al).backward()
-        clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(net.model)
+        part.module.train()
+        part.module.model.latent_norm.eval()
+        gi = st.generator(i)
+        z = mean + std * torch.randn(mean.shape, generator=gi, device=device)
+        t = torch.rand(batch, generator=gi, device=device)
+        noise = torch.randn(z.shape, generator=gi, device=device)
+        with st.autocast():
+            d, al, _ = part.train_module(data, {"x": z, "t": t, "noise": noise}, data["feats"])
+        st.backward(d + st.align_weight * al)
+        st.optimizer_step(part, i)
 
     # interleaved (one of each per round), so a change of machine load hits both kinds alike
     lat, e2e = [], []
@@ -138,6 +141,7 @@ def main(argv=None):
         lat += _timed(latent_step, 1, 0, device) if i >= a.warmup else (_timed(latent_step, 0, 1, device) and [])
         e2e += _timed(e2e_fn, 1, 0, device) if i >= a.warmup else (_timed(e2e_fn, 0, 1, device) and [])
     rows = []
+    name = r.cfg.model.name
     commit = _commit()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({_cpu()})"
     cmd = "python perf/bench_repae.py " + " ".join(shlex.quote(s) for s in (argv if argv is not None else sys.argv[1:]))
@@ -147,7 +151,7 @@ def main(argv=None):
         base = base or med
         rows.append({"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                      "commit": commit, "device": dev_name, "torch": torch.__version__, "preset": a.preset,
-                     "model": PRESETS[a.preset][0], "vae": PRESETS[a.preset][2], "image": res, "step": kind,
+                     "model": name, "vae": r.options.vae, "image": res, "step": kind,
                      "batch": batch, "precision": prec, "step_ms_median": round(1e3 * med, 2),
                      "step_ms_p20": round(1e3 * _q(ts, 0.2), 2), "step_ms_p80": round(1e3 * _q(ts, 0.8), 2),
                      "img_per_s": round(batch / med, 2), "cost_vs_latent_only": round(med / base, 2),

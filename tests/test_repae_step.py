@@ -12,15 +12,15 @@ import copy
 import pytest
 import torch
 
-from irepa import models, transport
+from irepa import recipes, transport
 from irepa.align import AlignmentHead
-from irepa.autoencoder.discriminator import build_discriminator
-from irepa.autoencoder.end_to_end import EndToEndConfig, EndToEndStep, Posterior, RepaESiT, VAEAutoencode
 from irepa.autoencoder.losses import generator_loss
-from irepa.autoencoder.lpips import build_lpips
-from irepa.autoencoder.sdvae import build_sdvae
+from irepa.autoencoder.sdvae import Posterior
 from irepa.models.latent_norm import LatentNorm
+from irepa.train.build import AlignedDiffusion
 from irepa.train.ema import EMA
+from irepa.train.loss_scale import LossScaler
+from irepa.train.step import Part, TrainStep
 
 B, RES, E = 4, 32, 16
 
@@ -51,9 +51,10 @@ def test_latent_norm_matches_batchnorm_train_and_eval():
 
 
 def test_ema_averages_float_buffers_and_copies_counters():
+    """REPA-E's update_ema: float buffers (BatchNorm running stats) averaged, integer ones copied."""
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(3, 3), LatentNorm(3))
-    ema = EMA(m, [0.9], buffers=True)
+    ema = EMA(m, [0.9])
     e0 = {k: v.clone() for k, v in ema.models[0].state_dict().items()}
     m[1].train()(torch.randn(8, 3, 2, 2))
     with torch.no_grad():
@@ -63,33 +64,36 @@ def test_ema_averages_float_buffers_and_copies_counters():
     for k in ("1.bn.running_mean", "1.bn.running_var", "0.weight"):
         torch.testing.assert_close(sd[k], 0.9 * e0[k] + 0.1 * new[k])
     assert sd["1.bn.num_batches_tracked"].item() == 1
-    plain = EMA(m, [0.9])
-    m[1](torch.randn(8, 3, 2, 2))
-    before = plain.models[0].state_dict()["1.bn.running_mean"].clone()
-    plain.update(m)
-    assert torch.equal(plain.models[0].state_dict()["1.bn.running_mean"], before)
 
 
-def _parts(seed=0, lr_vae=1e-2, lr_sit=1e-2, lr_disc=1e-2, sgd=False, clip=1.0):
+TINY = {"model.input_size": 4, "data.resolution": 32, "repae.vae": "tiny", "train.batch_size": B,
+        "train.device": "cpu", "train.precision": "fp32"}
+
+
+def _step(seed=0, lr_vae=1e-2, lr_sit=1e-2, lr_disc=1e-2, sgd=False, clip=1.0):
+    """A REPA-E step with plain parts (one process), built the way the trainer builds them."""
+    cfg = recipes.resolve("digits-repae-irepa", {**TINY, "optim.grad_clip": clip})
+    r = recipes.for_config(cfg)
     torch.manual_seed(seed)
-    vae = build_sdvae("tiny")
-    sit = models.build("SiT-Tiny/2", input_size=RES // 8, in_channels=4, num_classes=10, latent_norm=True,
-                       align_depth=1)
-    sit.latent_norm.init_from_stats(torch.full((4,), 2.0), torch.zeros(4))
-    net = RepaESiT(sit, AlignmentHead(sit.dim, [E], "conv", 0.6))
-    disc, lp = build_discriminator(tiny=True), build_lpips(tiny=True)
+    model = r.build_model(fused=False)
+    model.latent_norm.init_from_stats(torch.full((4,), 2.0), torch.zeros(4))
+    net = AlignedDiffusion(model, AlignmentHead(model.dim, [E], "conv", 0.6), r)
     opt = (lambda ps, lr: torch.optim.SGD(ps, lr=lr)) if sgd else (lambda ps, lr: torch.optim.AdamW(ps, lr=lr))
-    auto = VAEAutoencode(vae)
-    return EndToEndStep(vae_train=auto, vae=auto, disc_train=disc, disc=disc, lpips=lp, sit_train=net, sit=net,
-                        opt_vae=opt(vae.parameters(), lr_vae), opt_disc=opt(disc.parameters(), lr_disc),
-                        opt_sit=opt(net.parameters(), lr_sit), ema=EMA(sit, [0.9], buffers=True),
-                        cfg=EndToEndConfig(grad_clip=clip))
+    parts = {"model": Part(net, net, opt(list(net.parameters()), lr_sit), list(net.parameters()), lr_sit,
+                           EMA(model, [0.9]), model, clip)}
+    for name, spec in r.extra_parts(torch.device("cpu")).items():
+        ps = list(spec.module.parameters())
+        lr = lr_vae if name == "vae" else lr_disc
+        parts[name] = Part(spec.module, spec.module, opt(ps, lr), ps, lr, None, None, clip)
+    st = TrainStep(r, parts, features=lambda b: b["feats"], micro_batch=B, amp_dtype=None, scaler=LossScaler(False),
+                   align_weight=cfg.align.weight, warmup_steps=0, seed=0, rank=0, device=torch.device("cpu"))
+    return r.make_step(st)
 
 
 def _batch(seed=1):
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(B, 3, RES, RES, generator=g) * 2 - 1
-    return x, torch.randint(0, 10, (B,), generator=g), [torch.randn(B, (RES // 16) ** 2 * 4, E, generator=g)[:, :4]]
+    return {"x": torch.rand(B, 3, RES, RES, generator=g) * 2 - 1, "y": torch.randint(0, 10, (B,), generator=g),
+            "feats": [torch.randn(B, 4, E, generator=g)]}
 
 
 def _params(m):
@@ -100,39 +104,40 @@ def test_step_routes_gradients_as_the_reference():
     """SGD(lr=1), no clipping: each part's update is minus the gradient of exactly its loss.
     VAE: L_rec + 1.5 * align through the frozen eval-mode SiT (no diffusion term);
     SiT: denoise + 0.5 * align on the detached latent of the pre-update VAE."""
-    st = _parts(sgd=True, lr_vae=1.0, lr_sit=1.0, clip=None)
+    st = _step(sgd=True, lr_vae=1.0, lr_sit=1.0, clip=None)
     ref = copy.deepcopy(st)
-    x, y, feats = _batch()
-    vae0, sit0 = _params(st.vae), _params(st.sit)
-    st.step(x, y, feats, None, torch.Generator().manual_seed(7), step=0)
-    # independent recomputation with the same draws
-    g = torch.Generator().manual_seed(7)
-    mean, logvar, z, recon = ref.vae(x, g)
+    fresh = copy.deepcopy(st.model.module)
+    batch = _batch()
+    vae0, sit0 = _params(st.vae.module), _params(st.model.module)
+    st(batch, 1)  # index 1: no statistics estimate (that is index 0 only)
+    g = ref.step.generator(1)
+    r = ref.recipe
+    d = r.draw_data(batch, g)
+    mean, logvar, z, recon = ref.vae.module(d["x"], g)
     t = transport.sample_time(B, generator=g)
     noise = torch.randn(z.shape, generator=g)
-    ref.sit.eval()
-    xn = ref.sit.model.latent_norm(z)
-    _, hidden = ref.sit.model(transport.interpolate(xn, noise, t), t, y, None)
-    align_v = ref.sit.head(hidden, feats)
-    rec, _ = generator_loss(x, recon, Posterior(mean, logvar), ref.disc, ref.lpips, 0, ref.cfg.loss)
-    vae_ps = list(ref.vae.parameters())
+    net = ref.model.module.eval()
+    xn = net.model.latent_norm(z)
+    _, hidden = net.model(transport.interpolate(xn, noise, t), t, batch["y"], None)
+    align_v = net.head(hidden, batch["feats"])
+    rec, _ = generator_loss(d["x"], recon, Posterior(mean, logvar), ref.disc.module, r._lpips, 1, ref.loss_cfg)
+    vae_ps = list(ref.vae.module.parameters())
     g_vae = torch.autograd.grad(rec + 1.5 * align_v, vae_ps, retain_graph=True)
-    for p0, p1, gr in zip(vae0, st.vae.parameters(), g_vae):
+    for p0, p1, gr in zip(vae0, st.vae.module.parameters(), g_vae):
         torch.testing.assert_close(p1.detach(), p0 - gr, rtol=1e-4, atol=1e-6)
-    # the checks above could fail: the alignment term does move the VAE, and a diffusion
-    # term (were z not detached) would move it too
-    g_align = torch.autograd.grad(align_v, vae_ps, retain_graph=True, allow_unused=True)  # the encoder only
+    # the checks could fail: the alignment term moves the VAE (its encoder), and a diffusion
+    # term would move it too were z not detached
+    g_align = torch.autograd.grad(align_v, vae_ps, retain_graph=True, allow_unused=True)
     assert sum(gr.abs().sum() for gr in g_align if gr is not None) > 0
-    ref.sit.train()
-    d_live, _ = ref.sit(z, y, feats, t, noise, None)
+    net.train()
+    draws = {"x": z, "t": t, "noise": noise, "drop": d["drop"]}
+    d_live, _, _ = net(batch, draws, batch["feats"])
     g_diff = torch.autograd.grad(d_live, vae_ps, retain_graph=True, allow_unused=True)
     assert sum(gr.abs().sum() for gr in g_diff if gr is not None) > 0
-    # SiT: from a fresh copy of the SiT (the reference pass above moved its BN stats)
-    sit_ref = copy.deepcopy(st.sit)
-    sit_ref.load_state_dict(_parts(sgd=True).sit.state_dict())  # initial weights and stats (same seed)
-    d, a = sit_ref(z.detach(), y, feats, t, noise, None)
-    g_sit = torch.autograd.grad(d + 0.5 * a, list(sit_ref.parameters()))
-    for p0, p1, gr in zip(sit0, st.sit.parameters(), g_sit):
+    # SiT: its update is the gradient of denoise + 0.5 align at the initial weights and BN stats
+    dn, al, _ = fresh(batch, {**draws, "x": z.detach()}, batch["feats"])
+    g_sit = torch.autograd.grad(dn + 0.5 * al, list(fresh.parameters()))
+    for p0, p1, gr in zip(sit0, st.model.module.parameters(), g_sit):
         torch.testing.assert_close(p1.detach(), p0 - gr, rtol=1e-4, atol=1e-6)
 
 
@@ -140,38 +145,37 @@ def test_parts_do_not_touch_each_other():
     """VAE lr 0: the VAE ends the step unchanged and without gradients (the SiT pass leaks
     none); SiT lr 0: the SiT weights are unchanged by the VAE update. The SiT update is the
     same whether or not the VAE stepped before it."""
-    x, y, feats = _batch()
-    a = _parts(lr_vae=0.0)
-    vae0 = _params(a.vae)
-    a.step(x, y, feats, None, torch.Generator().manual_seed(3), 0)
-    assert all(torch.equal(p0, p1) for p0, p1 in zip(vae0, a.vae.parameters()))
-    assert all(p.grad is None for p in a.vae.parameters())
-    b = _parts(lr_sit=0.0)
-    sit0 = _params(b.sit)
-    vae0 = _params(b.vae)
-    b.step(x, y, feats, None, torch.Generator().manual_seed(3), 0)
-    assert all(torch.equal(p0, p1) for p0, p1 in zip(sit0, b.sit.parameters()))
-    assert not all(torch.equal(p0, p1) for p0, p1 in zip(vae0, b.vae.parameters()))
-    c = _parts()
-    c.step(x, y, feats, None, torch.Generator().manual_seed(3), 0)
-    for pa, pc in zip(a.sit.parameters(), c.sit.parameters()):
+    batch = _batch()
+    a = _step(lr_vae=0.0)
+    vae0 = _params(a.vae.module)
+    a(batch, 1)
+    assert all(torch.equal(p0, p1) for p0, p1 in zip(vae0, a.vae.module.parameters()))
+    assert all(p.grad is None for p in a.vae.module.parameters())
+    b = _step(lr_sit=0.0)
+    sit0, vae0 = _params(b.model.module), _params(b.vae.module)
+    b(batch, 1)
+    assert all(torch.equal(p0, p1) for p0, p1 in zip(sit0, b.model.module.parameters()))
+    assert not all(torch.equal(p0, p1) for p0, p1 in zip(vae0, b.vae.module.parameters()))
+    c = _step()
+    c(batch, 1)
+    for pa, pc in zip(a.model.module.parameters(), c.model.module.parameters()):
         assert torch.equal(pa, pc)
 
 
 def test_same_draws_and_modes_in_both_passes():
     seen = {}
-    st = _parts()
+    st = _step()
     st.observer = lambda name, **kw: seen.__setitem__(name, kw)
-    x, y, feats = _batch()
-    out = st.step(x, y, feats, torch.zeros(B, dtype=torch.bool), torch.Generator().manual_seed(0), 0)
+    out = st(_batch(), 0)  # index 0: the latent BatchNorm (and its EMA) start from this batch (latent_stats=estimate)
     v, s = seen["vae_pass"], seen["sit_pass"]
     assert torch.equal(v["t"], s["t"]) and torch.equal(v["noise"], s["noise"])
     assert v["training"] is False and v["frozen"] is True
     assert s["training"] is True and s["frozen"] is False
     assert all(torch.isfinite(val).all() for val in out.values())
-    assert st.sit.model.latent_norm.bn.num_batches_tracked.item() == 1  # only the SiT pass updates BN stats
-    ema_bn = st.ema.models[0].latent_norm.bn
-    torch.testing.assert_close(ema_bn.running_var, 0.9 * torch.full((4,), 0.25) + 0.1 * st.sit.model.latent_norm.bn.running_var)
+    bn = st.model.module.model.latent_norm.bn
+    assert bn.num_batches_tracked.item() == 1  # only the SiT pass updates the BatchNorm statistics
+    ema_bn = st.model.ema.models[0].latent_norm.bn
+    assert not torch.allclose(ema_bn.running_var, torch.full((4,), 0.25))  # estimated from the batch
 
 
 _WORKER = """
