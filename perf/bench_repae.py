@@ -42,7 +42,7 @@ from irepa.train.step import Part, TrainStep  # noqa: E402
 
 # bench preset -> (recipe preset, overrides, LPIPS width divisor)
 PRESETS = {
-    "digits": ("digits-repae-irepa", {}, 16),
+    "digits": ("digits-repae-irepa", {}, 16),  # 32 px, batch 32
     "b": ("repae-sit-b2-irepa", {"repae.lpips": "tiny"}, 1),
     "xl": ("repae-sit-xl2-irepa", {"repae.lpips": "tiny"}, 1),
 }

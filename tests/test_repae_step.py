@@ -70,9 +70,9 @@ TINY = {"model.input_size": 4, "data.resolution": 32, "repae.vae": "tiny", "trai
         "train.device": "cpu", "train.precision": "fp32"}
 
 
-def _step(seed=0, lr_vae=1e-2, lr_sit=1e-2, lr_disc=1e-2, sgd=False, clip=1.0):
+def _step(seed=0, lr_vae=1e-2, lr_sit=1e-2, lr_disc=1e-2, sgd=False, clip=1.0, **over):
     """A REPA-E step with plain parts (one process), built the way the trainer builds them."""
-    cfg = recipes.resolve("digits-repae-irepa", {**TINY, "optim.grad_clip": clip})
+    cfg = recipes.resolve("digits-repae-irepa", {**TINY, "optim.grad_clip": clip, **over})
     r = recipes.for_config(cfg)
     torch.manual_seed(seed)
     model = r.build_model(fused=False)
@@ -176,6 +176,22 @@ def test_same_draws_and_modes_in_both_passes():
     assert bn.num_batches_tracked.item() == 1  # only the SiT pass updates the BatchNorm statistics
     ema_bn = st.model.ema.models[0].latent_norm.bn
     assert not torch.allclose(ema_bn.running_var, torch.full((4,), 0.25))  # estimated from the batch
+
+
+def test_latent_stats_file_initialises_model_and_ema_at_step_0(tmp_path):
+    """REPA-E's init_bn from <vae>-latents-stats.pt: running_mean = bias, running_var = scale^-2."""
+    torch.save({"latents_scale": torch.tensor([0.5, 1.0, 2.0, 4.0]).view(1, 4, 1, 1),
+                "latents_bias": torch.tensor([0.1, 0.2, 0.3, 0.4]).view(1, 4, 1, 1)}, tmp_path / "x-latents-stats.pt")
+    st = _step(**{"repae.latent_stats": str(tmp_path / "x-latents-stats.pt")})
+    seen = {}
+    st.observer = lambda name, **kw: seen.setdefault(name, (st.model.module.model.latent_norm.bn.running_var.clone(),
+                                                            st.model.ema.models[0].latent_norm.bn.running_var.clone()))
+    st(_batch(), 0)
+    want = torch.tensor([4.0, 1.0, 0.25, 0.0625])
+    torch.testing.assert_close(seen["vae_pass"][0], want)  # set before the VAE's pass, which uses them
+    torch.testing.assert_close(seen["vae_pass"][1], want)
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        _step(**{"repae.latent_stats": str(tmp_path / "nothere.pt")})
 
 
 _WORKER = """

@@ -147,3 +147,43 @@ def test_two_ranks_match_one_process(tmp_path, cache):
     close(got["disc.safetensors"], ref.parts["disc"].module.state_dict(), "disc")
     metrics = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+
+
+def test_sample_export_and_latent_only_training(tmp_path, cache):
+    """A REPA-E run -> launch/sample.py (decoded by the run's own VAE) -> launch/export_vae.py ->
+    prepare with the exported VAE (its EMA BatchNorm statistics become the fixed normalization)
+    -> the plain SiT recipe trains on it."""
+    import importlib.util
+
+    import numpy as np
+
+    from irepa.data import prepare
+    from irepa.train.trainer import Trainer
+
+    def launch(name):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "launch" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    Trainer(_cfg(tmp_path, "e2e", cache, **{"train.steps": 2})).train()
+    run = tmp_path / "e2e"
+    npz = launch("sample").main(str(run), str(tmp_path / "samples"), num_samples=4, batch=4, method="euler", steps=2,
+                                device="cpu")
+    with np.load(npz) as z:
+        assert z["arr_0"].shape == (4, 32, 32, 3) and z["arr_0"].dtype == np.uint8
+    out = launch("export_vae").main(str(run), str(tmp_path / "e2e-vae"))
+    from safetensors.torch import load_file
+    ema = load_file(str(run / "checkpoints/step-0000002/ema.safetensors"))
+    stats = json.loads((Path(out) / "latent_stats.json").read_text())
+    torch.testing.assert_close(torch.tensor(stats["mean"]).float(), ema["latent_norm.bn.running_mean"])
+    torch.testing.assert_close(torch.tensor(stats["std"]).float() ** 2 - 1e-4, ema["latent_norm.bn.running_var"],
+                               rtol=1e-4, atol=1e-6)
+    data = prepare("digits", str(tmp_path / "latents"), resolution=32, vae=out, encoders=["hog"], formats=("memmap",),
+                   progress=False, device="cpu", batch_size=512)
+    cfg = recipes.resolve("digits-sit-irepa", {"data.source": data, "data.resolution": 32, "model.input_size": 4,
+                                               "model.in_channels": 4, "train.steps": 2, "train.batch_size": 8,
+                                               "train.out_dir": str(tmp_path), "train.run_name": "ldm",
+                                               "train.sample_steps": 2, "train.device": "cpu"})
+    last = Trainer(cfg).train()
+    assert last["step"] == 2 and np.isfinite(last["loss"])
+    assert (tmp_path / "ldm/samples/step-0000002.png").is_file()

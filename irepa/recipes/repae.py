@@ -102,17 +102,18 @@ def _presets() -> dict[str, dict]:
                                                                      "gamma": None, "weight": 0.5}})
         out[f"repae-sit-{tag}-irepa"] = merge_trees(base, {"align": {"encoders": ["dinov2-vit-b"], "projector": "conv",
                                                                       "gamma": 0.6, "weight": 0.5}})
-    # CPU demo: digits pixels at 64 px, a narrow random-init VAE trained end to end from step 0
+    # CPU demo: digits pixels at 32 px (4x4x4 latents, 2x2 tokens), a narrow random-init VAE trained
+    # end to end from step 0 (no pre-trained VAE exists for this data; REPA-E's losses train it)
     out["digits-repae-irepa"] = {
-        "model": {"name": "SiT-T/2", "input_size": 8, "in_channels": 4, "num_classes": 10, "align_depth": 2,
+        "model": {"name": "SiT-T/2", "input_size": 4, "in_channels": 4, "num_classes": 10, "align_depth": 2,
                   "attn_backend": "sdpa"},
         "align": {"encoders": ["hog"], "projector": "conv", "gamma": 0.6, "weight": 0.5},
-        "data": {"source": "digits", "resolution": 64, "backend": "memmap"},
+        "data": {"source": "digits", "resolution": 32, "backend": "memmap"},
         "optim": {"lr": 1e-3, "betas": (0.9, 0.999), "grad_clip": 1.0, "warmup_steps": 20},
-        "train": {"steps": 240, "batch_size": 32, "ema_decays": [0.99], "log_every": 20, "ckpt_every": 120,
+        "train": {"steps": 300, "batch_size": 32, "ema_decays": [0.99], "log_every": 25, "ckpt_every": 150,
                   "sample_steps": 40, "sample_method": "heun"},
         "repae": {"vae": "digits", "vae_weights": RANDOM, "latent_stats": ESTIMATE, "disc_weights": RANDOM,
-                  "lpips": "tiny", "vae_lr": 1e-3, "disc_lr": 1e-4, "recon_every": 120},
+                  "lpips": "tiny", "vae_lr": 1e-3, "disc_lr": 1e-4, "recon_every": 100},
     }
     return out
 
@@ -132,14 +133,6 @@ class RepaERecipe(SiTRecipe):
     # -- model and parts ------------------------------------------------------------------
     def model_kwargs(self, fused):
         return {**super().model_kwargs(fused), "latent_norm": True}
-
-    def build_model(self, fused):
-        model = super().build_model(fused)
-        o = self.options
-        if o.latent_stats != ESTIMATE:
-            scale, bias = load_bn_stats(self._stats_path())
-            model.latent_norm.init_from_stats(scale, bias)
-        return model
 
     def _stats_path(self) -> Path:
         o = self.options
@@ -168,6 +161,9 @@ class RepaERecipe(SiTRecipe):
         vae = build_sdvae(o.vae) if o.vae_weights == RANDOM else load_sdvae(o.vae_weights, config=o.vae)
         disc = build_discriminator(None if o.disc_weights == RANDOM else o.disc_weights, tiny=o.vae != "f8d4",
                                    pretrained=o.disc_weights != RANDOM)
+        # the latent BatchNorm's initial statistics, read now (a missing file fails before step 0) and
+        # set at step 0 in the model and its EMA; a resumed run takes them from its checkpoint
+        self._bn_stats = None if o.latent_stats == ESTIMATE else load_bn_stats(self._stats_path())
         self._vae = VAEAutoencode(vae)
         self._lpips = build_lpips(tiny=o.lpips == "tiny").to(device)
         adamw = lambda lr: lambda ps: torch.optim.AdamW(  # noqa: E731
@@ -251,8 +247,8 @@ class RepaEStep:
         noise = torch.randn(z.shape, generator=g, device=z.device, dtype=z.dtype)
         feats = st.features(batch)
         net = self.model.module  # model + head, plain (frozen passes need no gradient reduction)
-        if index == 0 and o.latent_stats == ESTIMATE:
-            self._estimate_stats(z.detach())
+        if index == 0:
+            self._init_stats(z.detach())
 
         # 1. VAE: the SiT frozen and in eval (BatchNorm running stats), alignment through blocks 1..depth
         trained = [p for p in net.parameters() if p.requires_grad]
@@ -260,9 +256,8 @@ class RepaEStep:
         for p in trained:
             p.requires_grad_(False)
         try:
-            with st.autocast():
-                hidden = r.loss(net.model, batch, {"x": z, "t": t, "noise": noise, "align_only": True}).hidden
-                vae_align = net.head(hidden, feats)
+            with st.autocast():  # through the tree's own forward: FSDP gathers its root parameters there
+                _, vae_align, _ = net(batch, {"x": z, "t": t, "noise": noise, "align_only": True}, feats)
             if self.observer:
                 self.observer("vae_pass", t=t, noise=noise, training=net.training,
                               frozen=not any(p.requires_grad for p in net.parameters()))
@@ -310,9 +305,18 @@ class RepaEStep:
         save_grid(to_uint8_nhwc(both), path, nrow=k)
 
     @torch.no_grad()
+    def _init_stats(self, z: torch.Tensor) -> None:
+        """Step 0: the latent BatchNorm and its EMA copies start from the configured statistics
+        (REPA-E's init_bn: running_mean = bias, running_var = scale^-2), or with
+        repae.latent_stats=estimate from the first batch's posterior samples pooled over ranks."""
+        stats = self.recipe._bn_stats
+        if stats is None:
+            return self._estimate_stats(z)
+        scale, bias = (t.to(z.device) for t in stats)
+        self._set_stats(bias, scale.reciprocal().pow(2))
+
+    @torch.no_grad()
     def _estimate_stats(self, z: torch.Tensor) -> None:
-        """repae.latent_stats=estimate: the latent BatchNorm (and its EMA) start from the first
-        batch's posterior samples, pooled over ranks: bias = mean, scale = 1 / std."""
         import torch.distributed as dist
         zf = z.float()
         s = torch.stack([zf.sum((0, 2, 3)), (zf * zf).sum((0, 2, 3))])
@@ -322,6 +326,9 @@ class RepaEStep:
             dist.all_reduce(n)
         mean = s[0] / n
         var = (s[1] / n - mean * mean).clamp_min(1e-8)
+        self._set_stats(mean, var)
+
+    def _set_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         targets = [self.model.module.model.latent_norm]
         ema = self.model.ema
         for m in getattr(ema, "models", []):
