@@ -12,7 +12,8 @@ latent-only  the step train_ldm_only / our prepare -> train path runs with an ex
 Same SiT, projector, batch, encoder features (random stand-ins: the encoder cost is the
 same in both and not part of either step here), precision and device. Weights are random
 (the cost does not depend on them). Timing: per-step wall time after warm-up with a device
-sync per step, the two kinds interleaved step by step; median and 20/80 % quantiles; one CSV row per step kind in
+sync per step, the two kinds interleaved step by step; median and 20/80 % quantiles; FLOPs of
+one step of each kind counted by torch.utils.flop_counter (matmuls and convolutions); one CSV row per step kind in
 perf/results/bench_repae.csv (device, commit, date, command).
 """
 from __future__ import annotations
@@ -52,7 +53,7 @@ def build(preset: str, device, batch: int, amp):
     """The REPA-E step with random weights (VAE, discriminator, LPIPS: no files needed), as the trainer builds it."""
     name, over, lp_div = PRESETS[preset]
     cfg = recipes.resolve(name, {**over, "repae.vae_weights": "random", "repae.disc_weights": "random",
-                                 "repae.latent_stats": "estimate", "train.batch_size": batch,
+                                 "repae.latent_stats": "estimate", "repae.recon_every": 0, "train.batch_size": batch,
                                  "model.num_classes": 1000})
     r = recipes.for_config(cfg)
     torch.manual_seed(0)
@@ -135,6 +136,13 @@ def main(argv=None):
         st.backward(d + st.align_weight * al)
         st.optimizer_step(part, i)
 
+    # FLOPs of one step of each kind (torch's FlopCounterMode: matmuls and convolutions, forward and backward)
+    from torch.utils.flop_counter import FlopCounterMode
+    flops = {}
+    for kind, fn in (("latent-only", latent_step), ("end-to-end", e2e_fn)):
+        with FlopCounterMode(display=False) as fc:
+            fn(10_000)  # an index past step 0 (no statistics init), outside the timed ones
+        flops[kind] = fc.get_total_flops()
     # interleaved (one of each per round), so a change of machine load hits both kinds alike
     lat, e2e = [], []
     for i in range(a.warmup + a.steps):
@@ -155,11 +163,14 @@ def main(argv=None):
                      "batch": batch, "precision": prec, "step_ms_median": round(1e3 * med, 2),
                      "step_ms_p20": round(1e3 * _q(ts, 0.2), 2), "step_ms_p80": round(1e3 * _q(ts, 0.8), 2),
                      "img_per_s": round(batch / med, 2), "cost_vs_latent_only": round(med / base, 2),
+                     "gflop_per_step": round(flops[kind] / 1e9, 3),
+                     "flop_ratio": round(flops[kind] / flops["latent-only"], 2),
                      "command": cmd})
     for r in rows:
         print(f"{r['preset']:>10} {r['step']:>11}: {r['step_ms_median']:9.1f} ms/step "
               f"(p20 {r['step_ms_p20']:.1f}, p80 {r['step_ms_p80']:.1f}), {r['img_per_s']:.1f} img/s, "
-              f"x{r['cost_vs_latent_only']:.2f} the latent-only step")
+              f"x{r['cost_vs_latent_only']:.2f} the latent-only step; {r['gflop_per_step']} GFLOP "
+              f"(x{r['flop_ratio']})")
     path = Path(a.csv)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.is_file()
