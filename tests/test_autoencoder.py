@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from irepa.autoencoder.discriminator import PatchDiscriminator, build_discriminator
-from irepa.autoencoder.end_to_end import Posterior
 from irepa.autoencoder.losses import VAELossConfig, discriminator_loss, generator_loss, hinge_d_loss
 from irepa.autoencoder.lpips import LPIPS, TAPS, build_lpips
-from irepa.autoencoder.sdvae import (SDVAE_TINY, build_sdvae, diffusers_to_ldm, ldm_to_diffusers, load_sdvae)
+from irepa.autoencoder.sdvae import (SDVAE_TINY, Posterior, build_sdvae, diffusers_to_ldm, ldm_to_diffusers,
+                                     load_sdvae)
 from irepa.encoders.classical import VGG16_RELU5_3
 
 
