@@ -23,7 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from irepa.metrics.npz import NpzArrayWriter, save_grid, to_uint8_nhwc
+from irepa.grid import save_grid, to_uint8_nhwc
+from irepa.metrics.npz import NpzArrayWriter
 
 
 @dataclass

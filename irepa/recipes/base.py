@@ -62,6 +62,8 @@ class Recipe:
     """preset name -> config tree (irepa.config sections); train.recipe is set by the registry"""
     Options: ClassVar[type | None] = None
     """a dataclass of the recipe's own options: config section `name` (cfg.<name>, --<name>.<key>)"""
+    interval_rule: ClassVar[str] = "sit"
+    """where CFG is on, as the recipe's release decides it (irepa.sampling.guidance_schedule)"""
 
     checkpoint = None
     """the checkpoint folder a sampling tool loaded the model from (launch/sample.py sets it), for
@@ -131,7 +133,7 @@ class Recipe:
         """Samples (model space, like `noise`) for `labels`; the trainer's grid, online FID and
         launch/sample.py all come here. interval: CFG interval in SiT time."""
         return integrate(self.velocity_fn(model), noise, labels, method, steps, cfg, interval,
-                         null_class=null_class, generator=generator)
+                         null_class=null_class, generator=generator, interval_rule=self.interval_rule)
 
     def decoder(self, manifest: dict | None, device, vae: str | None = None,
                 scaling: codec.LatentScaling | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:

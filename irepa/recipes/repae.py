@@ -296,7 +296,7 @@ class RepaEStep:
     @torch.no_grad()
     def _save_recon(self, x: torch.Tensor, recon: torch.Tensor, n: int) -> None:
         """run folder / recon / step-N.png: 8 inputs over their reconstructions (a host copy, every recon_every steps)."""
-        from irepa.metrics.npz import save_grid, to_uint8_nhwc
+        from irepa.grid import save_grid, to_uint8_nhwc
         t = self.recipe.cfg.train
         k = min(8, x.shape[0])
         both = torch.cat([x[:k], recon[:k]]).float().add(1).div(2).clamp(0, 1).cpu()

@@ -20,7 +20,8 @@ def build_head(cfg: Config, dim: int, encoder_dims: list[int], fused: bool) -> A
     if fused:
         from irepa.kernels import fused_alignment_loss
         loss_fn = fused_alignment_loss
-    return AlignmentHead(dim, encoder_dims, cfg.align.projector, cfg.align.gamma, cfg.align.hidden_dim, loss_fn)
+    return AlignmentHead(dim, encoder_dims, cfg.align.projector, cfg.align.gamma, cfg.align.hidden_dim, loss_fn,
+                         kernel_size=cfg.align.proj_kernel_size)
 
 
 class AlignedDiffusion(nn.Module):

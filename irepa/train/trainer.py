@@ -303,7 +303,7 @@ class Trainer:
         model = self._full_ema_model()  # collective under FSDP
         if not self.is_main:
             return None
-        from irepa.train.grid import save_grid
+        from irepa.grid import save_grid
         classes = min(self.cfg.model.num_classes, max_classes)
         labels = torch.arange(classes, device=self.device).repeat_interleave(per_class)
         g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
