@@ -41,7 +41,7 @@ def test_export_and_prepare_use_the_fixed_batchnorm(tmp_path):
     from irepa.data import build_loader
     loader = build_loader(data, 8, ["hog"], seed=0, backend="memmap", device="cpu")
     lat = np.load(tmp_path / "data" / "memmap" / "latent.npy", mmap_mode="r")
-    z = torch.from_numpy(np.asarray(lat[:16, 0]))
+    z = torch.from_numpy(np.array(lat[:16, 0]))
     # the loader's normalization (z - shift) / scale is the latent BatchNorm in eval
     torch.testing.assert_close((z - loader.shift) / loader.scale, ln.eval()(z), rtol=1e-5, atol=1e-6)
     assert next(iter(loader))["x"].shape == (8, 4, 4, 4)
