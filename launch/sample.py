@@ -83,8 +83,10 @@ def load_model(path: str, which: str, model_name: str | None, device):
                                                         "release": info["release"]}
     from irepa.train.build import dataset_dir
     from irepa.train.export import load_for_inference
+    from irepa.train.export import find_checkpoint
     model, cfg = load_for_inference(p, which=which, device=device)
     recipe = recipes.for_config(cfg)
+    recipe.checkpoint = find_checkpoint(p)  # a decoder that is a trained part (REPA-E's VAE) is read from it
     builtin = cfg.data.source if cfg.data.source == "digits" else None
     return model, recipe, {"num_classes": cfg.model.num_classes, "data": str(dataset_dir(cfg, recipe.data_kind)),
                            "builtin": builtin, "source": str(p.resolve())}
@@ -118,8 +120,8 @@ def build_decoder(recipe, info: dict, channels: int, vae: str | None, latent_sta
                   latent_scale: float | None, device):
     """-> (model outputs -> images in [0, 1], a description recorded in plan.json)."""
     manifest_path, manifest = _manifest(info["data"])
-    if recipe.data_kind == "pixels":
-        return recipe.decoder(manifest, device), "pixels"
+    if recipe.data_kind == "pixels":  # pixels, or images through the run's own VAE (REPA-E; --vae: an export of it)
+        return recipe.decoder(manifest, device, vae=vae), getattr(recipe, "decoder_tag", "pixels")
     recorded = ((manifest or {}).get("latent") or {}).get("vae")
     name = vae or recorded or (codec.DIGITS_CODEC if info.get("builtin") == "digits" else None)
     if name is None or (name != codec.DIGITS_CODEC and not Path(name).is_dir()):

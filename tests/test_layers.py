@@ -20,7 +20,7 @@ LAYERS = [
     ["irepa.train"],
     ["irepa.recipes"],
     ["irepa.sampling", "irepa.transport", "irepa.generate"],  # consume models' velocities; never imported by them
-    ["irepa.models", "irepa.data", "irepa.analysis"],
+    ["irepa.models", "irepa.data", "irepa.analysis", "irepa.autoencoder"],
     ["irepa.align", "irepa.adaln", "irepa.kernels", "irepa.codec", "irepa.grid", "irepa.metrics", "irepa.encoders",
      "irepa.analysis.spatial"],
     ["irepa.config", "irepa.cli", "irepa.dist", "irepa"],

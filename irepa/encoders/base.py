@@ -197,8 +197,10 @@ def hf_cache_snapshot(repo_id: str) -> Path | None:
 
 
 def resolve_weights(name: str, *, hf_repo: str | None = None, filename: str | None = None,
-                    weights: str | os.PathLike | None = None, must_exist: bool = True) -> Path | None:
-    """Find an encoder's weights on this machine.
+                    weights: str | os.PathLike | None = None, must_exist: bool = True,
+                    what: str = "encoder") -> Path | None:
+    """Find an encoder's weights on this machine (also used for other frozen or initial
+    weights: the VAE, LPIPS, the discriminator; `what` names the kind in errors).
 
     Order: the `weights` argument; $IREPA_ENCODER_<NAME>; $IREPA_ENCODER_DIR/<name>
     (a Hugging Face style folder or a file) and $IREPA_ENCODER_DIR/<filename>; the
@@ -221,7 +223,7 @@ def resolve_weights(name: str, *, hf_repo: str | None = None, filename: str | No
         if c.exists():
             return c
         if weights is not None and c == Path(weights).expanduser():
-            raise FileNotFoundError(f"encoder {name!r}: weights path {c} does not exist")
+            raise FileNotFoundError(f"{what} {name!r}: weights path {c} does not exist")
     if hf_repo:
         snap = hf_cache_snapshot(hf_repo)
         tried.append(f"Hugging Face cache of {hf_repo}")
@@ -234,10 +236,10 @@ def resolve_weights(name: str, *, hf_repo: str | None = None, filename: str | No
             return hub
     if not must_exist:
         return None
-    what = f"the Hugging Face repo {hf_repo!r} (config.json + weights)" if hf_repo else f"the file {filename!r}"
+    expected = f"the Hugging Face repo {hf_repo!r} (config.json + weights)" if hf_repo else f"the file {filename!r}"
     raise FileNotFoundError(
-        f"encoder {name!r}: no weights on this machine (nothing is downloaded at run time). "
-        f"Put {what} at {root / (name if hf_repo else (filename or name))}, or point "
+        f"{what} {name!r}: no weights on this machine (nothing is downloaded at run time). "
+        f"Put {expected} at {root / (name if hf_repo else (filename or name))}, or point "
         f"${env_key(name)} / build(..., weights=PATH) at it"
         + (f", or pre-fill the Hugging Face cache (huggingface-cli download {hf_repo})" if hf_repo else "")
         + ". Tried: " + "; ".join(tried))

@@ -211,6 +211,23 @@ class DenseSIFT(_WeightFree):
 
 
 VGG16_POOL4 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M")
+VGG16_RELU5_3 = VGG16_POOL4 + (512, 512, 512)  # through conv5_3 + ReLU (LPIPS' last tap)
+VGG16_FILE = "vgg16-397923af.pth"  # torchvision IMAGENET1K_V1 (the LPIPS backbone; the vgg16 encoder loads the release's file)
+
+
+def vgg16_features(spec=VGG16_POOL4, width_div: int = 1) -> tuple[nn.Sequential, int]:
+    """torchvision's vgg16().features layers for `spec` (same indices, so its weight file loads
+    as is); width_div > 1 narrows every conv (tests). -> (layers, output channels)."""
+    layers: list[nn.Module] = []
+    c_in = 3
+    for v in spec:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            c_out = v // width_div
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+            c_in = c_out
+    return nn.Sequential(*layers), c_in
 
 
 class VGG16Pool4(Encoder):
@@ -219,17 +236,7 @@ class VGG16Pool4(Encoder):
     def __init__(self, name: str = "vgg16", width_div: int = 1):
         super().__init__()
         self.name = name
-        layers: list[nn.Module] = []
-        c_in = 3
-        for v in VGG16_POOL4:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                c_out = v // width_div
-                layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
-                c_in = c_out
-        self.features = nn.Sequential(*layers)
-        self.dim = c_in
+        self.features, self.dim = vgg16_features(VGG16_POOL4, width_div)
 
     def load(self, path: Path) -> "VGG16Pool4":
         sd = load_state_dict(path)

@@ -65,6 +65,10 @@ class Recipe:
     interval_rule: ClassVar[str] = "sit"
     """where CFG is on, as the recipe's release decides it (irepa.sampling.guidance_schedule)"""
 
+    checkpoint = None
+    """the checkpoint folder a sampling tool loaded the model from (launch/sample.py sets it), for
+    recipes whose decoder is a trained part of the run (REPA-E's VAE); None while training"""
+
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg if cfg is not None else Config(train=TrainConfig(recipe=self.name))
 
@@ -84,6 +88,12 @@ class Recipe:
         if m.align_depth is not None:
             kw["align_depth"] = m.align_depth
         return kw
+
+    def data_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        """What one sample of the prepared data holds, checked against the dataset's manifest: the
+        model's input (C, H, W) by default; a recipe that encodes the data itself (REPA-E: images
+        through its trained VAE) returns the image shape."""
+        return model.in_channels, model.input_size, model.input_size
 
     def build_model(self, fused: bool) -> nn.Module:
         """The diffusion model (seeded by the caller). Modules a recipe attaches here are trained,
