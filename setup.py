@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Fast, faithful trainer for SiT/JiT diffusion transformers with REPA/iREPA alignment",
     python_requires=">=3.10",
-    packages=["irepa", "irepa.models", "irepa.train", "irepa.encoders", "irepa.metrics",
+    packages=["irepa", "irepa.models", "irepa.recipes", "irepa.train", "irepa.encoders", "irepa.metrics",
               "irepa.analysis", "irepa.kernels", "irepa.data"],
     package_dir={"irepa": "irepa", "irepa.kernels": "kernels", "irepa.data": "data"},
     install_requires=[

@@ -2,8 +2,8 @@
 
 It ships with scikit-learn, so the whole pipeline runs for real on a machine with no
 network. Images are upsampled to `resolution` RGB (grayscale replicated) in [0, 1], the
-layout every encoder takes. The diffusion model trains on a "pixel codec" of them: the
-image box-filtered down to `latent_size` (factor 8 at 128 px, like the SD-VAE's f8) and
+layout every encoder takes. The diffusion model trains on a "pixel codec" of them
+(irepa.codec.DigitsCodec): the image box-filtered down by 8 (like the SD-VAE's f8) and
 mapped to [-1, 1], one channel.
 """
 from __future__ import annotations
@@ -22,13 +22,3 @@ def load_digits_images(resolution: int = 128) -> tuple[torch.Tensor, torch.Tenso
     x = torch.from_numpy(d.images).float().div(16.0)[:, None]  # [N, 1, 8, 8]
     x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False).clamp(0, 1)
     return x.expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(d.target).long()
-
-
-def pixel_codec_encode(images: torch.Tensor, latent_size: int) -> torch.Tensor:
-    """[N, 3, R, R] in [0, 1] -> [N, 1, L, L] in [-1, 1] (area downsample of the gray channel)."""
-    return F.interpolate(images[:, :1], size=(latent_size, latent_size), mode="area") * 2 - 1
-
-
-def pixel_codec_decode(latents: torch.Tensor) -> torch.Tensor:
-    """[N, 1, L, L] in [-1, 1] -> [N, 3, L, L] in [0, 1]."""
-    return ((latents + 1) / 2).clamp(0, 1).expand(-1, 3, -1, -1)

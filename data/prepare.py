@@ -31,52 +31,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from irepa.codec import DIGITS_CODEC, open_codec
+from irepa.dist import barrier, pick_device, rank_world
+
 from . import format as fmt
 from .sources import open_source
-
-DIGITS_CODEC = "digits-codec"
-
-
-# ---------------------------------------------------------------------------------------
-# latent codecs: x01 [B, 3, R, R] in [0, 1] -> (mean, std) [B, C, h, w]
-
-class SDVAE(nn.Module):
-    """diffusers AutoencoderKL loaded from a local folder (never the hub)."""
-
-    def __init__(self, path: str, device: torch.device):
-        super().__init__()
-        from diffusers import AutoencoderKL
-
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"VAE folder {path} not found (expected a diffusers AutoencoderKL "
-                                    f"save_pretrained folder with config.json)")
-        self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval().requires_grad_(False)
-        self.name = str(Path(path).resolve())
-
-    @torch.no_grad()
-    def forward(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.vae.encode(x01 * 2 - 1).latent_dist
-        return dist.mean.float(), dist.std.float()
-
-
-class DigitsCodec(nn.Module):
-    """data/digits.py's pixel codec as a "VAE" with zero posterior std."""
-
-    name = DIGITS_CODEC
-
-    def __init__(self, resolution: int):
-        super().__init__()
-        if resolution % 8:
-            raise ValueError(f"digits codec: resolution {resolution} is not a multiple of 8")
-        self.latent_size = resolution // 8
-
-    @torch.no_grad()
-    def forward(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from .digits import pixel_codec_encode
-
-        mean = pixel_codec_encode(x01.float(), self.latent_size)
-        return mean, torch.zeros_like(mean)
-
 
 def build_encoder(enc: str | nn.Module) -> nn.Module:
     if isinstance(enc, nn.Module):
@@ -89,9 +48,9 @@ def build_encoder(enc: str | nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------
 # coordination helpers
 
-def _dist():
-    d = torch.distributed
-    return d if d.is_available() and d.is_initialized() else None
+def _collective() -> bool:
+    """Ranks are processes of one torch.distributed group (torchrun), not separate invocations."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _wait_for(pred, what: str, timeout: float, poll: float = 2.0) -> None:
@@ -132,9 +91,10 @@ def prepare(source: str, out: str, *, resolution: int = 256, vae: str | None = N
     than 0 outside torch.distributed). A complete `out` is left as it is when it was made
     from the same request, and refused (naming what differs) otherwise, unless overwrite=True.
     """
-    d = _dist()
-    rank = d.get_rank() if (rank is None and d) else (rank or 0)
-    world_size = d.get_world_size() if (world_size is None and d) else (world_size or 1)
+    d = _collective()
+    group_rank, group_world = rank_world()
+    rank = group_rank if (rank is None and d) else (rank or 0)
+    world_size = group_world if (world_size is None and d) else (world_size or 1)
     formats = tuple([formats] if isinstance(formats, str) else formats)
     if not formats or set(formats) - {"ffcv", "memmap"}:
         raise ValueError(f"formats must be a non-empty subset of ('ffcv', 'memmap'), got {formats}")
@@ -145,6 +105,10 @@ def prepare(source: str, out: str, *, resolution: int = 256, vae: str | None = N
             raise ImportError("formats include 'ffcv' but ffcv cannot be imported here (see README: "
                               "IREPA_WITH_FFCV=1 bash launch/install.sh); prepare with --formats memmap")
     out_p, partial = Path(out), Path(str(out) + ".partial")
+    package = Path(__file__).resolve().parent
+    if package == out_p.resolve() or package in out_p.resolve().parents:
+        raise ValueError(f"{out}: inside the irepa.data source package ({package}); prepared datasets live outside "
+                         f"the source tree (e.g. /data/<name>)")
     if kind not in ("latent", "pixels"):
         raise ValueError(f"kind must be 'latent' or 'pixels', got {kind!r}")
     vae = (vae or (DIGITS_CODEC if source == "digits" else None)) if kind == "latent" else None
@@ -162,16 +126,14 @@ def prepare(source: str, out: str, *, resolution: int = 256, vae: str | None = N
             raise ValueError(f"{out_p} already holds a prepared dataset with other settings ({'; '.join(diff)}); "
                              f"choose another output folder, or pass --overwrite (overwrite=True) to replace it")
         return str(out_p)
-    if device == "auto":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = pick_device(device)
 
-    codec = None if kind == "pixels" else DigitsCodec(resolution) if vae == DIGITS_CODEC else SDVAE(vae, dev)
+    codec = None if kind == "pixels" else open_codec(vae, dev, resolution)
     encs = [build_encoder(e).to(dev).eval() for e in encoders]
 
     # shapes from one dry run, so the memmaps can be preallocated
     probe = torch.zeros(1, 3, resolution, resolution, device=dev)
-    latent_shape = list(codec(probe)[0].shape[1:]) if codec is not None else None
+    latent_shape = list(codec.encode(probe)[0].shape[1:]) if codec is not None else None
     enc_info = []
     for e, s in zip(encs, storages):
         y = e(probe)
@@ -189,7 +151,7 @@ def prepare(source: str, out: str, *, resolution: int = 256, vae: str | None = N
                          num_threads, max_batches, progress)
     all_done = lambda: all(_progress(partial, r)["finished"] for r in range(world_size))  # noqa: E731
     if d:
-        d.barrier()
+        barrier()
         if not all_done():  # every rank reads the same files after the barrier, so all agree
             return None
     elif not finished or rank != 0:
@@ -199,7 +161,7 @@ def prepare(source: str, out: str, *, resolution: int = 256, vae: str | None = N
     if rank == 0:
         _finalize(partial, out_p, config, src, full_checksum, overwrite)
     if d:
-        d.barrier()
+        barrier()
     return str(out_p)
 
 
@@ -235,7 +197,7 @@ def _settings_diff(manifest: dict, src, resolution: int, kind: str, vae: str | N
     return out
 
 
-def _setup_partial(partial: Path, config: dict, fields: dict, n: int, rank: int, overwrite: bool, d,
+def _setup_partial(partial: Path, config: dict, fields: dict, n: int, rank: int, overwrite: bool, d: bool,
                    wait_timeout: float) -> None:
     cfg_path = partial / "config.json"
     if rank == 0:
@@ -258,7 +220,7 @@ def _setup_partial(partial: Path, config: dict, fields: dict, n: int, rank: int,
             fmt.write_json_atomic(tmp / "config.json", config)
             os.rename(tmp, partial)
     if d:
-        d.barrier()
+        barrier()
     else:
         _wait_for(cfg_path.exists, f"{cfg_path} (rank 0 creates it)", wait_timeout)
     if json.loads(cfg_path.read_text()) != config:
@@ -323,7 +285,7 @@ def _encode_batch(crops: np.ndarray, labels: np.ndarray, codec, encs, enc_info, 
     x01 = u8.to(dev).float().div_(255)
     rows = {"label": np.repeat(labels, 2)}
     if codec is not None:
-        mean, std = codec(x01)
+        mean, std = codec.encode(x01)
         rows["latent"] = torch.stack([mean, std], dim=1).cpu().numpy().astype(np.float32)
         rows["images"] = u8.numpy()
     else:

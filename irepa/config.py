@@ -1,9 +1,11 @@
-"""Typed configuration tree, named presets for the published recipes, CLI overrides.
+"""Typed configuration tree and CLI overrides.
 
-A run is described by `Config` (model, align, data, optim, train). `resolve(preset,
-overrides)` starts from a preset and applies overrides given as dotted keys
-("train.batch_size") or unique leaf names ("batch_size"); every section validates itself
-in __post_init__ and the resolved tree is written to the run folder as config.json.
+A run is described by `Config` (model, align, data, optim, train, plus the option section a
+recipe may register under its own name). `build_config(tree, overrides)` applies overrides
+given as dotted keys ("train.batch_size") or unique leaf names ("batch_size") to a preset
+tree; every section validates itself in __post_init__ and the resolved tree is written to
+the run folder as config.json. The presets themselves belong to the recipes
+(irepa.recipes.resolve(preset, overrides) looks them up): this module imports nothing of irepa.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ class ModelConfig:
     attn_backend: str = "auto"
     """auto | sdpa | flash | xformers"""
     fused_kernels: bool | None = None
-    """fused Triton adaLN in the blocks; None = on when training on CUDA"""
+    """fused Triton adaLN in the blocks (SiT); None = on when training on CUDA"""
 
     def __post_init__(self):
         if self.input_size <= 0 or self.in_channels <= 0 or self.num_classes <= 0:
@@ -49,6 +51,9 @@ class AlignConfig:
     """lambda: total = denoising + weight * alignment"""
     hidden_dim: int = 2048
     """MLP projector width"""
+    proj_kernel_size: int = 3
+    """conv projector kernel side (odd): 3 as the paper and the JiT release; the LDM release's
+    --proj-kwargs-kernel-size defaults to 1 (its irepa.yaml keeps that), so 1 matches those runs"""
     fused_loss: bool | None = None
     """fused Triton alignment loss; None = on when training on CUDA"""
 
@@ -59,6 +64,9 @@ class AlignConfig:
             self.encoders = [self.encoders]
         if self.weight < 0:
             raise ValueError(f"align.weight must be >= 0, got {self.weight}")
+        k = self.proj_kernel_size
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise ValueError(f"align.proj_kernel_size must be a positive odd integer (1, 3, 5, ...), got {k!r}")
 
 
 @dataclass
@@ -109,14 +117,15 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 @dataclass
 class TrainConfig:
-    objective: str = "sit"
-    """sit (velocity, t=1 noise) or jit (x-prediction, t=1 data)"""
+    recipe: str = "sit"
+    """training recipe (irepa.recipes.names()): sit (flow matching, velocity, t=1 noise) | jit (x-prediction,
+    t=1 data); it must accept model.name's family"""
     steps: int = 400_000
     batch_size: int = 256
     """global batch over all ranks"""
     seed: int = 0
     time_sampling: str = "uniform"
-    """sit: uniform | lognormal"""
+    """time distribution of the sit recipe: uniform | lognormal"""
     ema_decays: list[float] = field(default_factory=lambda: [0.9999])
     precision: str = "auto"
     """auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32"""
@@ -157,8 +166,8 @@ class TrainConfig:
     """Inception weights file; None = $IREPA_INCEPTION_WEIGHTS or the local cache"""
 
     def __post_init__(self):
-        if self.objective not in ("sit", "jit"):
-            raise ValueError(f"train.objective must be 'sit' or 'jit', got {self.objective!r}")
+        if not isinstance(self.recipe, str) or not self.recipe:
+            raise ValueError(f"train.recipe must be a recipe name (irepa.recipes.names()), got {self.recipe!r}")
         if self.steps <= 0 or self.batch_size <= 0 or self.log_every <= 0 or self.ckpt_every <= 0:
             raise ValueError("train: steps, batch_size, log_every and ckpt_every must be positive")
         if self.parallel not in ("auto", "none", "ddp", "fsdp"):
@@ -181,6 +190,31 @@ class TrainConfig:
             raise ValueError(f"train.ema_decays must be numbers in (0, 1), got {self.ema_decays}")
 
 
+_SECTION_TYPES = {"model": ModelConfig, "align": AlignConfig, "data": DataConfig, "optim": OptimConfig,
+                  "train": TrainConfig}
+_RECIPE_SECTIONS: dict[str, type] = {}
+"""option sections recipes register under their own name (register_section), e.g. "meanflow" """
+_RENAMED = {("train", "objective"): "recipe"}  # config.json of runs made before the key was renamed
+
+
+def register_section(name: str, cls: type) -> None:
+    """Register a recipe's option dataclass as config section `name` (cfg.<name>, --<name>.<key>)."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"config section {name!r}: {cls!r} is not a dataclass")
+    if name in _SECTION_TYPES or name == "preset" or _RECIPE_SECTIONS.get(name, cls) is not cls:
+        raise ValueError(f"config section {name!r} is already taken")
+    _RECIPE_SECTIONS[name] = cls
+
+
+def _section_type(name: str) -> type:
+    if name in _SECTION_TYPES:
+        return _SECTION_TYPES[name]
+    if name in _RECIPE_SECTIONS:
+        return _RECIPE_SECTIONS[name]
+    raise ValueError(f"config: unknown section {name!r} (sections: {list(_SECTION_TYPES)}"
+                     f"{', recipe sections: ' + str(sorted(_RECIPE_SECTIONS)) if _RECIPE_SECTIONS else ''})")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -189,120 +223,86 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """recipe option sections by name (register_section); also reachable as cfg.<name>"""
+
+    def __getattr__(self, name: str):
+        extra = self.__dict__.get("extra") or {}
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"Config has no section or field {name!r}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = {k: dataclasses.asdict(getattr(self, k)) for k in _SECTION_TYPES}
+        out.update({k: dataclasses.asdict(v) for k, v in self.extra.items()})
+        return {**out, "preset": self.preset}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
-        kw = {}
+        kw: dict[str, Any] = {"extra": {}}
         for name, value in d.items():
-            if name not in sections:
-                raise ValueError(f"config: unknown section {name!r}")
             if name == "preset":
                 kw[name] = value
                 continue
-            sec_cls = _SECTION_TYPES[name]
+            sec_cls = _section_type(name)
+            value = {_RENAMED.get((name, k), k): v for k, v in value.items()}
             known = {f.name for f in dataclasses.fields(sec_cls)}
             bad = set(value) - known
             if bad:
                 raise ValueError(f"config: unknown key(s) {sorted(bad)} in section {name!r}")
-            kw[name] = sec_cls(**value)
+            section = sec_cls(**value)
+            if name in _SECTION_TYPES:
+                kw[name] = section
+            else:
+                kw["extra"][name] = section
         return cls(**kw)
 
 
-_SECTION_TYPES = {"model": ModelConfig, "align": AlignConfig, "data": DataConfig, "optim": OptimConfig,
-                  "train": TrainConfig}
-
-_SIT = {"SiT-B/2": ("sit-b2", 4), "SiT-L/2": ("sit-l2", 8), "SiT-XL/2": ("sit-xl2", 8)}
-
-
-def _published_presets() -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for model, (tag, depth) in _SIT.items():
-        base = {"model": {"name": model, "align_depth": depth, "input_size": 32, "in_channels": 4},
-                "data": {"source": "data/imagenet256", "resolution": 256},
-                "train": {"steps": 400_000, "batch_size": 256, "ema_decays": [0.9999]},
-                "optim": {"lr": 1e-4, "betas": (0.9, 0.999), "grad_clip": 1.0}}
-        out[f"{tag}-repa"] = _merge(base, {"align": {"encoders": ["dinov2-vit-b"], "projector": "mlp",
-                                                     "gamma": None, "weight": 0.5}})
-        out[f"{tag}-irepa"] = _merge(base, {"align": {"encoders": ["dinov2-vit-b"], "projector": "conv",
-                                                      "gamma": 0.6, "weight": 1.0}})
-    # the embedded default: a small SiT on scikit-learn's digits with a HOG target, CPU, minutes
-    out["digits-sit-irepa"] = {
-        "model": {"name": "SiT-T/2", "input_size": 16, "in_channels": 1, "num_classes": 10,
-                  "align_depth": 2, "attn_backend": "sdpa"},
-        "align": {"encoders": ["hog"], "projector": "conv", "gamma": 0.6, "weight": 1.0},
-        "data": {"source": "digits", "resolution": 128, "backend": "memmap"},
-        "optim": {"lr": 1e-3, "betas": (0.9, 0.999), "grad_clip": 1.0, "warmup_steps": 50},
-        "train": {"steps": 400, "batch_size": 64, "ema_decays": [0.99], "log_every": 40,
-                  "ckpt_every": 200, "sample_steps": 40, "sample_method": "heun"},
-    }
-    out["digits-sit-repa"] = _merge(out["digits-sit-irepa"], {"align": {"projector": "mlp", "gamma": None,
-                                                                        "weight": 0.5, "hidden_dim": 256}})
-    return out
-
-
-def _merge(base: dict, over: dict) -> dict:
+def merge_trees(base: dict, over: dict) -> dict:
+    """A copy of the nested dict `base` with `over` written over it (dicts merged key by key)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     for k, v in over.items():
-        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
+        out[k] = merge_trees(out.get(k, {}), v) if isinstance(v, dict) else v
     return out
 
 
-PRESETS: dict[str, dict] = _published_presets()
-DEFAULT_PRESET = "digits-sit-irepa"
+def _sections_of(tree: dict) -> dict[str, type]:
+    """The core sections plus the recipe sections `tree` holds."""
+    return {**_SECTION_TYPES, **{k: _section_type(k) for k in tree if k not in _SECTION_TYPES and k != "preset"}}
 
 
-def register_presets(presets: dict[str, dict]) -> None:
-    """Add presets (e.g. the JiT recipes) to the table."""
-    PRESETS.update(presets)
-
-
-def _leaf_index() -> dict[str, list[str]]:
-    idx: dict[str, list[str]] = {}
-    for sec, cls in _SECTION_TYPES.items():
-        for f in dataclasses.fields(cls):
-            idx.setdefault(f.name, []).append(sec)
-    return idx
-
-
-def resolve(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None) -> Config:
-    """Preset + overrides -> validated Config. Unknown preset or key -> ValueError naming it."""
-    _load_extra_presets()
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
-    tree = _merge(PRESETS[preset], {})
-    leaves = _leaf_index()
+def build_config(tree: dict, overrides: dict[str, Any] | None = None, preset: str = "") -> Config:
+    """A preset tree + overrides -> validated Config. An unknown key is a ValueError naming it."""
+    tree = merge_trees(tree, {})
+    sections = _sections_of(tree)
+    leaves: dict[str, list[str]] = {}
+    for sec, typ in sections.items():
+        for f in dataclasses.fields(typ):
+            leaves.setdefault(f.name, []).append(sec)
     for key, value in (overrides or {}).items():
         if "." in key:
             sec, name = key.split(".", 1)
         else:
             secs = leaves.get(key, [])
             if not secs:
-                raise ValueError(f"unknown config key {key!r}: no section has it{_did_you_mean(key)} "
-                                 f"(sections: {list(_SECTION_TYPES)}; --help lists every key)")
+                raise ValueError(f"unknown config key {key!r}: no section has it{_did_you_mean(key, sections)} "
+                                 f"(sections: {list(sections)}; --help lists every key)")
             if len(secs) > 1:
                 raise ValueError(f"override {key!r} is in sections {secs}; write it as section.{key}")
             sec, name = secs[0], key
-        if sec not in _SECTION_TYPES or name not in {f.name for f in dataclasses.fields(_SECTION_TYPES[sec])}:
-            raise ValueError(f"unknown config key {key!r}{_did_you_mean(key)} (--help lists every key)")
+        typ = sections.get(sec) or _RECIPE_SECTIONS.get(sec)
+        if typ is None or name not in {f.name for f in dataclasses.fields(typ)}:
+            raise ValueError(f"unknown config key {key!r}{_did_you_mean(key, sections)} (--help lists every key)")
         tree.setdefault(sec, {})[name] = value
-    cfg = Config.from_dict({**tree, "preset": preset})
-    return cfg
+    return Config.from_dict({**tree, "preset": preset})
 
 
-def _all_keys() -> list[str]:
-    return [f"{sec}.{f.name}" for sec, typ in _SECTION_TYPES.items() for f in dataclasses.fields(typ)]
-
-
-def _did_you_mean(key: str) -> str:
+def _did_you_mean(key: str, sections: dict[str, type]) -> str:
     import difflib
-    keys = _all_keys()
+    keys = [f"{sec}.{f.name}" for sec, typ in sections.items() for f in dataclasses.fields(typ)]
     close = difflib.get_close_matches(key, keys + [k.split(".", 1)[1] for k in keys], n=3, cutoff=0.6)
     return f"; did you mean {', '.join(close)}?" if close else ""
 
@@ -321,23 +321,16 @@ def _field_docs(typ) -> dict[str, str]:
     return docs
 
 
-def describe(preset: str = DEFAULT_PRESET) -> str:
-    """Every config key with its value in `preset` and its documentation (launch/train.py --help)."""
-    cfg = resolve(preset).to_dict()
-    lines = [f"config keys (values of preset {preset!r}; override with --section.key VALUE or --key VALUE):"]
-    for sec, typ in _SECTION_TYPES.items():
+def describe(cfg: Config) -> str:
+    """Every config key with its value in `cfg` and its documentation (launch/train.py --help)."""
+    values = cfg.to_dict()
+    lines = [f"config keys (values of preset {cfg.preset!r}; override with --section.key VALUE or --key VALUE):"]
+    for sec in [*_SECTION_TYPES, *sorted(cfg.extra)]:
+        typ = _section_type(sec)
         docs = _field_docs(typ)
         lines.append(f"\n[{sec}]")
         for f in dataclasses.fields(typ):
-            lines.append(f"  --{sec}.{f.name} = {cfg[sec][f.name]!r}")
+            lines.append(f"  --{sec}.{f.name} = {values[sec][f.name]!r}")
             if f.name in docs:
                 lines.append(f"      {docs[f.name]}")
     return "\n".join(lines)
-
-
-def _load_extra_presets() -> None:
-    try:  # JiT recipes live with the JiT objective
-        from irepa.train.objective_jit import JIT_PRESETS
-    except ImportError:
-        return
-    register_presets(JIT_PRESETS)

@@ -1,7 +1,10 @@
 """MeanFlow: regress the average velocity u(z_t, r, t) = 1/(t - r) * int_r^t v dtau (SPEC_RECIPES.md A).
 
 Same linear path as SiT, z_t = (1 - t) x + t e, v = e - x, t = 1 noise. The network is a
-two-time SiT, net(z, t, h = t - r, y). From the identity u = v - (t - r) du/dt, with
+two-time SiT (A5): `attach_h_embedder(model)` gives it a second TimestepEmbedder for the
+interval h = t - r, and `average_velocity(model, z, t, h, y, drop)` calls it as
+model(z, t, y, drop, extra_cond=model.h_embedder(h)): c = t_emb(t) + y_emb(y) + h_emb(h),
+both times raw in [0, 1]. From the identity u = v - (t - r) du/dt, with
 du/dt = v . d_z u + d_t u along the path, the target is
 
     u_tgt = sg(v_g - clip(t - r, 0, 1) * du/dt),   (u, du/dt) = jvp(f, (z, t, r), (v_g, 1, 0)),
@@ -10,9 +13,9 @@ f(z, t, r) = net(z, t, t - r, y): the tangent of t is 1 and that of r is 0, so h
 with dh = 1. Loss per sample L_i = sum_{C,H,W} (u - u_tgt)^2, weighted by sg(1/(L_i + c)^p),
 p = 1, c = 0.01, then the batch mean.
 
-Draws (`draw`, one call for the whole batch, sliceable): t, r from two sigmoid(N(-0.4, 1))
-samples (t the larger), the first int(0.75 B) entries by index get r = t; the noise; label
-dropout as MeanFlow's `cond_drop`: num_drop = #(rand < 0.1) and the first num_drop entries
+Draws (A4, for the whole batch, sliceable): t, r from two sigmoid(N(-0.4, 1)) samples (t the
+larger), the first int(0.75 B) entries by index get r = t; the noise; label dropout as
+MeanFlow's `cond_drop`: num_drop = #(rand < 0.1) and the first num_drop entries (`first_k`)
 get the null label and the unguided target v_g = v.
 
 Guidance during training (A6): v_g = omega v + (1 - omega - kappa) v_unc + kappa v_cond with
@@ -36,34 +39,49 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 from irepa import forward_ad
+from irepa.models.layers import TimestepEmbedder
 from irepa.sampling import guided_velocity
 
 JVP_MODES = ("split", "joint")
 TARGET_PRECISIONS = ("fp32", "amp")
 
 
-@dataclass(frozen=True)
+@dataclass
 class MeanFlowSettings:
+    """The MeanFlow recipe's options (config section `meanflow`, --meanflow.<key>)."""
+
     p_mean: float = -0.4
+    """mean of the normal under the sigmoid of both time draws (logit-normal)"""
     p_std: float = 1.0
+    """std of that normal"""
     data_proportion: float = 0.75
-    """share of the batch (the first entries) with r = t"""
+    """share of each per-rank batch (its first entries, by index) trained with r = t"""
     norm_p: float = 1.0
+    """adaptive loss weight 1 / (L + norm_eps)^norm_p per sample (0 = plain summed squared error)"""
     norm_eps: float = 0.01
-    label_dropout: float = 0.1
+    """c of the adaptive weight"""
     omega: float = 1.0
+    """guidance baked in during training: v_g = omega v + (1 - omega - kappa) v_unc + kappa v_cond"""
     kappa: float = 0.0
+    """the weight of the net's own conditional velocity in v_g (effective scale omega / (1 - kappa))"""
     t_start: float = 0.0
+    """guidance acts for t in [t_start, t_end] (SiT time, 1 = noise); outside it v_g = v"""
     t_end: float = 1.0
+    """upper end of the guidance interval"""
     jvp: str = "split"
+    """split: u with gradient from the normal forward, du/dt from a no-grad JVP; joint: one JVP with gradient"""
     target_precision: str = "fp32"
+    """fp32: guidance passes and the JVP with autocast off (MF-PT; under FSDP with bf16/fp16 parameters
+    it falls back to amp, with a log line); amp: under the run's autocast"""
+    compile_jvp: bool | None = None
+    """torch.compile the no-grad JVP of the split mode (one graph of the whole model); None = train.compile"""
 
     def __post_init__(self):
-        if not 0.0 <= self.data_proportion <= 1.0 or not 0.0 <= self.label_dropout < 1.0:
-            raise ValueError(f"meanflow: data_proportion must be in [0, 1] and label_dropout in [0, 1), got "
-                             f"{self.data_proportion}, {self.label_dropout}")
+        if not 0.0 <= self.data_proportion <= 1.0:
+            raise ValueError(f"meanflow: data_proportion must be in [0, 1], got {self.data_proportion}")
         if self.kappa < 0 or self.kappa >= 1 or self.omega <= 0:
             raise ValueError(f"meanflow: guidance needs omega > 0 and 0 <= kappa < 1, got omega={self.omega}, "
                              f"kappa={self.kappa}")
@@ -98,30 +116,35 @@ def sample_t_r(batch: int, generator: torch.Generator | None, device=None, p_mea
     return t, torch.where(same, t, r)
 
 
-def first_k_dropout(batch: int, prob: float, generator: torch.Generator | None, device=None) -> torch.Tensor:
-    """bool [B]: num_drop = #(rand < prob) entries dropped, the first num_drop by index (no host sync)."""
-    num_drop = (torch.rand(batch, generator=generator, device=device) < prob).sum()
-    return torch.arange(batch, device=device) < num_drop
+def first_k(mask: torch.Tensor) -> torch.Tensor:
+    """The first #(mask) entries by index, True (MeanFlow's `cond_drop` from a rand < p mask)."""
+    return torch.arange(mask.shape[0], device=mask.device) < mask.sum()
 
 
-@dataclass
-class MeanFlowDraws:
-    """Every random draw of one step for the whole batch; `[s]` cuts a micro-batch."""
-    t: torch.Tensor
-    r: torch.Tensor
-    noise: torch.Tensor
-    drop: torch.Tensor | None
-
-    def __getitem__(self, s: slice) -> "MeanFlowDraws":
-        return MeanFlowDraws(self.t[s], self.r[s], self.noise[s], None if self.drop is None else self.drop[s])
+def draw_times_and_noise(x: torch.Tensor, generator: torch.Generator | None, s: MeanFlowSettings
+                         ) -> dict[str, torch.Tensor]:
+    """{"t", "r": [B], "noise": like x}: the draws of a step after the data's (x, label dropout)."""
+    t, r = sample_t_r(x.shape[0], generator, x.device, s.p_mean, s.p_std, s.data_proportion)
+    return {"t": t, "r": r, "noise": torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)}
 
 
-def draw(x: torch.Tensor, generator: torch.Generator | None, s: MeanFlowSettings) -> MeanFlowDraws:
-    B = x.shape[0]
-    t, r = sample_t_r(B, generator, x.device, s.p_mean, s.p_std, s.data_proportion)
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    drop = first_k_dropout(B, s.label_dropout, generator, x.device) if s.label_dropout > 0 else None
-    return MeanFlowDraws(t, r, noise, drop)
+# ---- the two-time model --------------------------------------------------------------------
+
+def attach_h_embedder(model: nn.Module) -> nn.Module:
+    """Give a SiT its second TimestepEmbedder (for h = t - r), initialized like t_embedder in
+    MeanFlow's DiT: N(0, 0.02) weights, zero biases. It is a submodule, so it is trained,
+    EMA-averaged and checkpointed (h_embedder.* keys) with the model."""
+    model.h_embedder = TimestepEmbedder(model.dim)
+    with torch.no_grad():
+        for lin in (model.h_embedder.mlp[0], model.h_embedder.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+    return model
+
+
+def average_velocity(model, z, t, h, y, drop=None):
+    """-> (u(z, t - h, t) [B, C, H, W], hidden at the alignment depth)."""
+    return model(z, t, y, drop, extra_cond=model.h_embedder(h))
 
 
 # ---- target --------------------------------------------------------------------------------
@@ -135,10 +158,6 @@ def _fp32_up(a: torch.Tensor) -> torch.Tensor:
     return a.to(torch.promote_types(a.dtype, torch.float32))
 
 
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @torch.no_grad()
 def guided_target_velocity(model, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
                            null_class: int | None, s: MeanFlowSettings) -> torch.Tensor:
@@ -150,11 +169,11 @@ def guided_target_velocity(model, z: torch.Tensor, t: torch.Tensor, y: torch.Ten
                          "(model.class_dropout_prob > 0)")
     zero = torch.zeros_like(t)
     if s.kappa > 0:  # one call for both branches
-        both = _first(model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([torch.full_like(y, null_class), y]),
-                            None, h=torch.cat([zero, zero]))).to(v.dtype)
+        both = average_velocity(model, torch.cat([z, z]), torch.cat([t, t]), torch.cat([zero, zero]),
+                                torch.cat([torch.full_like(y, null_class), y]))[0].to(v.dtype)
         v_unc, v_cond = both.chunk(2)
     else:
-        v_unc, v_cond = _first(model(z, t, torch.full_like(y, null_class), None, h=zero)).to(v.dtype), 0.0
+        v_unc, v_cond = average_velocity(model, z, t, zero, torch.full_like(y, null_class))[0].to(v.dtype), 0.0
     inside = _bcast((t >= s.t_start) & (t <= s.t_end), v)  # 1 / 0 in v's dtype: omega, kappa not rounded to fp32
     omega, kappa = 1 + (s.omega - 1) * inside, s.kappa * inside
     return omega * v + (1 - omega - kappa) * v_unc + kappa * v_cond
@@ -174,10 +193,10 @@ def eager_blocks(model):
                 blk.forward = fwd
 
 
-def _jvp_call(model, z, t, r, y, drop, v_g, has_aux: bool):
+def jvp_call(model, z, t, r, y, drop, v_g, has_aux: bool):
     """(u, du/dt) or, with has_aux, (u, du/dt, hidden); the tangents are (v_g, 1, 0) for (z, t, r)."""
     def f(z_, t_, r_):
-        u_, hidden = model(z_, t_, y, drop, h=t_ - r_)
+        u_, hidden = average_velocity(model, z_, t_, t_ - r_, y, drop)
         return (u_, () if hidden is None else (hidden,)) if has_aux else u_
 
     with forward_ad.jvp_mode(), eager_blocks(model):
@@ -189,15 +208,16 @@ def _target_precision(device: torch.device, s: MeanFlowSettings):
     return torch.autocast(device.type, enabled=False) if s.target_precision == "fp32" else nullcontext()
 
 
-def average_velocity_and_target(model, z, t, r, y, drop, v_g, s: MeanFlowSettings):
-    """z, v_g fp32; -> (u with gradient, hidden state with gradient, u_tgt fp32 detached)."""
+def average_velocity_and_target(model, z, t, r, y, drop, v_g, s: MeanFlowSettings, jvp_fn=None):
+    """z, v_g fp32; -> (u with gradient, hidden state with gradient, u_tgt fp32 detached).
+    jvp_fn: replaces `jvp_call` in the split mode (a torch.compile'd copy of it)."""
     if s.jvp == "joint":
         with _target_precision(z.device, s):
-            u, dudt, hidden = _jvp_call(model, z, t, r, y, drop, v_g, True)
+            u, dudt, hidden = jvp_call(model, z, t, r, y, drop, v_g, True)
     else:
-        u, hidden = model(z, t, y, drop, h=t - r)  # under the caller's autocast, like any other recipe
+        u, hidden = average_velocity(model, z, t, t - r, y, drop)  # under the caller's autocast, like any recipe
         with torch.no_grad(), _target_precision(z.device, s):
-            _, dudt = _jvp_call(model, z, t, r, y, drop, v_g, False)
+            _, dudt = (jvp_fn or jvp_call)(model, z, t, r, y, drop, v_g, False)
     u_tgt = (v_g - _bcast((t - r).clamp(0.0, 1.0), v_g) * dudt.to(v_g.dtype)).detach()
     return u, hidden, u_tgt
 
@@ -210,20 +230,21 @@ def adaptive_loss(u: torch.Tensor, u_tgt: torch.Tensor, norm_p: float = 1.0, nor
     return (per / weight).mean(), per
 
 
-def loss(model, x, y, d: MeanFlowDraws, s: MeanFlowSettings, null_class: int | None):
-    """-> (weighted loss, hidden at the alignment depth, extras): extras "mf_mse" = mean L_i per
-    element and "v_mse" = |u - v|^2 per element (MeanFlow's monitor), both detached."""
+def loss(model, x, y, t, r, noise, drop, s: MeanFlowSettings, null_class: int | None, jvp_fn=None):
+    """One micro-batch -> (weighted loss, hidden at the alignment depth, extras): extras "mf_mse" =
+    mean L_i per element and "v_mse" = |u - v|^2 per element (MeanFlow's monitor), detached.
+    drop: the label-dropout mask (first_k) or None; jvp_fn: a compiled `jvp_call` (split mode)."""
     x = _fp32_up(x)
-    t, r, e = (a.to(x.dtype) for a in (d.t, d.r, d.noise))
+    t, r, e = (a.to(x.dtype) for a in (t, r, noise))
     z = (1 - _bcast(t, x)) * x + _bcast(t, x) * e
     v = e - x
     with _target_precision(x.device, s):
         v_g = guided_target_velocity(model, z, t, y, v, null_class, s)
-    if d.drop is not None:
+    if drop is not None:
         if null_class is None:
             raise ValueError("MeanFlow label dropout needs a model with a null class (model.class_dropout_prob > 0)")
-        v_g = torch.where(d.drop.view(-1, *([1] * (v.dim() - 1))), v, v_g)  # dropped samples: null label, unguided target
-    u, hidden, u_tgt = average_velocity_and_target(model, z, t, r, y, d.drop, v_g, s)
+        v_g = torch.where(drop.view(-1, *([1] * (v.dim() - 1))), v, v_g)  # dropped: null label, unguided target
+    u, hidden, u_tgt = average_velocity_and_target(model, z, t, r, y, drop, v_g, s, jvp_fn)
     out, per = adaptive_loss(u, u_tgt, s.norm_p, s.norm_eps)
     extras = {"mf_mse": per.detach().mean() / u[0].numel(), "v_mse": (_fp32_up(u.detach()) - v).pow(2).mean()}
     return out, hidden, extras
@@ -257,7 +278,8 @@ def sample(model, noise: torch.Tensor, labels: torch.Tensor | None, steps: int =
         h = t_cur - t_next
 
         def u_fn(xm, tt, y, h=h):
-            return _first(model(xm, tt, y, None, h=torch.full_like(tt, h)))
+            return average_velocity(model, xm, tt, torch.full_like(tt, h), y)[0]
 
-        x = x - h * guided_velocity(u_fn, x, t_cur, labels, cfg, interval, null_class, noise.dtype)
+        guide = interval[0] <= t_cur <= interval[1]  # SiT time, as irepa.sampling's "sit" rule
+        x = x - h * guided_velocity(u_fn, x, t_cur, labels, cfg, guide, null_class, noise.dtype)
     return x.to(noise.dtype)

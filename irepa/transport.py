@@ -8,14 +8,21 @@ from __future__ import annotations
 import torch
 
 
+TIME_SAMPLING = ("uniform", "lognormal")
+
+
+def check_time_sampling(kind: str) -> None:
+    if kind not in TIME_SAMPLING:
+        raise ValueError(f"unknown time sampling {kind!r}; choose 'uniform' or 'lognormal'")
+
+
 def sample_time(batch: int, kind: str = "uniform", *, generator: torch.Generator | None = None,
                 device=None, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
     """t [B] in [0, 1]: uniform, or sigmoid(N(mean, std)) for kind="lognormal"."""
+    check_time_sampling(kind)
     if kind == "uniform":
         return torch.rand(batch, generator=generator, device=device)
-    if kind == "lognormal":
-        return torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=device))
-    raise ValueError(f"unknown time sampling {kind!r}; choose 'uniform' or 'lognormal'")
+    return torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=device))
 
 
 def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,6 @@ if __name__ == "irepa.kernels":
         from .alignment import fused_alignment_loss
     else:
         from irepa.align import alignment_loss as fused_alignment_loss
-        from irepa.models.layers import modulate_norm_ref as fused_adaln
+        from irepa.adaln import modulate_norm_ref as fused_adaln
 else:
     __all__ = []

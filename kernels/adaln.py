@@ -1,6 +1,6 @@
 """Fused adaLN: LayerNorm without affine over the last dim, then per-sample modulation.
 
-Contract (irepa.models.layers.modulate_norm_ref): x [B, T, D], shift, scale [B, D] ->
+Contract (irepa.adaln.modulate_norm_ref): x [B, T, D], shift, scale [B, D] ->
     out = (x - mu) * rstd * (1 + scale[b]) + shift[b],   rstd = 1 / sqrt(var + eps),
 mu, var: mean and biased variance of the row x[b, t, :] (F.layer_norm). Math in fp32,
 one rounding at the store; the output dtype is the promotion of the three input dtypes.
@@ -35,7 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from irepa import forward_ad
-from irepa.models.layers import modulate_norm_ref as _ref
+from irepa.adaln import modulate_norm_ref as _ref
 
 MAX_D = 16384
 # @triton.jit reads TRITON_INTERPRET once, at decoration: remember what these kernels are

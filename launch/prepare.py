@@ -12,11 +12,8 @@ it). Library code and the format: irepa.data.prepare, data/format.py.
 """
 from __future__ import annotations
 
-import os
-
-import torch.distributed as dist
-
 from irepa.data.prepare import prepare
+from irepa.dist import env, rank_world, setup, teardown
 
 
 def main(source: str, out: str, resolution: int = 256, vae: str | None = None, encoders=("hog",),
@@ -30,8 +27,8 @@ def main(source: str, out: str, resolution: int = 256, vae: str | None = None, e
     per encoder). --kind pixels stores uint8 crops for JiT. --store_images keeps the crop
     beside latents for online encoders. --formats: ffcv, memmap or both.
     """
-    if "RANK" in os.environ and not dist.is_initialized():  # under torchrun: one shard per rank
-        dist.init_process_group("gloo")
+    if env()[2] > 1:  # under torchrun: one shard per rank; the group only synchronizes them
+        setup(device, backend="gloo")
     encoders = [encoders] if isinstance(encoders, str) else list(encoders)
     formats = [formats] if isinstance(formats, str) else list(formats)
     storage = storage if isinstance(storage, str) else list(storage)
@@ -39,11 +36,10 @@ def main(source: str, out: str, resolution: int = 256, vae: str | None = None, e
         done = prepare(source, out, resolution=resolution, vae=vae, encoders=encoders, storage=storage, kind=kind,
                        store_images=store_images, formats=formats, batch_size=batch_size, device=device,
                        num_threads=num_threads, full_checksum=full_checksum, overwrite=overwrite)
-        if done and (not dist.is_initialized() or dist.get_rank() == 0):
+        if done and rank_world()[0] == 0:
             print(f"prepared {done}")
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        teardown()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Train SiT/JiT with REPA/iREPA.
+"""Train a recipe (irepa.recipes: SiT flow matching, JiT, ...) with REPA/iREPA.
 
   torchrun launch/train.py                                  # embedded default (digits, CPU, minutes)
   torchrun --nproc_per_node=8 launch/train.py --preset sit-xl2-irepa --data.source /data/in256
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from irepa.config import DEFAULT_PRESET, PRESETS, describe, resolve
+from irepa.recipes import DEFAULT_PRESET, describe, presets, resolve
 
 
 def main(preset: str = DEFAULT_PRESET, list_presets: bool = False, **overrides):
@@ -22,8 +22,7 @@ def main(preset: str = DEFAULT_PRESET, list_presets: bool = False, **overrides):
         print(describe(preset))
         return
     if list_presets:
-        resolve()  # loads every preset family
-        for name in sorted(PRESETS):
+        for name in sorted(presets()):
             print(name)
         return
     from irepa.train.trainer import train

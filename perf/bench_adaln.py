@@ -1,6 +1,6 @@
 """Benchmark: fused adaLN (irepa.kernels) vs eager and torch.compile of modulate_norm_ref.
 
-Same modes, columns and helpers as bench_alignment.py: fwd / bwd / full with
+Same modes, columns and harness (perf/harness.py) as bench_alignment.py: fwd / bwd / full with
 triton.testing.do_bench median and 20/80 % quantiles, GB/s of the bytes the op must move
 (fwd: read x, write out; bwd: read dy and x, write dx) against the measured copy
 bandwidth, peak memory, saved-for-backward bytes on fake tensors, a CSV row each.
@@ -16,8 +16,8 @@ import sys
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from bench_alignment import (DTYPES, HERE, compile_check, copy_bandwidth, env_info, finish, make_input,
-                             parse_common, peak_memory, print_speedups, saved_bytes, time_modes, timing_rows)
+from harness import (DTYPES, HERE, compile_check, copy_bandwidth, env_info, finish, make_input, parse_common,
+                     peak_memory, print_speedups, saved_bytes, time_modes, timing_rows)
 
 SHAPES = [(256, 256, 768), (256, 256, 1152)]
 QUICK_SHAPES = [(2, 16, 64)]
@@ -46,7 +46,7 @@ def main() -> None:
     args = parse_common(__doc__.splitlines()[0], HERE / "results" / "bench_adaln.csv")
     from irepa.kernels import adaln as K
     from irepa.kernels import fused_adaln
-    from irepa.models.layers import modulate_norm_ref
+    from irepa.adaln import modulate_norm_ref
 
     dtype = DTYPES[args.dtype]
     if args.compile_check:

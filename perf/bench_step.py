@@ -4,17 +4,18 @@
     python perf/bench_step.py --models SiT-XL/2 --configs compile+fused+flash,baseline
     python perf/bench_step.py --quick --device cpu    # tiny models: proves the script runs end to end
 
-One step = what irepa.train.trainer.Trainer.train_step does: autocast forward of the
-trained tree (model + projectors, both losses), backward, grad clipping, AdamW, EMA.
-Built with the trainer's own pieces (irepa.train.build, irepa.train.parallelize).
+One step = the trainer's own step, irepa.train.step.TrainStep, called as the trainer calls it:
+the recipe's draws for the whole batch, autocast forward of the trained tree (model +
+projectors, both losses) per micro-batch, backward, grad clipping, AdamW, EMA. Built with the
+trainer's pieces (irepa.recipes, irepa.train.build, irepa.train.parallelize, irepa.train.memory).
 Configurations:
   eager                iREPA (conv projector, spatial norm), stored features, SDPA, bf16
   compile              + torch.compile per block (fullgraph), as train.compile=True
   compile+fused        + fused Triton adaLN and alignment loss (CUDA only)
   compile+fused+flash  + flash-attn (when installed)
   baseline             reference-style REPA step: whole-model torch.compile (default mode),
-                       SDPA, fp16 autocast + GradScaler (bf16 on CPU), MLP projector, a ViT-B-sized encoder
-                       (random init, stand-in) run online on the images every step
+                       SDPA, fp16 autocast + dynamic loss scaling (bf16 on CPU), MLP projector, a ViT-B-sized
+                       encoder (random init, stand-in) run online on the images of every micro-batch
 Micro-batches: a batch whose activations do not fit the device (SiT-XL/2 at 256 saves ~96 GiB
 in eager bf16) accumulates gradients over equal micro-batches, as the trainer does
 (train.micro_batch_size); `--micro_batch auto` (default) takes the trainer's planner
@@ -45,25 +46,27 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from irepa import models  # noqa: E402
+from irepa import models, recipes  # noqa: E402
 from irepa.align import AlignmentHead, alignment_loss  # noqa: E402
+from irepa.config import build_config  # noqa: E402
 from irepa.models.attention import available_backends  # noqa: E402
 from irepa.train import memory, parallelize  # noqa: E402
+from irepa.train.build import AlignedDiffusion  # noqa: E402
 from irepa.train.ema import EMA  # noqa: E402
 from irepa.train.flops import peak_tflops, train_flops_per_image  # noqa: E402
-from irepa.train.objective import build_objective  # noqa: E402
-from irepa.train.trainer import AlignedDiffusion  # noqa: E402
+from irepa.train.loss_scale import LossScaler  # noqa: E402
+from irepa.train.step import Part, TrainStep  # noqa: E402
 
 CONFIGS = ("eager", "compile", "compile+fused", "compile+fused+flash", "baseline")
-# name -> (model kwargs, objective, encoder image side, encoder patch, encoder dim/depth/heads)
+# name -> (model kwargs, recipe, iREPA spatial-norm gamma, encoder image side, encoder patch, encoder dim/depth/heads)
 FULL = {
-    "SiT-B/2": (dict(input_size=32, in_channels=4, num_classes=1000), "sit", 224, 14, (768, 12, 12)),
-    "SiT-XL/2": (dict(input_size=32, in_channels=4, num_classes=1000), "sit", 224, 14, (768, 12, 12)),
-    "JiT-B/16": (dict(input_size=256, in_channels=3, num_classes=1000), "jit", 224, 14, (768, 12, 12)),
+    "SiT-B/2": (dict(input_size=32, in_channels=4, num_classes=1000), "sit", 0.6, 224, 14, (768, 12, 12)),
+    "SiT-XL/2": (dict(input_size=32, in_channels=4, num_classes=1000), "sit", 0.6, 224, 14, (768, 12, 12)),
+    "JiT-B/16": (dict(input_size=256, in_channels=3, num_classes=1000), "jit", 0.8, 224, 14, (768, 12, 12)),
 }
 QUICK = {
-    "SiT-Tiny/2": (dict(input_size=8, in_channels=4, num_classes=10), "sit", 32, 8, (64, 2, 2)),
-    "JiT-Tiny/4": (dict(input_size=16, in_channels=3, num_classes=10), "jit", 32, 8, (64, 2, 2)),
+    "SiT-Tiny/2": (dict(input_size=8, in_channels=4, num_classes=10), "sit", 0.6, 32, 8, (64, 2, 2)),
+    "JiT-Tiny/4": (dict(input_size=16, in_channels=3, num_classes=10), "jit", 0.8, 32, 8, (64, 2, 2)),
 }
 FIELDS = ["date", "commit", "device", "torch", "model", "config", "batch", "micro_batch", "precision", "step_ms_median",
           "step_ms_p20", "step_ms_p80", "img_per_s", "tflops", "mfu", "peak_mem_gb", "speedup_vs_baseline",
@@ -108,7 +111,7 @@ def skip_reason(config: str, device: torch.device) -> str | None:
     return None
 
 
-def plan_micro_batch(net, encoder_dim, amp_dtype, batch, n_ema, device, micro_batch: str,
+def plan_micro_batch(net, recipe, encoder_dim, amp_dtype, batch, n_ema, device, micro_batch: str,
                      budget_gib: float | None) -> int:
     """--micro_batch N, or auto: the trainer's planner on this case's net (irepa.train.memory)."""
     if micro_batch != "auto":
@@ -119,45 +122,44 @@ def plan_micro_batch(net, encoder_dim, amp_dtype, batch, n_ema, device, micro_ba
     budget = None if budget_gib is None else int(budget_gib * 2**30)
     if budget is None and device.type != "cuda":
         return batch
-    model = net.model
-    C, S, tokens = model.in_channels, model.input_size, model.grid ** 2
-
-    def make_inputs(n):
-        return (torch.randn(n, C, S, S, device=device), torch.zeros(n, dtype=torch.long, device=device),
-                [torch.randn(n, tokens, encoder_dim, device=device, dtype=torch.bfloat16)],
-                torch.zeros(n, dtype=torch.bool, device=device))
-
-    def forward(x, y, feats, drop):
-        with torch.autocast(device.type, amp_dtype):
-            net(x, y, feats, None, drop)
-
     static = memory.static_bytes(net, n_ema, 1, False, device)
-    plan = memory.plan_micro_batch(forward, make_inputs, batch, static, device, budget)
+    plan = memory.plan_train_step(net, recipe, [encoder_dim], amp_dtype, batch, static, device, budget)
     print(f"[bench_step]   memory plan: {plan.describe()}", flush=True)
     return plan.micro_batch
 
 
 def build_case(name, spec, config, batch, device, micro_batch="auto", budget_gib=None, plan_only=False,
-               compile_mode="default"):
-    model_kw, objective, enc_img, enc_patch, (enc_dim, enc_depth, enc_heads) = spec
+               compile_mode="default", overrides: dict | None = None, amp_dtype: torch.dtype | None = None):
+    """-> (step(i) -> loss, useful FLOPs per image, micro-batch). overrides: more config (e.g. a
+    recipe's own section, perf/bench_meanflow.py); amp_dtype: replaces the bf16 / fp16 default
+    (None keeps it; torch.float32 runs without autocast)."""
+    model_kw, recipe_name, gamma, enc_img, enc_patch, (enc_dim, enc_depth, enc_heads) = spec
     baseline = config == "baseline"
     fused = "fused" in config
     torch._dynamo.reset()  # cases share code objects: no recompiles with dynamic shapes across them
     torch.manual_seed(0)
-    model = models.build(name, attn_backend="flash" if "flash" in config else "sdpa", fused_kernels=fused,
-                         **model_kw)
+    tree = {"model": {"name": name, "attn_backend": "flash" if "flash" in config else "sdpa", **model_kw},
+            "train": {"recipe": recipe_name, "compile": config not in ("eager", "baseline")}}
+    for section, values in (overrides or {}).items():
+        tree[section] = {**tree.get(section, {}), **values}
+    cfg = build_config(tree)
+    recipe = recipes.for_config(cfg)
+    model = recipe.build_model(fused)
     loss_fn = alignment_loss
     if fused:
         from irepa.kernels import fused_alignment_loss
         loss_fn = fused_alignment_loss
     hidden = 2048 if enc_dim >= 512 else 4 * enc_dim  # REPA's MLP width; scaled down for --quick
-    head = AlignmentHead(model.dim, [enc_dim], "mlp" if baseline else "conv", None if baseline else
-                         (0.8 if objective == "jit" else 0.6), hidden, loss_fn)
-    net = AlignedDiffusion(model, head, build_objective(objective)).to(device)
+    head = AlignmentHead(model.dim, [enc_dim], "mlp" if baseline else "conv", None if baseline else gamma, hidden,
+                         loss_fn)
+    net = AlignedDiffusion(model, head, recipe).to(device)
     flops_per_image = train_flops_per_image(model, head)
     # fp16 GEMMs on CPU are emulated (seconds per step): the CPU smoke run uses bf16 throughout
-    amp_dtype = torch.float16 if baseline and device.type == "cuda" else torch.bfloat16
-    micro = plan_micro_batch(net, enc_dim, amp_dtype, batch, 1, device, micro_batch, budget_gib)
+    if amp_dtype is None:
+        amp_dtype = torch.float16 if baseline and device.type == "cuda" else torch.bfloat16
+    elif amp_dtype == torch.float32:
+        amp_dtype = None
+    micro = plan_micro_batch(net, recipe, enc_dim, amp_dtype, batch, 1, device, micro_batch, budget_gib)
     if plan_only:
         return None, flops_per_image, micro
     ema = EMA(net.model, [0.9999])
@@ -165,47 +167,30 @@ def build_case(name, spec, config, batch, device, micro_batch="auto", budget_gib
         train_module = torch.compile(net)
     else:
         train_module = parallelize.parallelize(net, "none", device, compile=config != "eager", compile_mode=compile_mode)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    params = list(net.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda" or None)
+    part = Part(net, train_module, opt, params, 1e-4, ema, net.model, grad_clip=1.0)
     g = torch.Generator(device=device).manual_seed(0)
     C, S = model.in_channels, model.input_size
-    x = torch.randn(batch, C, S, S, device=device, generator=g)
-    y = torch.randint(0, model.num_classes, (batch,), device=device, generator=g)
+    data = {"x": torch.randn(batch, C, S, S, device=device, generator=g),
+            "y": torch.randint(0, model.num_classes, (batch,), device=device, generator=g)}
     if baseline:
         encoder = StandInViT(enc_img, enc_patch, enc_dim, enc_depth, enc_heads).to(device).eval().requires_grad_(False)
-        images = torch.rand(batch, 3, enc_img, enc_img, device=device, generator=g)
-        feats = None
-    else:
-        encoder, images = None, None
-        feats = [torch.randn(batch, model.num_tokens, enc_dim, device=device, generator=g).to(torch.bfloat16)]
-    scaler = torch.amp.GradScaler(device.type, enabled=baseline and device.type == "cuda")
-    weight = 0.5 if baseline else 1.0
+        data["images"] = torch.rand(batch, 3, enc_img, enc_img, device=device, generator=g)
 
-    def step(i: int):
-        gen = None if baseline else torch.Generator(device=device).manual_seed(i)
-        drop = torch.rand(batch, device=device) < 0.1
-        draws = net.objective.draw(x, gen)
-        total = 0.0
-        for start in range(0, batch, micro):
-            s = slice(start, start + micro)
+        @torch.no_grad()
+        def features(mb):
             with torch.autocast(device.type, amp_dtype):
-                if encoder is not None:
-                    with torch.no_grad():
-                        f = [encoder(images[s])]
-                else:
-                    f = [t[s] for t in feats]
-                denoise, align = train_module(x[s], y[s], f, None, drop[s], draws=(draws[0][s], draws[1][s]))
-            loss = (denoise + weight * align) * (micro / batch)
-            scaler.scale(loss).backward()
-            total = total + loss.detach()
-        scaler.unscale_(opt)
-        parallelize.clip_grad_norm_(list(net.parameters()), 1.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        ema.update(net.model)
-        return total
+                return [encoder(mb["images"])]
+    else:
+        data["feats"] = [torch.randn(batch, model.num_tokens, enc_dim, device=device, generator=g).to(torch.bfloat16)]
 
-    return step, flops_per_image, micro
+        def features(mb):
+            return mb["feats"]
+    step = TrainStep(recipe, {"model": part}, features=features, micro_batch=micro, amp_dtype=amp_dtype,
+                     scaler=LossScaler(baseline and device.type == "cuda"), align_weight=0.5 if baseline else 1.0,
+                     warmup_steps=0, seed=0, rank=0, device=device)
+    return (lambda i: step(data, i)["loss"]), flops_per_image, micro
 
 
 def measure(step, device, warmup: int, steps: int) -> list[float]:

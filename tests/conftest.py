@@ -46,3 +46,18 @@ def pytest_report_header(config):
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     return (f"irepa kernel tests: device {KERNEL_TEST_DEVICE}, "
             f"Triton {'interpreter' if interp else 'compiled kernels'} (IREPA_KERNEL_TEST_DEVICE=cpu|cuda)")
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory):
+    """One data.cache_dir for the whole session: each built-in digits variant is prepared once."""
+    return str(tmp_path_factory.mktemp("digits-cache"))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops: intra-op threads only add spin-waits on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

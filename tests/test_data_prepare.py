@@ -12,7 +12,7 @@ from PIL import Image
 
 from irepa.data import build_loader, check_manifest, ffcv_available, prepare, read_manifest
 from irepa.data import format as fmt
-from irepa.data.prepare import SDVAE
+from irepa.codec import VAE
 from irepa.data.sources import center_crop_adm
 
 RES = 32
@@ -92,7 +92,7 @@ def test_round_trip_and_flips(prepared, folder, vae_dir):
     assert len(m["latent"]["channel_mean"]) == 4 and all(s > 0 for s in m["latent"]["channel_std"])
     check_manifest(m, latent_shape=(4, 16, 16), num_tokens=4, encoder_dims={enc.name: enc.dim})
     arrays = _arrays(path)
-    vae = SDVAE(vae_dir, torch.device("cpu"))
+    vae = VAE(vae_dir).encode
     files = sorted((p.parent.name, p) for p in folder.rglob("*.png"))
     for i, (cls, p) in enumerate(files):  # listing order: class, then path
         crop = torch.from_numpy(center_crop_adm(Image.open(p), RES)).permute(2, 0, 1)

@@ -1,5 +1,5 @@
-"""JiT: sizes and parameter counts, RoPE, in-context tokens, the x-prediction objective,
-the sampler adapter, and a tiny JiT that learns the embedded digits."""
+"""JiT: sizes and parameter counts, RoPE, in-context tokens, the JiT recipe's x-prediction objective
+and sampler adapter (irepa.recipes.jit), and a tiny JiT that learns the embedded digits."""
 from __future__ import annotations
 
 import itertools
@@ -9,9 +9,14 @@ import pytest
 import torch
 
 from irepa.models import build, count_params, names
-from irepa.models.jit import JIT_SIZES, apply_rope, jit_velocity_fn, rope_2d_angles
+from irepa.models.jit import JIT_SIZES, apply_rope, rope_2d_angles
+from irepa.recipes import presets, resolve
+from irepa.recipes.jit import JiTRecipe
 from irepa.sampling import sample
-from irepa.train.objective_jit import JIT_PRESETS, jit_objective
+
+
+def jit_velocity_fn(model):
+    return JiTRecipe().velocity_fn(model)
 
 
 @pytest.fixture(autouse=True)
@@ -67,13 +72,15 @@ def test_registry_and_defaults():
 
 
 def test_shapes_tiny_and_bad_input():
-    model = build("JiT-T/4", input_size=32, num_classes=10, fused_kernels=True)
+    model = build("JiT-T/4", input_size=32, num_classes=10)
     x = torch.randn(3, 3, 32, 32)
     out, hidden = model(x, torch.rand(3), torch.tensor([0, 5, 9]))
     assert out.shape == x.shape and hidden.shape == (3, 64, 128)
     assert torch.all(out == 0)  # zero-initialized head
     with pytest.raises(ValueError, match="JiT expects inputs"):
         model(torch.randn(3, 1, 32, 32), torch.rand(3), torch.tensor([0, 5, 9]))
+    with pytest.raises(TypeError, match="fused_kernels"):  # no fused JiT kernel: the flag is not silently taken
+        build("JiT-T/4", input_size=32, fused_kernels=True)
 
 
 def test_buffers_survive_meta_then_to_empty():
@@ -167,11 +174,18 @@ def test_drop_mask_selects_the_null_class_everywhere():
 
 
 def test_loss_matches_the_direct_formula():
+    """The recipe's draw and loss against the formula written out, with the draws in their order:
+    label dropout, then t, then the noise (irepa.recipes.base)."""
     model = _tiny()
+    recipe = JiTRecipe(resolve("digits-jit-irepa", {"model.class_dropout_prob": 0.4}))
     x = torch.rand(4, 3, 16, 16) * 2 - 1
-    y, drop = torch.tensor([1, 2, 3, 4]), torch.tensor([False, True, False, False])
-    loss, hidden = jit_objective()(model, x, y, torch.Generator().manual_seed(5), drop)
+    batch = {"x": x, "y": torch.tensor([1, 2, 3, 4])}
+    draws = recipe.draw(batch, torch.Generator().manual_seed(5))
+    out = recipe.loss(model, batch, draws)
+    loss, hidden, y = out.denoise, out.hidden, batch["y"]
     g = torch.Generator().manual_seed(5)
+    drop = torch.rand(4, generator=g) < 0.4
+    assert torch.equal(draws["drop"], drop)
     t = torch.sigmoid(-0.8 + 0.8 * torch.randn(4, generator=g))
     e = torch.randn(x.shape, generator=g)
     tb = t.view(-1, 1, 1, 1)
@@ -182,22 +196,23 @@ def test_loss_matches_the_direct_formula():
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(hidden, h_ref)
     # the clamp: as t -> 1 the loss is the x-error over 0.05^2, not over (1-t)^2
-    near = jit_objective(p_mean=12.0, p_std=1e-3)  # t = sigmoid(12) ~ 1 - 6e-6
-    l_near, _ = near(model, x, y, torch.Generator().manual_seed(0), None)
+    recipe.P_MEAN, recipe.P_STD = 12.0, 1e-3  # t = sigmoid(12) ~ 1 - 6e-6
+    l_near = recipe.loss(model, batch, recipe.draw(batch, torch.Generator().manual_seed(0))).denoise
     assert math.isfinite(l_near.item()) and l_near.item() < 1e4
 
 
 def test_presets_have_the_published_recipe():
+    table = presets()
     for size in ("b16", "l16", "h16"):
         for kind in ("repa", "irepa"):
-            p = JIT_PRESETS[f"jit-{size}-{kind}"]
+            p = table[f"jit-{size}-{kind}"]
             assert p["optim"]["betas"] == (0.9, 0.95) and p["optim"]["grad_clip"] is None
             assert p["optim"]["lr"] == 5e-5 and p["optim"]["scale_lr_with_batch"]
             assert p["optim"]["warmup_epochs"] == 5 and p["optim"].get("warmup_steps", 0) == 0
-            assert p["train"]["ema_decays"] == [0.9999, 0.9996] and p["train"]["objective"] == "jit"
+            assert p["train"]["ema_decays"] == [0.9999, 0.9996] and p["train"]["recipe"] == "jit"
             assert p["align"]["weight"] == 0.5
-        assert JIT_PRESETS[f"jit-{size}-irepa"]["align"]["gamma"] == 0.8
-        assert JIT_PRESETS[f"jit-{size}-repa"]["align"]["gamma"] is None
+        assert table[f"jit-{size}-irepa"]["align"]["gamma"] == 0.8
+        assert table[f"jit-{size}-repa"]["align"]["gamma"] is None
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -254,13 +269,14 @@ def test_tiny_jit_learns_digits():
     x_all = images * 2 - 1
     model = build("JiT-Tiny/4", input_size=16, num_classes=10, in_context_len=8, attn_backend="sdpa")
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    objective = jit_objective()
+    recipe = JiTRecipe(resolve("digits-jit-irepa"))
     g = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(30):
         idx = torch.randint(0, x_all.shape[0], (32,), generator=g)
-        drop = torch.rand(32, generator=g) < 0.1
-        loss, hidden = objective(model, x_all[idx], labels[idx], g, drop)
+        batch = {"x": x_all[idx], "y": labels[idx]}
+        out = recipe.loss(model, batch, recipe.draw(batch, g))
+        loss, hidden = out.denoise, out.hidden
         assert hidden.shape == (32, 16, 64)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("triton")
 from irepa.kernels import adaln as K
 from irepa.kernels import fused_adaln
-from irepa.models.layers import modulate_norm_ref
+from irepa.adaln import modulate_norm_ref
 
 # tests/conftest.py decides the device once: "cpu" sets TRITON_INTERPRET=1 before triton is
 # first imported, "cuda" leaves the kernels compiled; the fixture below checks which took effect

@@ -17,7 +17,7 @@ from irepa import models, transport
 
 def _two_time_sit(dtype=torch.float32, **kw):
     torch.manual_seed(0)
-    m = models.build("SiT-Tiny/2", input_size=8, in_channels=2, num_classes=5, two_time=True, **kw).to(dtype)
+    m = mf.attach_h_embedder(models.build("SiT-Tiny/2", input_size=8, in_channels=2, num_classes=5, **kw)).to(dtype)
     with torch.no_grad():  # break adaLN-Zero so every path carries signal
         for p in m.parameters():
             p.normal_(0, 0.1)
@@ -33,7 +33,8 @@ class GaussianAverageVelocity(torch.nn.Module):
         u(z, r, t) = (z_t - z_r) / (t - r) = -mu + (sigma_t - sigma_r) / (t - r) * xi,
         (sigma_t - sigma_r) / (t - r) = ((t + r) - s^2 (2 - t - r)) / (sigma_t + sigma_r),
     the last form smooth at r = t, where u is the marginal velocity v(z, t).
-    Same call signature as a two-time SiT: forward(z, t, y, drop_mask, h) -> (u, None).
+    Called like a two-time SiT (irepa.meanflow.average_velocity): its h_embedder passes h on as
+    extra_cond, forward(z, t, y, drop_mask, extra_cond=h) -> (u, None).
     """
 
     null_class = 0
@@ -42,15 +43,29 @@ class GaussianAverageVelocity(torch.nn.Module):
         super().__init__()
         self.mu, self.s = mu, s
 
+    @staticmethod
+    def h_embedder(h):
+        return h
+
     def sigma(self, tau):
         return torch.sqrt((1 - tau) ** 2 * self.s ** 2 + tau ** 2)
 
-    def forward(self, z, t, y, drop_mask=None, h=None):
-        t, h = t.to(z.dtype), h.to(z.dtype)  # samplers pass fp32 times; the closed form is checked in float64
+    def forward(self, z, t, y, drop_mask=None, extra_cond=None):
+        t, h = t.to(z.dtype), extra_cond.to(z.dtype)  # samplers pass fp32 times; the closed form is checked in float64
         r = t - h
         tb, rb = (a.view(-1, *([1] * (z.dim() - 1))) for a in (t, r))
         slope = ((tb + rb) - self.s ** 2 * (2 - tb - rb)) / (self.sigma(tb) + self.sigma(rb))
         return -self.mu + slope * (z - (1 - tb) * self.mu) / self.sigma(tb), None
+
+
+def _draws(x, generator, s: mf.MeanFlowSettings, label_dropout: float = 0.1) -> dict:
+    """The recipe's order (irepa.recipes.meanflow): label dropout (first_k of rand < p), then t, r, noise."""
+    drop = mf.first_k(torch.rand(x.shape[0], generator=generator) < label_dropout) if label_dropout else None
+    return {"drop": drop, **mf.draw_times_and_noise(x, generator, s)}
+
+
+def _loss(model, x, y, d, s, null_class):
+    return mf.loss(model, x, y, d["t"], d["r"], d["noise"], d["drop"], s, null_class)
 
 
 def _gaussian_batch(B=64, shape=(2, 4, 4), s=0.5, seed=0):
@@ -77,18 +92,11 @@ def test_t_r_draws_follow_the_recipe():
 
 
 def test_label_dropout_takes_the_first_entries():
-    drops = [mf.first_k_dropout(50, 0.1, torch.Generator().manual_seed(i)) for i in range(200)]
+    drops = [mf.first_k(torch.rand(50, generator=torch.Generator().manual_seed(i)) < 0.1) for i in range(200)]
     for d in drops:
         k = int(d.sum())
         assert bool(d[:k].all()) and not bool(d[k:].any())
     assert abs(sum(int(d.sum()) for d in drops) / (200 * 50) - 0.1) < 0.02
-
-
-def test_draws_slice_per_micro_batch():
-    s = mf.MeanFlowSettings()
-    d = mf.draw(torch.zeros(8, 2, 4, 4), torch.Generator().manual_seed(0), s)
-    part = d[slice(2, 5)]
-    assert torch.equal(part.t, d.t[2:5]) and torch.equal(part.noise, d.noise[2:5]) and torch.equal(part.drop, d.drop[2:5])
 
 
 def test_settings_validation():
@@ -120,7 +128,7 @@ def test_jvp_target_equals_finite_differences_float64(jvp):
     u, hidden, u_tgt = mf.average_velocity_and_target(m, z, t, r, y, None, v, s)
 
     def f(zz, tt):
-        return m(zz, tt, y, None, h=tt - r)[0]
+        return mf.average_velocity(m, zz, tt, tt - r, y)[0]
 
     errs = []
     for eps in (1e-3, 1e-5):
@@ -141,8 +149,8 @@ def test_split_and_joint_give_the_same_loss_hidden_and_gradients():
     for jvp in ("split", "joint"):
         m = _two_time_sit(torch.float64)
         s = mf.MeanFlowSettings(jvp=jvp, omega=1.0, kappa=0.5)
-        d = mf.draw(x, torch.Generator().manual_seed(5), s)
-        loss, hidden, extras = mf.loss(m, x, y, d, s, null_class=m.null_class)
+        d = _draws(x, torch.Generator().manual_seed(5), s)
+        loss, hidden, extras = _loss(m, x, y, d, s, m.null_class)
         (loss + hidden.square().mean()).backward()
         outs.append((loss.detach(), hidden.detach(), extras["mf_mse"]))
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
@@ -160,7 +168,7 @@ def test_gaussian_exact_average_velocity_has_zero_loss():
     t, r = t.double(), r.double()
     e = torch.randn(x.shape, generator=g, dtype=torch.float64)
     z = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * e
-    v_marginal = model(z, t, None, h=torch.zeros_like(t))[0]
+    v_marginal = mf.average_velocity(model, z, t, torch.zeros_like(t), None)[0]
     for jvp in ("split", "joint"):
         u, _, u_tgt = mf.average_velocity_and_target(model, z, t, r, None, None, v_marginal,
                                                      mf.MeanFlowSettings(jvp=jvp))
@@ -201,8 +209,8 @@ def test_point_mass_data_full_loss_is_zero():
     model = GaussianAverageVelocity(mu, 0.0)
     x = mu.expand(32, *mu.shape).clone()
     s = mf.MeanFlowSettings(data_proportion=0.5)
-    d = mf.draw(x, torch.Generator().manual_seed(2), s)
-    loss, _, extras = mf.loss(model, x, torch.zeros(32, dtype=torch.long), d, s, null_class=0)
+    d = _draws(x, torch.Generator().manual_seed(2), s)
+    loss, _, extras = _loss(model, x, torch.zeros(32, dtype=torch.long), d, s, 0)
     assert loss.item() < 1e-20 and extras["mf_mse"].item() < 1e-22
 
 
@@ -211,15 +219,16 @@ def test_r_equal_t_reduces_to_flow_matching():
     at h = 0, with the same gradients; the JVP term is multiplied by t - r = 0."""
     x = torch.randn(6, 2, 8, 8, dtype=torch.float64)
     y = torch.randint(0, 5, (6,))
-    s = mf.MeanFlowSettings(data_proportion=1.0, norm_p=0.0, label_dropout=0.0)
+    s = mf.MeanFlowSettings(data_proportion=1.0, norm_p=0.0)
     m1, m2 = _two_time_sit(torch.float64), _two_time_sit(torch.float64)
-    d = mf.draw(x, torch.Generator().manual_seed(4), s)
-    assert torch.equal(d.t, d.r)
-    loss, _, _ = mf.loss(m1, x, y, d, s, null_class=m1.null_class)
-    t = d.t.double()
-    z = transport.interpolate(x, d.noise, t)
+    d = _draws(x, torch.Generator().manual_seed(4), s, label_dropout=0.0)
+    assert torch.equal(d["t"], d["r"])
+    loss, _, _ = _loss(m1, x, y, d, s, m1.null_class)
+    t = d["t"].double()
+    z = transport.interpolate(x, d["noise"], t)
     # transport.denoising_loss (the SiT objective's MSE over every element), kept in float64 here
-    fm = (m2(z, t, y, None, h=torch.zeros_like(t))[0] - transport.velocity_target(x, d.noise)).pow(2).mean()
+    pred = mf.average_velocity(m2, z, t, torch.zeros_like(t), y)[0]
+    fm = (pred - transport.velocity_target(x, d["noise"])).pow(2).mean()
     torch.testing.assert_close(loss, fm * x[0].numel(), rtol=1e-12, atol=0)
     loss.backward()
     (fm * x[0].numel()).backward()
@@ -253,8 +262,8 @@ def test_guided_target_velocity(omega, kappa, lo, hi):
     s = mf.MeanFlowSettings(omega=omega, kappa=kappa, t_start=lo, t_end=hi)
     v_g = mf.guided_target_velocity(m, z, t, y, v, m.null_class, s)
     zero = torch.zeros_like(t)
-    v_c = m(z, t, y, None, h=zero)[0]
-    v_u = m(z, t, torch.full_like(y, m.null_class), None, h=zero)[0]
+    v_c = mf.average_velocity(m, z, t, zero, y)[0]
+    v_u = mf.average_velocity(m, z, t, zero, torch.full_like(y, m.null_class))[0]
     for i in range(B):
         if lo <= t[i] <= hi:
             expect = omega * v[i] + (1 - omega - kappa) * v_u[i] + kappa * v_c[i]
@@ -269,23 +278,23 @@ def test_dropped_samples_get_null_label_and_unguided_target(monkeypatch):
     m = _two_time_sit(torch.float64)
     x = torch.randn(10, 2, 8, 8, dtype=torch.float64)
     y = torch.randint(0, 5, (10,))
-    s = mf.MeanFlowSettings(omega=1.0, kappa=0.5, label_dropout=0.3)
-    d = mf.draw(x, torch.Generator().manual_seed(0), s)
-    d.drop = torch.arange(10) < 3
+    s = mf.MeanFlowSettings(omega=1.0, kappa=0.5)
+    d = _draws(x, torch.Generator().manual_seed(0), s)
+    d["drop"] = torch.arange(10) < 3
     seen = {}
     real = mf.average_velocity_and_target
 
-    def spy(model, z, t, r, yy, drop, v_g, st):
+    def spy(model, z, t, r, yy, drop, v_g, st, jvp_fn=None):
         seen.update(v_g=v_g, drop=drop, z=z)
-        return real(model, z, t, r, yy, drop, v_g, st)
+        return real(model, z, t, r, yy, drop, v_g, st, jvp_fn)
     monkeypatch.setattr(mf, "average_velocity_and_target", spy)
-    mf.loss(m, x, y, d, s, null_class=m.null_class)
-    v = d.noise - x
+    _loss(m, x, y, d, s, m.null_class)
+    v = d["noise"] - x
     torch.testing.assert_close(seen["v_g"][:3], v[:3])
     assert not torch.allclose(seen["v_g"][3:], v[3:])
-    assert torch.equal(seen["drop"], d.drop)
+    assert torch.equal(seen["drop"], d["drop"])
     with pytest.raises(ValueError, match="null class"):
-        mf.guided_target_velocity(m, seen["z"], d.t, y, v, None, s)
+        mf.guided_target_velocity(m, seen["z"], d["t"], y, v, None, s)
 
 
 # ---- sampling ------------------------------------------------------------------------------
@@ -309,8 +318,10 @@ def test_sampler_steps_and_times():
     calls = []
 
     class Rec(torch.nn.Module):
-        def forward(self, z, t, y, drop_mask=None, h=None):
-            calls.append((t[0].item(), h[0].item()))
+        h_embedder = staticmethod(lambda h: h)
+
+        def forward(self, z, t, y, drop_mask=None, extra_cond=None):
+            calls.append((t[0].item(), extra_cond[0].item()))
             return torch.ones_like(z), None
 
     out = mf.sample(Rec(), torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), steps=4)
@@ -324,12 +335,36 @@ def test_sampler_steps_and_times():
         mf.time_grid(0)
 
 
+def test_h_embedder_conditioning_and_plain_state_dict():
+    """MeanFlow's SiT (SPEC_RECIPES.md A5): c = t_emb(t) + y_emb(y) + h_emb(h), a second timestep
+    embedder initialized N(0, 0.02) like t_embedder; the plain SiT's keys are untouched."""
+    torch.manual_seed(0)
+    plain = models.build("SiT-Tiny/2", input_size=8, in_channels=4, num_classes=10)
+    m = mf.attach_h_embedder(models.build("SiT-Tiny/2", input_size=8, in_channels=4, num_classes=10))
+    extra = set(m.state_dict()) - set(plain.state_dict())
+    assert extra == {"h_embedder.mlp.0.weight", "h_embedder.mlp.0.bias", "h_embedder.mlp.2.weight",
+                     "h_embedder.mlp.2.bias"}
+    for i in (0, 2):
+        assert abs(m.h_embedder.mlp[i].weight.std().item() - 0.02) < 0.003
+        assert torch.count_nonzero(m.h_embedder.mlp[i].bias) == 0
+    missing, unexpected = m.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == sorted(extra) and not unexpected
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, t, y, h = torch.randn(2, 4, 8, 8), torch.tensor([0.9, 0.4]), torch.tensor([1, 2]), torch.tensor([0.5, 0.0])
+    _, hidden = mf.average_velocity(m, x, t, h, y)
+    tok = m.x_embedder(x).flatten(2).transpose(1, 2) + m.pos_embed
+    c = m.t_embedder(t) + m.h_embedder(h) + m.y_embedder(y)
+    assert torch.allclose(hidden, m.blocks[0](tok, c), atol=1e-6)
+    assert not torch.allclose(mf.average_velocity(m, x, t, h, y)[0], mf.average_velocity(m, x, t, 0 * h, y)[0])
+
+
 def test_two_time_sit_one_step_sample_calls_h_one():
     m = _two_time_sit()
     noise = torch.randn(3, 2, 8, 8)
     y = torch.tensor([0, 1, 2])
     out = mf.sample(m, noise, y, steps=1)
-    ref = noise - m(noise, torch.ones(3), y, None, h=torch.ones(3))[0]
+    ref = noise - mf.average_velocity(m, noise, torch.ones(3), torch.ones(3), y)[0]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -339,13 +374,13 @@ def test_jvp_through_compiled_blocks_uses_their_eager_forward():
     m = _two_time_sit()
     x = torch.randn(3, 2, 8, 8)
     t, r, y, v = torch.full((3,), 0.8), torch.full((3,), 0.3), torch.tensor([0, 1, 2]), torch.randn(3, 2, 8, 8)
-    ref = mf._jvp_call(m, x, t, r, y, None, v, False)
+    ref = mf.jvp_call(m, x, t, r, y, None, v, False)
     for blk in m.blocks:
         blk.forward = torch.compile(blk.forward, backend="aot_eager", fullgraph=True)
     compiled = [blk.forward for blk in m.blocks]
     with pytest.raises(Exception, match="functorch"):  # what the eager-forward swap avoids
         with forward_ad.jvp_mode():
-            torch.func.jvp(lambda a: m(a, t, y, None, h=t - r)[0], (x,), (v,))
-    out = mf._jvp_call(m, x, t, r, y, None, v, False)
+            torch.func.jvp(lambda a: mf.average_velocity(m, a, t, t - r, y)[0], (x,), (v,))
+    out = mf.jvp_call(m, x, t, r, y, None, v, False)
     torch.testing.assert_close(out[1], ref[1])
     assert [blk.forward for blk in m.blocks] == compiled

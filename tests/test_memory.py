@@ -40,22 +40,23 @@ def test_choose_micro_batch():
 def test_sit_xl_at_batch_256_needs_two_micro_batches_on_an_80gb_card():
     """The case that motivated the planner, on fake tensors (no memory used): eager saved bytes of
     SiT-XL/2 + iREPA at 256 px under bf16 autocast exceed an H100's 80 GB."""
-    from irepa.align import AlignmentHead, alignment_loss
-    from irepa.train.objective import build_objective
-    from irepa.train.trainer import AlignedDiffusion
     from irepa import models
+    from irepa.align import AlignmentHead, alignment_loss
+    from irepa.recipes import resolve
+    from irepa.recipes.sit import SiTRecipe
+    from irepa.train.build import AlignedDiffusion
+    recipe = SiTRecipe(resolve("sit-xl2-irepa"))
     with torch._subclasses.fake_tensor.FakeTensorMode():
         m = models.build("SiT-XL/2", input_size=32, in_channels=4, num_classes=1000)
-        net = AlignedDiffusion(m, AlignmentHead(m.dim, [768], "conv", 0.6, 2048, alignment_loss),
-                               build_objective("sit"))
+        net = AlignedDiffusion(m, AlignmentHead(m.dim, [768], "conv", 0.6, 2048, alignment_loss), recipe)
 
-        def forward(x, y, f, drop):
+        def forward(batch, f):
             with torch.autocast("cpu", torch.bfloat16):
-                net(x, y, f, None, drop)
+                net(batch, recipe.draw(batch, None), f)
 
         def make(n):
-            return (torch.randn(n, 4, 32, 32), torch.zeros(n, dtype=torch.long),
-                    [torch.randn(n, 256, 768, dtype=torch.bfloat16)], torch.zeros(n, dtype=torch.bool))
+            return ({"x": torch.randn(n, 4, 32, 32), "y": torch.zeros(n, dtype=torch.long)},
+                    [torch.randn(n, 256, 768, dtype=torch.bfloat16)])
 
         fixed, per = memory.measure_activations(forward, make)
     assert 80 * 2**30 < 256 * per < 110 * 2**30  # ~96 GiB

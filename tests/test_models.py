@@ -70,8 +70,8 @@ def test_transport_path_and_score():
 def test_null_class_and_out_of_range_labels_are_named(name, size):
     # a model trained without label dropout has no null row: CFG on it must say so, not
     # fail inside nn.Embedding with "index out of range in self"
-    from irepa.models.jit import jit_velocity_fn
-    from irepa.sampling import model_velocity_fn, sample
+    from irepa import recipes
+    from irepa.sampling import sample
 
     ch = 4 if name.startswith("SiT") else 3
     x, t = torch.randn(2, ch, size, size), torch.rand(2)
@@ -89,40 +89,7 @@ def test_null_class_and_out_of_range_labels_are_named(name, size):
     with FakeTensorMode(allow_non_fake_inputs=True):  # the micro-batch planner's forward reads no values
         out, _ = with_null(torch.empty(2, ch, size, size), torch.empty(2), torch.zeros(2, dtype=torch.long))
     assert out.shape == x.shape
-    vfn = jit_velocity_fn(no_null) if name.startswith("JiT") else model_velocity_fn(no_null)
+    vfn = recipes.get("jit" if name.startswith("JiT") else "sit")().velocity_fn(no_null)
     with pytest.raises(ValueError, match="cfg != 1 needs null_class"):
         sample(vfn, x, torch.tensor([0, 1]), "heun", 2, cfg=2.0, null_class=no_null.null_class)
 
-
-def test_two_time_sit_conditioning_and_unchanged_plain_state_dict():
-    """MeanFlow's SiT (SPEC_RECIPES.md A5): c = t_emb(t) + h_emb(h) + y_emb(y) with a second
-    timestep embedder; off, the module has exactly the plain SiT's keys and weights."""
-    torch.manual_seed(0)
-    plain = models.build("SiT-Tiny/2", input_size=8, in_channels=4, num_classes=10)
-    torch.manual_seed(0)
-    off = models.build("SiT-Tiny/2", input_size=8, in_channels=4, num_classes=10, two_time=False)
-    sd_plain, sd_off = plain.state_dict(), off.state_dict()
-    assert list(sd_plain) == list(sd_off) and all(torch.equal(sd_plain[k], sd_off[k]) for k in sd_plain)
-    assert not any(k.startswith("h_embedder") for k in sd_plain)
-    m = models.build("SiT-Tiny/2", input_size=8, in_channels=4, num_classes=10, two_time=True)
-    extra = set(m.state_dict()) - set(sd_plain)
-    assert extra == {"h_embedder.mlp.0.weight", "h_embedder.mlp.0.bias", "h_embedder.mlp.2.weight",
-                     "h_embedder.mlp.2.bias"}
-    for i in (0, 2):  # N(0, 0.02) weights, zero biases, like t_embedder
-        w = m.h_embedder.mlp[i].weight
-        assert abs(w.std().item() - 0.02) < 0.003 and torch.count_nonzero(m.h_embedder.mlp[i].bias) == 0
-    missing, unexpected = m.load_state_dict(sd_plain, strict=False)
-    assert sorted(missing) == sorted(extra) and not unexpected
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0.9, 0.4]), torch.tensor([1, 2])
-    h = torch.tensor([0.5, 0.0])
-    _, hidden = m(x, t, y, h=h)
-    tok = m.x_embedder(x).flatten(2).transpose(1, 2) + m.pos_embed
-    c = m.t_embedder(t) + m.h_embedder(h) + m.y_embedder(y)
-    assert torch.allclose(hidden, m.blocks[0](tok, c), atol=1e-6)
-    assert not torch.allclose(m(x, t, y, h=h)[0], m(x, t, y, h=torch.zeros(2))[0])
-    with pytest.raises(ValueError, match="pass h = t - r"):
-        m(x, t, y)
-    with pytest.raises(ValueError, match="without two_time"):
-        plain(x, t, y, h=h)

@@ -1,6 +1,13 @@
-"""The trainer end to end on tiny digits runs: exact resume after a kill, SIGTERM, bad checkpoints."""
+"""The trainer end to end on tiny digits runs, in this process: exact resume after a crash, SIGTERM,
+bad checkpoints and run folders refused with their path, the recipes' registry and presets.
+
+A crash and a signal are injected through the loader (the batch before which they happen), so
+the production loop carries no test hook; launch/train.py itself is run by test_parallel.py
+(torchrun) and by the --help test here.
+"""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,33 +16,55 @@ from pathlib import Path
 import pytest
 import torch
 
-from irepa.config import resolve
-from irepa.train import checkpoint as ckpt_io
+from irepa.recipes import resolve
+from irepa.train import checkpoint
+from irepa.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model.name", "SiT-Tiny/2", "--model.input_size", "8", "--data.resolution", "64",
-        "--batch_size", "16", "--log_every", "1", "--ckpt_every", "3", "--sample_steps", "4",
-        "--ema_decays", "[0.9]", "--warmup_steps", "0"]
-
-
+TINY = {"model.name": "SiT-Tiny/2", "model.input_size": 8, "data.resolution": 64, "train.batch_size": 16,
+        "train.log_every": 1, "train.ckpt_every": 3, "train.sample_steps": 4, "train.ema_decays": [0.9],
+        "optim.warmup_steps": 0, "train.device": "cpu"}
 _CACHE = {}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _shared_dataset_cache(tmp_path_factory):
-    """The digits are prepared once for the module, not once per run folder."""
-    _CACHE["dir"] = str(tmp_path_factory.mktemp("datasets"))
+def _shared_dataset_cache(digits_cache):
+    """The digits are prepared once for the session, not once per run folder."""
+    _CACHE["dir"] = digits_cache
 
 
-def run_train(out_dir, name, *extra, env_extra=None, check=True):
-    # CPU even on a GPU host: exact-resume checks need deterministic kernels
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env_extra or {})}
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), *TINY, "--out_dir", str(out_dir), "--run_name", name,
-           "--data.cache_dir", _CACHE["dir"], *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    pass
+
+
+def _cfg(out_dir, name, preset="digits-sit-irepa", **over):
+    return resolve(preset, {**TINY, "train.out_dir": str(out_dir), "train.run_name": name,
+                            "data.cache_dir": _CACHE["dir"], **over})
+
+
+class _Interrupt:
+    """The trainer's loader, with `action()` run before batch `at` (0-based) is handed out."""
+
+    def __init__(self, loader, at: int, action):
+        self.loader, self.at, self.action = loader, at, action
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == self.at:
+                self.action()
+            yield batch
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash():
+    raise _Crash("killed")
 
 
 def losses(run_dir: Path) -> dict[int, tuple]:
@@ -46,15 +75,16 @@ def losses(run_dir: Path) -> dict[int, tuple]:
     return out
 
 
-def test_resume_after_kill_matches_uninterrupted(tmp_path):
-    run_train(tmp_path, "full", "--steps", "8")
-    killed = run_train(tmp_path, "killed", "--steps", "8", env_extra={"IREPA_SIGNAL_AT": f"5:{int(signal.SIGKILL)}"},
-                       check=False)
-    assert killed.returncode == -signal.SIGKILL
-    ckpts = [p.name for p in ckpt_io.complete_checkpoints(tmp_path / "killed")]
-    assert ckpts == ["step-0000003"]
-    resumed = run_train(tmp_path, "killed", "--steps", "8")
-    assert "resumed from" in resumed.stderr and "step 3" in resumed.stderr
+def test_resume_after_a_crash_matches_uninterrupted(tmp_path):
+    Trainer(_cfg(tmp_path, "full", **{"train.steps": 8})).train()
+    tr = Trainer(_cfg(tmp_path, "killed", **{"train.steps": 8}))
+    tr.data.loader = _Interrupt(tr.data.loader, 5, _crash)  # dies during step 6: nothing saved after step 3
+    with pytest.raises(_Crash):
+        tr.train()
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "killed")] == ["step-0000003"]
+    resumed = Trainer(_cfg(tmp_path, "killed", **{"train.steps": 8}))
+    assert resumed.step == 3
+    resumed.train()
     full, res = losses(tmp_path / "full"), losses(tmp_path / "killed")
     assert sorted(full) == sorted(res) == list(range(1, 9))
     for step in full:
@@ -66,77 +96,95 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
 
 
 def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path):
-    proc = run_train(tmp_path, "term", "--steps", "50", env_extra={"IREPA_SIGNAL_AT": f"4:{int(signal.SIGTERM)}"})
-    assert proc.returncode == 0
-    last = ckpt_io.latest_checkpoint(tmp_path / "term")
-    assert last.name == "step-0000004"
-    state = ckpt_io.load_checkpoint(last)
+    before = signal.getsignal(signal.SIGTERM)
+    tr = Trainer(_cfg(tmp_path, "term", **{"train.steps": 50}))
+    tr.data.loader = _Interrupt(tr.data.loader, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    last = tr.train()  # returns normally after the step the signal arrived in
+    assert last["step"] == 4 and signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+    ckpt = checkpoint.latest_checkpoint(tmp_path / "term")
+    assert ckpt.name == "step-0000004"
+    state = checkpoint.read_checkpoint(ckpt)
     assert state["trainer"]["step"] == 4 and state["trainer"]["data"]["index"] == 4
 
 
 def test_prepared_data_must_fit_the_model(tmp_path):
-    proc = run_train(tmp_path, "mismatch", "--steps", "1", "--model.input_size", "16", check=False)
-    assert proc.returncode != 0 and "stored latent shape (1, 8, 8) (prepared at 64 px) != model input shape " \
-        "(1, 16, 16)" in proc.stderr
+    with pytest.raises(ValueError, match=r"stored latent shape \(1, 8, 8\) \(prepared at 64 px\) != model input "
+                                         r"shape \(1, 16, 16\)"):
+        Trainer(_cfg(tmp_path, "mismatch", **{"model.input_size": 16}))
     prepared = str(Path(_CACHE["dir"]) / "digits-latent-64px-hog")
-    res = run_train(tmp_path, "res", "--steps", "1", "--data.source", prepared, "--data.resolution", "128", check=False)
-    assert res.returncode != 0 and "prepared at 64 px but data.resolution is 128" in res.stderr
+    with pytest.raises(ValueError, match="prepared at 64 px but data.resolution is 128"):
+        Trainer(_cfg(tmp_path, "res", **{"data.source": prepared, "data.resolution": 128}))
 
 
 def test_jit_digits_preset_trains_and_samples(tmp_path):
-    run_train(tmp_path, "jit", "--preset", "digits-jit-irepa", "--model.name", "JiT-T/16", "--model.input_size", "64",
-              "--steps", "2", "--ema_decays", "[0.9,0.8]")
+    cfg = _cfg(tmp_path, "jit", "digits-jit-irepa", **{"model.name": "JiT-T/16", "model.input_size": 64,
+                                                       "train.steps": 2, "train.ema_decays": [0.9, 0.8]})
+    tr = Trainer(cfg)
+    assert tr.recipe.name == "jit" and tr.data.manifest["kind"] == "pixels"
+    tr.train()
     assert (tmp_path / "jit" / "samples" / "step-0000002.png").stat().st_size > 0
+    assert len(checkpoint.read_checkpoint(checkpoint.latest_checkpoint(tmp_path / "jit"))["ema"]) == 2
 
 
-def _finished_run(tmp_path):
-    run_train(tmp_path, "bad", "--steps", "3")
-    return ckpt_io.latest_checkpoint(tmp_path / "bad")
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A run folder after 3 steps, with one checkpoint: the tests below work on copies."""
+    out = tmp_path_factory.mktemp("finished")
+    Trainer(_cfg(out, "run", **{"train.steps": 3})).train()
+    return out / "run"
 
 
-def test_truncated_checkpoint_is_refused_naming_the_file(tmp_path):
-    ckpt = _finished_run(tmp_path)
+def _copy(finished, tmp_path) -> Path:
+    shutil.copytree(finished, tmp_path / "bad")
+    return checkpoint.latest_checkpoint(tmp_path / "bad")
+
+
+def test_truncated_checkpoint_is_refused_naming_the_file(finished, tmp_path):
+    ckpt = _copy(finished, tmp_path)
     target = ckpt / "model.safetensors"
     data = target.read_bytes()
     target.write_bytes(data[: len(data) // 2])
-    proc = run_train(tmp_path, "bad", "--steps", "6", check=False)
-    assert proc.returncode != 0
-    assert str(target) in proc.stderr and "truncated" in proc.stderr
+    with pytest.raises(checkpoint.CheckpointError, match=str(target).replace(".", r"\.") + ": truncated"):
+        Trainer(_cfg(tmp_path, "bad", **{"train.steps": 6}))  # resuming reads it first
     assert target.stat().st_size == len(data) // 2  # nothing rewritten over it
 
 
-def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
-    ckpt = _finished_run(tmp_path)
+def test_corrupt_checkpoint_is_refused_naming_the_file(finished, tmp_path):
+    ckpt = _copy(finished, tmp_path)
     target = ckpt / "optimizer.safetensors"
     data = bytearray(target.read_bytes())
     data[-5] ^= 0xFF
     target.write_bytes(bytes(data))
-    with pytest.raises(ckpt_io.CheckpointError, match=str(target).replace(".", r"\.") + ".*corrupt"):
-        ckpt_io.load_checkpoint(ckpt)
+    with pytest.raises(checkpoint.CheckpointError, match=str(target).replace(".", r"\.") + ".*corrupt"):
+        Trainer(_cfg(tmp_path, "bad", **{"train.steps": 6}))
+    with pytest.raises(checkpoint.CheckpointError, match=str(target).replace(".", r"\.") + ".*corrupt"):
+        checkpoint.read_checkpoint(ckpt)
     (ckpt / "manifest.json").unlink()  # an interrupted writer leaves no manifest: it is skipped, not loaded
-    assert ckpt_io.latest_checkpoint(tmp_path / "bad") is None
+    assert checkpoint.latest_checkpoint(tmp_path / "bad") is None
 
 
-def test_unparseable_safetensors_names_file(tmp_path):
-    ckpt = _finished_run(tmp_path)
+def test_unparseable_safetensors_names_file(finished, tmp_path):
+    ckpt = _copy(finished, tmp_path)
     target = ckpt / "ema.safetensors"
     target.write_bytes(b"\x00" * 64)
-    with pytest.raises(ckpt_io.CheckpointError, match="ema.safetensors"):
-        ckpt_io.load_checkpoint(ckpt, verify=False)
+    with pytest.raises(checkpoint.CheckpointError, match="ema.safetensors"):
+        checkpoint.read_checkpoint(ckpt, verify=False)
 
 
-def test_run_folder_with_other_model_is_refused(tmp_path):
-    run_train(tmp_path, "r", "--steps", "1")
-    proc = run_train(tmp_path, "r", "--steps", "2", "--model.align_depth", "1", check=False)
-    assert proc.returncode != 0 and "different model/align/data config" in proc.stderr
+def test_run_folder_with_other_model_is_refused(finished, tmp_path):
+    _copy(finished, tmp_path)
+    with pytest.raises(ValueError, match="different model/align/data config"):
+        Trainer(_cfg(tmp_path, "bad", **{"model.align_depth": 1}))
 
 
-def test_load_for_inference_gives_ema_model(tmp_path):
-    run_train(tmp_path, "inf", "--steps", "3")
-    model, cfg = ckpt_io.load_for_inference(tmp_path / "inf")
+def test_load_for_inference_gives_ema_model(finished):
+    from irepa.train.export import load_for_inference
+    model, cfg = load_for_inference(finished)
     assert cfg.model.name == "SiT-Tiny/2" and not model.training
     out, hidden = model(torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 2]))
     assert out.shape == (2, 1, 8, 8) and hidden.shape[1] == 16
+    ema = checkpoint.read_checkpoint(checkpoint.latest_checkpoint(finished))["ema"][0]
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
 
 
 def test_config_errors_are_clear():
@@ -165,12 +213,11 @@ def test_online_fid_is_logged_and_checked_before_step_0(tmp_path):
     a = rng.normal(size=(64, 2048))
     ref = tmp_path / "ref.npz"
     np.savez(ref, mu=a.mean(0), sigma=np.cov(a, rowvar=False))
-    fid_args = ["--fid_every", "2", "--fid_samples", "4", "--fid_weights", str(weights)]
-    missing = run_train(tmp_path, "nofile", "--steps", "2", *fid_args, "--fid_ref", str(tmp_path / "none.npz"),
-                        check=False)
-    assert missing.returncode != 0 and "none.npz" in missing.stderr
+    fid = {"train.steps": 2, "train.fid_every": 2, "train.fid_samples": 4, "train.fid_weights": str(weights)}
+    with pytest.raises(FileNotFoundError, match="none.npz"):
+        Trainer(_cfg(tmp_path, "nofile", **fid, **{"train.fid_ref": str(tmp_path / "none.npz")}))
     assert not (tmp_path / "nofile" / "metrics.jsonl").exists()  # refused before step 0
-    run_train(tmp_path, "fid", "--steps", "2", *fid_args, "--fid_ref", str(ref))
+    Trainer(_cfg(tmp_path, "fid", **fid, **{"train.fid_ref": str(ref)})).train()
     rows = [json.loads(line) for line in (tmp_path / "fid" / "metrics.jsonl").read_text().splitlines()]
     fids = [r for r in rows if "fid_online" in r]
     assert len(fids) == 1 and fids[0]["step"] == 2 and fids[0]["fid_online"] > 0
@@ -182,7 +229,7 @@ def test_help_lists_every_key_and_bad_keys_suggest_the_right_one():
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--model.name = 'SiT-XL/2'" in out.stdout and "--train.micro_batch_size = 0" in out.stdout
-    assert "gradients accumulate" in out.stdout  # the field's documentation
+    assert "--train.recipe = 'sit'" in out.stdout and "gradients accumulate" in out.stdout  # the field's documentation
     bad = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--train.micro_bach_size", "2"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "did you mean train.micro_batch_size" in bad.stderr

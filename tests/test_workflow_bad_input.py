@@ -103,3 +103,12 @@ def test_ffcv_format_without_ffcv_fails_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="--formats memmap"):
         prepare(str(src), str(tmp_path / "ds"), **_kw(formats=("ffcv", "memmap")))
     assert not (tmp_path / "ds.partial").exists()  # not hours later, at the FFCV write
+
+
+def test_a_dataset_is_never_written_into_the_data_package(tmp_path):
+    import irepa.data
+
+    inside = Path(irepa.data.__file__).resolve().parent / "digits-test"
+    with pytest.raises(ValueError, match="inside the irepa.data source package"):
+        prepare("digits", str(inside), **_kw())
+    assert not inside.exists() and not Path(str(inside) + ".partial").exists()

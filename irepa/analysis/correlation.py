@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from irepa.metrics.spatial import correlation
+from irepa.analysis.spatial import correlation
 
 METRIC_COLUMNS = ("lds", "lds_paper", "cds", "srss", "rmsc", "probe_acc")
 

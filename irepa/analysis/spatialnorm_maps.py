@@ -14,7 +14,7 @@ import torch
 from irepa.align import spatial_norm, token_grid
 from irepa.analysis.correlation import agg_pyplot
 from irepa.analysis.features import EncoderFn
-from irepa.metrics.spatial import cosine_gram
+from irepa.analysis.spatial import cosine_gram
 
 
 def default_anchors(side: int) -> list[tuple[int, int]]:

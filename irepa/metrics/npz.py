@@ -105,30 +105,3 @@ def iter_npz_array(path: str | Path, name: str = "arr_0", batch: int = 1000) -> 
                 if len(buf) != n * row:
                     raise ValueError(f"{path}:{name}: truncated at row {start}")
                 yield np.frombuffer(buf, dtype=dtype).reshape((n, *shape[1:]))
-
-
-def to_uint8_nhwc(images_BCHW) -> np.ndarray:
-    """Float images [B, 3, H, W] in [0, 1] (torch or numpy) -> uint8 [B, H, W, 3], ADM rounding."""
-    import torch
-    x = torch.as_tensor(images_BCHW).float()
-    return (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-
-
-def save_grid(images_BHWC: np.ndarray, path: str | Path, nrow: int | None = None) -> Path:
-    """uint8 [B, H, W, 3] -> one PNG grid (2 px gaps), written atomically."""
-    from PIL import Image
-
-    b, h, w, c = images_BHWC.shape
-    nrow = nrow or max(1, int(np.ceil(np.sqrt(b))))
-    ncol = int(np.ceil(b / nrow))
-    pad = 2
-    grid = np.zeros((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
-    for i in range(b):
-        r, q = divmod(i, nrow)
-        y0, x0 = pad + r * (h + pad), pad + q * (w + pad)
-        grid[y0:y0 + h, x0:x0 + w] = images_BHWC[i]
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, path)
-    return path

@@ -15,8 +15,8 @@ release's frozen pos-embed Parameter adds 0.20 / 0.26 / 0.33M). Forward GMACs at
 forward(x, t, y, drop_mask) -> (x_prediction [B, C, H, W], hidden [B, T, D]), hidden the
 output of block `align_depth` (1-indexed) with the in-context tokens removed, so the
 alignment projector always sees the (H/p) x (W/p) patch grid. Time is JiT's: t = 1 is
-data (the objective in irepa.train.objective_jit and the sampler adapter handle the
-flip to SiT time). Default alignment depth: 4 for B (SPEC.md section 2), 8 for L and H
+data (the JiT recipe, irepa.recipes.jit, handles the flip to SiT time for its loss and
+the samplers). Default alignment depth: 4 for B (SPEC.md section 2), 8 for L and H
 (the iREPA JiT release's default encoder depth; for H it lies before the in-context
 tokens, which start at block 11).
 
@@ -24,8 +24,8 @@ Parameter names follow the JiT release (x_embedder.proj1/proj2, blocks.i.attn.q_
 mlp.w12/w3, in_context_posemb, final_layer.norm_final, ...), so its checkpoints map onto
 this module key for key (its pos_embed parameter is our buffer).
 
-`fused_kernels` is accepted for parity with SiT; JiT has no fused RMSNorm + adaLN kernel
-yet, so it runs the eager ops (torch.compile per block fuses them).
+JiT has no fused RMSNorm + adaLN kernel yet (model.fused_kernels applies to SiT only): it
+runs the eager ops, which torch.compile per block fuses.
 """
 from __future__ import annotations
 
@@ -203,7 +203,7 @@ class JiT(nn.Module):
                  dim: int = 768, depth: int = 12, heads: int = 12, bottleneck: int = 128,
                  mlp_ratio: float = 4.0, num_classes: int = 1000, class_dropout_prob: float = 0.1,
                  in_context_len: int = IN_CONTEXT_LEN, in_context_start: int = 4, align_depth: int = 4,
-                 proj_dropout: float = 0.0, attn_backend: str = "sdpa", fused_kernels: bool = False):
+                 proj_dropout: float = 0.0, attn_backend: str = "sdpa"):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
@@ -218,7 +218,6 @@ class JiT(nn.Module):
         self.align_depth, self.in_context_len, self.in_context_start = align_depth, in_context_len, in_context_start
         self.grid = input_size // patch_size
         self.num_tokens = self.grid ** 2
-        self.fused_kernels = fused_kernels  # accepted for parity with SiT; see the module docstring
         backend = resolve_backend(attn_backend)
         self.x_embedder = BottleneckPatchEmbed(patch_size, in_channels, bottleneck, dim)
         self.t_embedder = TimestepEmbedder(dim)
@@ -324,20 +323,3 @@ def build_jit(name: str, **kw) -> JiT:
                     proj_dropout=s.proj_dropout, patch_size=_patch_size(name))
     kw = {k: v for k, v in kw.items() if v is not None}
     return JiT(**{**defaults, **kw})
-
-
-def jit_velocity_fn(model: nn.Module, t_eps: float = 0.05):
-    """A JiT model as `irepa.sampling.sample`'s SiT-convention velocity_fn(x_t, t, y).
-
-    The model is called at its own time s = 1 - t and v = (x_t - x_hat) / max(t, t_eps).
-    With s = 1 - t the JiT ODE dz/ds = (x_hat - z) / max(1 - s, eps) is exactly
-    dx/dt = (x_t - x_hat) / max(t, eps), the same clamp the training loss uses, so Heun
-    on linspace(1, 0) reproduces JiT's Heun on linspace(0, 1) step for step (including the
-    final Euler step, `sample` skips the corrector at t = 0). The clamp only acts for
-    t < t_eps: it keeps the step finite at t = 0 and caps the 1/t amplification of the
-    prediction error; with 50 steps the last step (t = 0.02 -> 0) therefore moves 0.02/0.05
-    = 40% of the way to x_hat, as in the release. CFG on this v equals CFG on x_hat (same
-    denominator); give the interval in SiT time (irepa.sampling.jit_interval converts).
-    """
-    from irepa.sampling import x_prediction_velocity_fn
-    return x_prediction_velocity_fn(model, t_eps)

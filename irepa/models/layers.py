@@ -6,16 +6,8 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-
-def modulate_norm_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """adaLN: LayerNorm without affine, then x * (1 + scale) + shift per sample.
-
-    x [B, T, D]; shift, scale [B, D]. The fused Triton version is irepa.kernels.fused_adaln.
-    """
-    xn = F.layer_norm(x, (x.shape[-1],), eps=eps)
-    return xn * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+from irepa.adaln import modulate_norm_ref
 
 
 def get_modulate_norm(fused: bool):

@@ -5,11 +5,6 @@ vector), fixed 2-D sin-cos position embedding, zero-initialized modulation and f
 layer, label dropout with a null class. forward returns (velocity, h_at_depth) where
 h_at_depth [B, T, D] is the hidden state after block `align_depth` (1-indexed) that the
 alignment projector reads. Sizes per SPEC.md section 3.
-
-`two_time=True` builds the MeanFlow variant (SPEC_RECIPES.md A5): a second
-TimestepEmbedder for the interval length h = t - r, added to the conditioning,
-c = t_emb(t) + h_emb(h) + y_emb(y), both times raw in [0, 1]; forward then needs `h`.
-Off (the default) the module and its state dict are exactly the plain SiT's.
 """
 from __future__ import annotations
 
@@ -87,8 +82,7 @@ class SiT(nn.Module):
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                  dim: int = 1152, depth: int = 28, heads: int = 16, mlp_ratio: float = 4.0,
                  num_classes: int = 1000, class_dropout_prob: float = 0.1, learn_sigma: bool = False,
-                 align_depth: int = 8, attn_backend: str = "sdpa", fused_kernels: bool = False,
-                 two_time: bool = False):
+                 align_depth: int = 8, attn_backend: str = "sdpa", fused_kernels: bool = False):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
@@ -102,9 +96,6 @@ class SiT(nn.Module):
         backend = resolve_backend(attn_backend)
         self.x_embedder = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(dim)
-        self.two_time = two_time
-        if two_time:  # MeanFlow: u(z, t, h = t - r); registered only then, so plain SiT state dicts are unchanged
-            self.h_embedder = TimestepEmbedder(dim)
         self.y_embedder = LabelEmbedder(num_classes, dim, class_dropout_prob)
         self.register_buffer("pos_embed", torch.from_numpy(sincos_pos_embed_2d(dim, self.grid))[None],
                              persistent=False)
@@ -114,9 +105,6 @@ class SiT(nn.Module):
 
     def initialize_weights(self):
         init_adaln_zero_(self)
-        if self.two_time:  # like t_embedder: N(0, 0.02) weights, zero biases (MeanFlow's DiT)
-            for lin in (self.h_embedder.mlp[0], self.h_embedder.mlp[2]):
-                nn.init.normal_(lin.weight, std=0.02)
         w = self.x_embedder.weight.data  # the patch conv is initialized like a linear layer
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
@@ -132,28 +120,24 @@ class SiT(nn.Module):
         x = x_BTP.reshape(B, g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(B, c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                drop_mask: torch.Tensor | None = None, h: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, C, H, W], t [B] in [0, 1] (1 = noise), y [B] labels (num_classes = null);
-        h [B] = t - r, the interval of MeanFlow's average velocity (two_time models only).
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor | None = None,
+                extra_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, C, H, W], t [B] in [0, 1] (1 = noise), y [B] labels (num_classes = null).
 
-        Returns (velocity [B, C_out, H, W], hidden [B, T, D] after block align_depth); a
-        two_time model's output is the average velocity over [t - h, t].
+        extra_cond [B, D]: added to the conditioning vector (t and y embeddings), for recipes
+        that condition on more than t (MeanFlow's embedding of t - r).
+        Returns (velocity [B, C_out, H, W], hidden [B, T, D] after block align_depth).
         """
         if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
             raise ValueError(f"SiT expects inputs [B, {self.in_channels}, {self.input_size}, {self.input_size}], "
                              f"got {tuple(x.shape)}")
-        if (h is None) == self.two_time:
-            raise ValueError("this SiT was built with two_time=True (MeanFlow): pass h = t - r" if self.two_time
-                             else "h (MeanFlow's t - r) was given to a SiT built without two_time")
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y, drop_mask)
-        if self.two_time:
-            c = c + self.h_embedder(h)
-        tok = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
+        if extra_cond is not None:
+            c = c + extra_cond
         hidden = None
         for i, blk in enumerate(self.blocks):
-            tok = blk(tok, c)
+            h = blk(h, c)
             if i + 1 == self.align_depth:
-                hidden = tok
-        return self.unpatchify(self.final_layer(tok, c)), hidden
+                hidden = h
+        return self.unpatchify(self.final_layer(h, c)), hidden

@@ -1,4 +1,4 @@
-"""Construct what a run needs from its Config: model, alignment head, data, encoders."""
+"""Construct what a run needs from its Config and recipe: the trained tree, its parts, data, encoders."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,18 +7,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from irepa import models
 from irepa.align import AlignmentHead, alignment_loss
 from irepa.config import Config
-
-
-def build_model(cfg: Config, fused: bool) -> nn.Module:
-    m = cfg.model
-    kw = dict(input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
-              class_dropout_prob=m.class_dropout_prob, attn_backend=m.attn_backend, fused_kernels=fused)
-    if m.align_depth is not None:
-        kw["align_depth"] = m.align_depth
-    return models.build(m.name, **kw)
+from irepa.train.ema import make_ema
+from irepa.train.step import Part
 
 
 def build_head(cfg: Config, dim: int, encoder_dims: list[int], fused: bool) -> AlignmentHead | None:
@@ -28,32 +20,95 @@ def build_head(cfg: Config, dim: int, encoder_dims: list[int], fused: bool) -> A
     if fused:
         from irepa.kernels import fused_alignment_loss
         loss_fn = fused_alignment_loss
-    return AlignmentHead(dim, encoder_dims, cfg.align.projector, cfg.align.gamma, cfg.align.hidden_dim, loss_fn)
+    return AlignmentHead(dim, encoder_dims, cfg.align.projector, cfg.align.gamma, cfg.align.hidden_dim, loss_fn,
+                         kernel_size=cfg.align.proj_kernel_size)
 
 
-class DiffusionWithAlignment(nn.Module):
-    """The trained tree: the diffusion model plus its projectors (one FSDP/compile root)."""
+class AlignedDiffusion(nn.Module):
+    """The trained tree: the diffusion model plus its projectors (one FSDP / DDP / compile root).
 
-    def __init__(self, model: nn.Module, head: AlignmentHead | None):
+    forward(batch, draws, feats) -> (denoising loss, alignment loss, logs) for one micro-batch:
+    the recipe's loss on the model, then the alignment head on the hidden state it returns.
+    Parameter names: model.* and head.* (checkpoint keys)."""
+
+    def __init__(self, model: nn.Module, head: AlignmentHead | None, recipe):
         super().__init__()
         self.model = model
         self.head = head
+        self.recipe = recipe
+
+    def forward(self, batch: dict, draws: dict, feats: list[torch.Tensor]):
+        out = self.recipe.loss(self.model, batch, draws)
+        if self.head is None or out.hidden is None:
+            return out.denoise, out.denoise.new_zeros(()), out.logs
+        return out.denoise, self.head(out.hidden, feats), out.logs
+
+
+def adamw(cfg: Config, params: list[torch.Tensor], lr: float, device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optim
+    return torch.optim.AdamW(params, lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                             fused=device.type == "cuda" or None)
+
+
+def base_lr(cfg: Config) -> float:
+    return cfg.optim.lr * (cfg.train.batch_size / 256 if cfg.optim.scale_lr_with_batch else 1.0)
+
+
+def extra_parts(cfg: Config, recipe, device: torch.device, parallel: str) -> dict[str, Part]:
+    """The recipe's further trained parts (Recipe.extra_parts), each with optimizer and EMA;
+    data-parallel ones are DDP-wrapped (their gradients are all-reduced)."""
+    out = {}
+    for name, spec in recipe.extra_parts(device).items():
+        module = spec.module.to(device)
+        ema = make_ema(module, list(spec.ema_decays), sharded=False) if spec.ema_decays else None
+        train_module = module
+        if parallel in ("ddp", "fsdp"):
+            from irepa.train.parallelize import apply_ddp
+            train_module = apply_ddp(module, device)
+        params = [p for p in module.parameters() if p.requires_grad]
+        opt = spec.optimizer(params) if spec.optimizer is not None else adamw(cfg, params, base_lr(cfg), device)
+        out[name] = Part(module, train_module, opt, params, opt.param_groups[0]["lr"], ema, None, spec.grad_clip,
+                         "ddp" if train_module is not module else "none")
+    return out
+
+
+def offline_parts(cfg: Config, encoder_dims: list[int]) -> dict[str, Part]:
+    """Every trained part of a run as plain modules on the CPU (one process): for export and inspection."""
+    from irepa import recipes
+    recipe = recipes.for_config(cfg)
+    model = recipe.build_model(fused=False)
+    head = build_head(cfg, model.dim, encoder_dims, fused=False)
+    net = AlignedDiffusion(model, head, recipe)
+    params = [p for p in net.parameters() if p.requires_grad]
+    cpu = torch.device("cpu")
+    parts = {"model": Part(net, net, adamw(cfg, params, base_lr(cfg), cpu), params, base_lr(cfg),
+                           make_ema(net.model, cfg.train.ema_decays, sharded=False), net.model, cfg.optim.grad_clip)}
+    return {**parts, **extra_parts(cfg, recipe, cpu, "none")}
 
 
 @dataclass
 class DataBundle:
     loader: object
     encoder_dims: list[int]
+    manifest: dict
     decode: object = None
-    """latents -> images in [0, 1] for sample grids (None: no decoder on this machine)"""
+    """model outputs -> images in [0, 1] for sample grids (None: no decoder on this machine)"""
     online_encoders: list = field(default_factory=list)
     """frozen encoders run in the step on batch["images"] when features are not stored"""
 
+    def features(self, batch: dict) -> list[torch.Tensor]:
+        """Alignment targets of a batch (slice): its stored features, or the online encoders' output."""
+        if not self.online_encoders:
+            if "feats" not in batch:
+                raise ValueError("the batch has no stored features and no online encoders are configured "
+                                 "(set data.online_encoders=True)")
+            return batch["feats"]
+        if "images" not in batch:
+            raise ValueError("data.online_encoders needs the batch's images, and the loader gives none")
+        return self.online_features(batch["images"])
+
     @torch.no_grad()
     def online_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        if not self.online_encoders:
-            raise ValueError("the batch has no stored features and no online encoders are configured "
-                             "(set data.online_encoders=True)")
         amp = torch.autocast(images.device.type, torch.bfloat16, enabled=images.device.type == "cuda")
         with amp:
             return [enc(images) for enc in self.online_encoders]
@@ -64,18 +119,30 @@ def build_encoders(names: list[str], device) -> list[nn.Module]:
     return [encoders.build(n).to(device).eval().requires_grad_(False) for n in names]
 
 
-def build_data(cfg: Config, model: nn.Module, rank: int, world_size: int, device) -> DataBundle:
+def dataset_dir(cfg: Config, kind: str) -> Path:
+    """The prepared dataset a run trains on: data.source, or where the built-in one is prepared."""
+    if cfg.data.source != "digits":
+        return Path(cfg.data.source)
+    root = Path(cfg.data.cache_dir or Path(cfg.train.out_dir) / "datasets")
+    # online encoders: the images are stored for the encoders run in the step, not their features
+    tag = "online-images" if cfg.data.online_encoders else "-".join(cfg.align.encoders) or "noenc"
+    return root / f"{cfg.data.source}-{kind}-{cfg.data.resolution}px-{tag}"
+
+
+def build_data(cfg: Config, recipe, model: nn.Module, rank: int, world_size: int, device) -> DataBundle:
     """The loader for cfg.data.source, checked against the model before step 0.
 
     "digits" is prepared once (prepare -> manifest -> loader, like any dataset) into
-    data.cache_dir; a path is a folder made by launch/prepare.py.
+    data.cache_dir as the recipe's data kind; a path is a folder made by launch/prepare.py.
     """
     from irepa import data as data_pkg
 
     local_batch = cfg.train.batch_size // world_size
     if cfg.train.batch_size % world_size:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world_size} ranks")
-    path = _prepare_builtin(cfg, rank, world_size) if cfg.data.source == "digits" else cfg.data.source
+    path = str(dataset_dir(cfg, recipe.data_kind))
+    if cfg.data.source == "digits":
+        _prepare_builtin(cfg, path, recipe.data_kind, rank, world_size)
     manifest = data_pkg.read_manifest(path)
     if manifest["resolution"] != cfg.data.resolution:
         raise ValueError(f"{path}: prepared at {manifest['resolution']} px but data.resolution is "
@@ -95,11 +162,11 @@ def build_data(cfg: Config, model: nn.Module, rank: int, world_size: int, device
     loader = data_pkg.build_loader(path, local_batch, [] if online else cfg.align.encoders, seed=cfg.train.seed,
                                    rank=rank, world_size=world_size, device=device, backend=cfg.data.backend,
                                    images=online)
-    return DataBundle(loader, dims, decode=_decoder(manifest, loader, device), online_encoders=encs)
+    return DataBundle(loader, dims, manifest, decode=recipe.decoder(manifest, device), online_encoders=encs)
 
 
-def _prepare_builtin(cfg: Config, rank: int, world_size: int) -> str:
-    """Prepare the built-in dataset once into data.cache_dir (a no-op when it is complete).
+def _prepare_builtin(cfg: Config, out: str, kind: str, rank: int, world_size: int) -> None:
+    """Prepare the built-in dataset once into `out` (a no-op when it is complete).
 
     Under torch.distributed every rank calls prepare (it shards the work and synchronizes
     itself); a single process prepares alone.
@@ -108,36 +175,12 @@ def _prepare_builtin(cfg: Config, rank: int, world_size: int) -> str:
 
     from irepa import data as data_pkg
 
-    root = Path(cfg.data.cache_dir or Path(cfg.train.out_dir) / "datasets")
-    kind = "pixels" if cfg.train.objective == "jit" else "latent"
-    online = cfg.data.online_encoders  # store the images for the encoders run in the step, not their features
-    tag = "online-images" if online else "-".join(cfg.align.encoders) or "noenc"
-    out = root / f"{cfg.data.source}-{kind}-{cfg.data.resolution}px-{tag}"
-    if not (out / "manifest.json").is_file():
-        formats = ("ffcv", "memmap") if data_pkg.ffcv_available() else ("memmap",)
-        collective = world_size > 1 and dist.is_initialized()
-        data_pkg.prepare(cfg.data.source, str(out), resolution=cfg.data.resolution,
-                         encoders=[] if online else cfg.align.encoders, store_images=online,
-                         kind=kind, formats=formats, device="cpu", progress=rank == 0,
-                         rank=None if collective else 0, world_size=None if collective else 1)
-    return str(out)
-
-
-def _decoder(manifest: dict, loader, device):
-    """Model-space latents -> images in [0, 1], or None when no decoder is available here."""
-    if manifest["kind"] == "pixels":
-        return lambda x: ((x + 1) / 2).clamp(0, 1)
-    shift, scale = loader.shift, loader.scale
-    vae = manifest.get("latent", {}).get("vae")
-    if vae == "digits-codec":
-        from irepa.data.digits import pixel_codec_decode
-        return lambda x: pixel_codec_decode(x * scale.to(x.device) + shift.to(x.device))
-    if vae and Path(vae).is_dir():
-        from diffusers import AutoencoderKL
-        ae = AutoencoderKL.from_pretrained(vae, local_files_only=True).to(device).eval().requires_grad_(False)
-
-        @torch.no_grad()
-        def decode(x):
-            return ((ae.decode(x * scale.to(x.device) + shift.to(x.device)).sample + 1) / 2).clamp(0, 1)
-        return decode
-    return None
+    if (Path(out) / "manifest.json").is_file():
+        return
+    online = cfg.data.online_encoders
+    formats = ("ffcv", "memmap") if data_pkg.ffcv_available() else ("memmap",)
+    collective = world_size > 1 and dist.is_initialized()
+    data_pkg.prepare(cfg.data.source, out, resolution=cfg.data.resolution,
+                     encoders=[] if online else cfg.align.encoders, store_images=online,
+                     kind=kind, formats=formats, device="cpu", progress=rank == 0,
+                     rank=None if collective else 0, world_size=None if collective else 1)

@@ -128,3 +128,24 @@ def plan_micro_batch(forward, make_inputs, batch: int, static: int, device: torc
     budget = device_budget(device, fraction) if budget is None else budget
     micro = choose_micro_batch(batch, per_sample, fixed, static, budget)
     return MemoryPlan(micro, batch, per_sample, fixed, static, budget)
+
+
+def plan_train_step(net, recipe, encoder_dims: list[int], amp_dtype: torch.dtype | None, batch: int, static: int,
+                    device: torch.device, budget: int | None = None) -> MemoryPlan:
+    """The plan for a trained tree (irepa.train.build.AlignedDiffusion): one forward of the recipe's
+    draws and loss plus the alignment head, on fake inputs of the model's shape (the trainer and
+    perf/bench_step.py plan the same way)."""
+    from contextlib import nullcontext
+
+    model = net.model
+    C, S = model.in_channels, model.input_size
+
+    def make_inputs(n):
+        batch = {"x": torch.randn(n, C, S, S, device=device), "y": torch.zeros(n, dtype=torch.long, device=device)}
+        return batch, [torch.randn(n, model.num_tokens, d, device=device, dtype=torch.bfloat16) for d in encoder_dims]
+
+    def forward(batch, feats):
+        with torch.autocast(device.type, amp_dtype) if amp_dtype else nullcontext():
+            net(batch, recipe.draw(batch, None), feats)
+
+    return plan_micro_batch(forward, make_inputs, batch, static, device, budget)

@@ -8,9 +8,8 @@ a killed job resumes by skipping the shards already on disk. Every shard is one 
 (arr_0 images [N, H, W, 3] uint8, arr_1 labels) and a PNG grid. plan.json in the output
 folder records the settings; resuming with different settings is refused.
 
-Decoders turn model outputs into images in [0, 1]: the digits pixel codec, a diffusers
-AutoencoderKL from a local folder with per-channel latent statistics or a scale factor
-(0.18215 for the SD-VAE the reference releases use), or plain pixels in [-1, 1] (JiT).
+`sample_batch` (the caller's: launch/sample.py runs the recipe's sampler and decodes with
+irepa.codec) turns noise and labels into images in [0, 1].
 """
 from __future__ import annotations
 
@@ -24,7 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .npz import NpzArrayWriter, save_grid, to_uint8_nhwc
+from irepa.grid import save_grid, to_uint8_nhwc
+from irepa.metrics.npz import NpzArrayWriter
 
 
 @dataclass
@@ -173,70 +173,3 @@ def merge_shards(plan: SamplePlan, out_dir: str | Path, name: str = "samples.npz
             p.unlink()
         (out_dir / "shards").rmdir()
     return final
-
-
-# ---------------------------------------------------------------- decoders
-class LatentScaling:
-    """Model latents <-> VAE latents: model = (vae - mean) / std per channel."""
-
-    def __init__(self, mean, std):
-        self.mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.as_tensor(std, dtype=torch.float32)
-        self.std = torch.where(std > 0, std, torch.ones_like(std)).view(1, -1, 1, 1)  # constant channel: shift only
-
-    @classmethod
-    def factor(cls, scale: float = 0.18215, channels: int = 4) -> "LatentScaling":
-        return cls([0.0] * channels, [1.0 / scale] * channels)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "LatentScaling":
-        """A data manifest.json, a .json with mean/std lists (top level or under 'latent_stats'),
-        or an .npz with mean/std."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"latent statistics not found: {path}")
-        if path.suffix == ".npz":
-            with np.load(path) as z:
-                return cls(z["mean"], z["std"])
-        d = json.loads(path.read_text())
-        if isinstance(d.get("latent"), dict) and "channel_mean" in d["latent"]:  # data/prepare.py manifest
-            return cls(d["latent"]["channel_mean"], d["latent"]["channel_std"])
-        d = d.get("latent_stats") or d
-        if "mean" not in d or "std" not in d:
-            raise KeyError(f"{path}: no latent statistics (expected 'mean' and 'std' lists, under "
-                           f"'latent_stats' or at the top level, or latent.channel_mean/channel_std)")
-        return cls(d["mean"], d["std"])
-
-    def unscale(self, z: torch.Tensor) -> torch.Tensor:
-        return z.float() * self.std.to(z.device) + self.mean.to(z.device)
-
-
-class VAEDecoder:
-    """diffusers AutoencoderKL from a local folder; latents (model scale) -> images in [0, 1]."""
-
-    def __init__(self, vae_dir: str | Path, scaling: LatentScaling, device="cpu", dtype=torch.float32):
-        vae_dir = Path(vae_dir)
-        if not (vae_dir / "config.json").is_file():
-            raise FileNotFoundError(f"VAE folder {vae_dir} has no config.json (expected a diffusers "
-                                    f"AutoencoderKL saved with save_pretrained, e.g. sd-vae-ft-mse)")
-        try:
-            from diffusers.models import AutoencoderKL
-        except ImportError as e:
-            raise ImportError("decoding latents needs diffusers (pip install diffusers)") from e
-        self.vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).to(device, dtype).eval()
-        self.scaling, self.dtype = scaling, dtype
-
-    @torch.no_grad()
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.vae.decode(self.scaling.unscale(z).to(self.dtype)).sample
-        return ((x.float() + 1) / 2).clamp(0, 1)
-
-
-def pixels_decoder(x: torch.Tensor) -> torch.Tensor:
-    """Pixel-space models (JiT): [-1, 1] -> [0, 1]."""
-    return ((x.float() + 1) / 2).clamp(0, 1)
-
-
-def pixel_codec_decoder(x: torch.Tensor) -> torch.Tensor:
-    from irepa.data.digits import pixel_codec_decode
-    return pixel_codec_decode(x.float())

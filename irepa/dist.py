@@ -1,0 +1,79 @@
+"""Rank, world size and device: one place for the setup every entry point needs.
+
+`setup(device)` reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE), picks the
+device ("auto": the local rank's GPU, else the CPU), makes it current and starts the process
+group (NCCL on GPUs, gloo on CPUs) when there are several ranks. The helpers below work the
+same with and without a process group (one process: rank 0 of 1).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Setup:
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) without it."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
+            int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
+    """"auto" -> cuda:<local rank> when a GPU is visible, else cpu; a CUDA device becomes current."""
+    if name == "auto":
+        local = env()[1] if local_rank is None else local_rank
+        name = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def setup(device: str = "auto", backend: str | None = None) -> Setup:
+    """Read the ranks, pick the device and, with several ranks, start the process group."""
+    rank, local, world = env()
+    dev = pick_device(device, local)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"))
+    return Setup(rank, local, world, dev)
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the running process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    if rank_world()[1] > 1:
+        dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order ([obj] without a process group)."""
+    world = rank_world()[1]
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
