@@ -42,7 +42,8 @@ VARIANTS = {  # name -> (recipe, meanflow options)
     "meanflow-joint-cfg": ("meanflow", {"jvp": "joint", "omega": 1.0, "kappa": 0.5}),
     "meanflow-split": ("meanflow", {"jvp": "split", "omega": 1.0, "kappa": 0.0}),
 }
-FIELDS = ["date", "commit", "device", "torch", "model", "config", "variant", "batch", "precision", "step_ms_median",
+FIELDS = ["date", "commit", "device", "torch", "model", "config", "variant", "batch", "precision", "threads",
+          "step_ms_median",
           "cpu_ms_median", "ratio_wall", "ratio_cpu", "rounds", "command"]
 BEGIN, END = "<!-- bench_meanflow:begin -->", "<!-- bench_meanflow:end -->"
 
@@ -78,7 +79,7 @@ def render(csv_path: Path) -> str:
     latest = {}
     for r in rows:
         latest[(r["device"], r["model"], r["config"], r["variant"], r["batch"], r["precision"])] = r
-    cols = ["device", "model", "config", "variant", "batch", "precision", "step_ms_median", "cpu_ms_median",
+    cols = ["device", "model", "config", "variant", "batch", "precision", "threads", "step_ms_median", "cpu_ms_median",
             "ratio_wall", "ratio_cpu", "rounds", "commit", "date", "command"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(f"`{r[c]}`" if c == "command" else r[c] for c in cols) + " |" for r in latest.values()]
@@ -96,11 +97,15 @@ def main(argv=None):
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default). On a "
+                   "shared CPU, 1 avoids the OpenMP barrier stalls of a descheduled second thread")
     p.add_argument("--csv", default=str(ROOT / "perf/results/bench_meanflow.csv"))
     p.add_argument("--results", default=str(ROOT / "perf/RESULTS.md"))
     p.add_argument("--no_update", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     models = args.models.split(",")
     batches = [int(b) for b in args.batch.split(",")] if args.batch else \
         [256 if device.type == "cuda" else (32 if m == "SiT-T/2" else 4) for m in models]
@@ -111,20 +116,25 @@ def main(argv=None):
     common = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   commit=bench_step._commit(), device=bench_step.device_name(device), torch=torch.__version__,
                   command="python " + " ".join(shlex.quote(a) for a in sys.argv))
-    rows = []
+    path = Path(args.csv)
     for model, batch in zip(models, batches):
         for config in args.configs.split(","):
             steps = {v: build(model, config, v, batch, device, amp) for v in variants}
             times = measure(steps, device, args.warmup, args.rounds)
             base_w, base_c = (statistics.median(times["flow-matching"][i]) for i in (0, 1))
+            rows = []
             for v in variants:
                 w, c = statistics.median(times[v][0]), statistics.median(times[v][1])
                 rows.append(dict(common, model=model, config=config, variant=v, batch=batch, precision=args.precision,
-                                 step_ms_median=f"{1e3 * w:.1f}", cpu_ms_median=f"{1e3 * c:.1f}",
-                                 ratio_wall=f"{w / base_w:.2f}", ratio_cpu=f"{c / base_c:.2f}", rounds=args.rounds))
+                                 threads=torch.get_num_threads(), step_ms_median=f"{1e3 * w:.1f}",
+                                 cpu_ms_median=f"{1e3 * c:.1f}", ratio_wall=f"{w / base_w:.2f}",
+                                 ratio_cpu=f"{c / base_c:.2f}", rounds=args.rounds))
                 print(f"[bench_meanflow] {model} {config} {v:20s} {1e3 * w:9.1f} ms wall ({w / base_w:.2f}x)  "
                       f"{1e3 * c:9.1f} ms cpu ({c / base_c:.2f}x)", flush=True)
-    path = Path(args.csv)
+            write(rows, path, None if args.no_update else Path(args.results))  # each model on disk when done
+
+
+def write(rows: list[dict], path: Path, results: Path | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.is_file()
     with open(path, "a", newline="") as f:
@@ -132,16 +142,14 @@ def main(argv=None):
         if new:
             w.writeheader()
         w.writerows(rows)
-    if not args.no_update:
-        md = Path(args.results)
-        text = md.read_text()
+    if results is not None:
+        text = results.read_text()
         block = f"{BEGIN}\n{render(path)}\n{END}"
         if BEGIN in text:
             text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
         else:
             text = text.rstrip() + "\n\n## MeanFlow step vs flow-matching step (perf/bench_meanflow.py)\n\n" + block + "\n"
-        md.write_text(text)
-
+        results.write_text(text)
 
 if __name__ == "__main__":
     main()

@@ -218,3 +218,38 @@ def test_recipe_sampler_and_velocity():
     t = torch.full((3,), 0.4)
     torch.testing.assert_close(recipe.velocity_fn(model)(noise, t, y),
                                mf.average_velocity(model, noise, t, torch.zeros(3), y)[0])
+
+
+def test_fp32_target_under_fsdp_bf16_falls_back_to_autocast(tmp_path, capsys):
+    """FSDP2 gathers bf16 parameters for the forward, so a JVP with autocast off would feed them
+    fp32 activations (a dtype error, shown first); the recipe runs the target under the run's
+    autocast instead and says so once. Single-rank process group, FSDP2 as the trainer applies it."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from irepa.train import parallelize
+    from irepa.train.build import AlignedDiffusion
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        cfg = recipes.resolve("digits-meanflow-irepa", {"model.name": "SiT-Tiny/2", "model.input_size": 8,
+                                                        "train.precision": "bf16", "align.encoders": []})
+        recipe = recipes.for_config(cfg)
+        torch.manual_seed(0)
+        net = parallelize.apply_fsdp(AlignedDiffusion(recipe.build_model(False), None, recipe),
+                                     torch.device("cpu"), torch.bfloat16)
+        batch = {"x": torch.randn(4, 1, 8, 8), "y": torch.randint(0, 10, (4,))}
+        draws = recipe.draw(batch, torch.Generator().manual_seed(0))
+        recipe._settings = dataclasses.replace(recipe.options, target_precision="fp32")  # no fallback
+        with pytest.raises(RuntimeError, match="should be the same|dtype"), torch.autocast("cpu", torch.bfloat16):
+            net(batch, draws, [])
+        recipe._settings = None
+        capsys.readouterr()
+        with torch.autocast("cpu", torch.bfloat16):
+            denoise, _, _ = net(batch, draws, [])
+        denoise.backward()
+        assert recipe._settings.target_precision == "amp" and torch.isfinite(denoise)
+        assert "MeanFlow target under the run's autocast" in capsys.readouterr().err
+    finally:
+        dist.destroy_process_group()

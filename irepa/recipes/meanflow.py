@@ -60,9 +60,9 @@ def _presets() -> dict[str, dict]:
     # for a 2-core CPU in minutes (a MeanFlow step costs ~3x a flow-matching one: perf/RESULTS.md)
     digits = merge_trees(_sit_presets()["digits-sit-irepa"], {
         "optim": {"lr": 1e-3, "betas": (0.9, 0.95), "grad_clip": 1.0, "warmup_steps": 50},
-        "train": {"steps": 400, "batch_size": 64, "ema_decays": [0.99], "log_every": 40, "ckpt_every": 200,
+        "train": {"steps": 400, "batch_size": 32, "ema_decays": [0.99], "log_every": 40, "ckpt_every": 200,
                   "sample_method": "euler", "sample_steps": 1},
-        "meanflow": {"omega": 1.0, "kappa": 0.5}})
+        "meanflow": {"omega": 1.0, "kappa": 0.5, "jvp": "joint"}})
     out["digits-meanflow-irepa"] = digits
     out["digits-meanflow-repa"] = merge_trees(digits, {"align": {"projector": "mlp", "gamma": None, "weight": 0.5,
                                                                  "hidden_dim": 256}})
