@@ -179,18 +179,33 @@ def guided_target_velocity(model, z: torch.Tensor, t: torch.Tensor, y: torch.Ten
     return omega * v + (1 - omega - kappa) * v_unc + kappa * v_cond
 
 
+def _plain_call(module, *args, **kwargs):
+    return module(*args, **kwargs)
+
+
 @contextmanager
 def eager_blocks(model):
-    """Run the blocks' eager forward: an eager torch.func.jvp cannot enter a torch.compile'd
-    function (pytorch#128711). irepa.train.parallelize compiles each block's forward in place."""
+    """Run the blocks' eager forward, without activation checkpointing, for the JVP.
+
+    An eager torch.func.jvp cannot enter a torch.compile'd function (pytorch#128711), and
+    irepa.train.parallelize compiles each block's forward in place: the instance attribute is
+    taken away for the duration. A checkpoint wrapper (train.activation_checkpointing) calls
+    its block directly: torch.utils.checkpoint under the JVP recomputes a different graph in
+    the backward (CheckpointError). The wrapper itself stays, so FSDP's hooks on it still run."""
     blocks = list(getattr(model, "blocks", []))
     saved = [blk.__dict__.pop("forward", None) for blk in blocks]
+    wrapped = [blk for blk in blocks if hasattr(blk, "checkpoint_fn")]
+    fns = [blk.checkpoint_fn for blk in wrapped]
+    for blk in wrapped:
+        blk.checkpoint_fn = _plain_call
     try:
         yield
     finally:
         for blk, fwd in zip(blocks, saved):
             if fwd is not None:
                 blk.forward = fwd
+        for blk, fn in zip(wrapped, fns):
+            blk.checkpoint_fn = fn
 
 
 def jvp_call(model, z, t, r, y, drop, v_g, has_aux: bool):
@@ -199,6 +214,9 @@ def jvp_call(model, z, t, r, y, drop, v_g, has_aux: bool):
         u_, hidden = average_velocity(model, z_, t_, t_ - r_, y, drop)
         return (u_, () if hidden is None else (hidden,)) if has_aux else u_
 
+    if has_aux and torch.is_grad_enabled() and any(hasattr(b, "checkpoint_fn") for b in getattr(model, "blocks", [])):
+        forward_ad.note_fallback("activation checkpointing is off inside the joint JVP",
+                                 "torch.utils.checkpoint cannot recompute a JVP; meanflow.jvp=split keeps it")
     with forward_ad.jvp_mode(), eager_blocks(model):
         out = torch.func.jvp(f, (z, t, r), (v_g, torch.ones_like(t), torch.zeros_like(r)), has_aux=has_aux)
     return (*out[:2], out[2][0] if out[2] else None) if has_aux else out

@@ -143,8 +143,9 @@ def test_micro_batches_match_the_whole_batch(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=k)
 
 
-def test_compiled_blocks_and_jvp_match_eager(tmp_path, monkeypatch):
-    """train.compile: the blocks compiled per block (in-place forward) for the passes with
+def test_compiled_checkpointed_and_joint_steps_match_eager(tmp_path, monkeypatch):
+    """jvp joint = split; activation checkpointing in both modes (it fails inside a JVP without the
+    recipe's unwrapping); train.compile: the blocks compiled per block (in-place forward) for the passes with
     gradient and the guidance, the no-grad JVP compiled as one graph; aot_eager backend (the
     graphs Inductor would get, without its code generation) for test time."""
     from irepa.train import parallelize
@@ -154,14 +155,17 @@ def test_compiled_blocks_and_jvp_match_eager(tmp_path, monkeypatch):
         it = iter(tr.data.loader)
         return [float(tr.step_fn(next(it), s)["loss"]) for s in range(2)], tr
 
-    eager, _ = losses("eager")
+    eager, _ = losses("eager", **{"meanflow.jvp": "split"})
     joint, _ = losses("joint", **{"meanflow.jvp": "joint"})
     assert joint == pytest.approx(eager, rel=1e-5, abs=1e-6)
+    for jvp in ("split", "joint"):  # checkpoint wrappers call their block directly inside the JVP
+        ac, _ = losses(f"ac-{jvp}", **{"meanflow.jvp": jvp, "train.activation_checkpointing": True})
+        assert ac == pytest.approx(eager, rel=1e-5, abs=1e-6)
     torch._dynamo.reset()
     monkeypatch.setattr(parallelize, "apply_compile", partial(parallelize.apply_compile, backend="aot_eager"))
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager", dynamic=False))
-    compiled, tr = losses("compiled", **{"train.compile": True})
+    compiled, tr = losses("compiled", **{"train.compile": True, "meanflow.jvp": "split"})
     assert tr.recipe._jvp_fn is not None  # the JVP went through the compiled function
     assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)
 
