@@ -26,10 +26,12 @@ omega / (1 - kappa); samples are drawn with cfg 1.
 How u and du/dt are computed (`jvp`):
 - "split" (default): u and the hidden state with gradient from the usual forward (any
   attention backend, fused kernels, compiled blocks, DDP/FSDP hooks), then du/dt from
-  torch.func.jvp under no_grad on the eager blocks (irepa.forward_ad: math attention,
-  eager adaLN). Costs one extra forward, keeps no graph of the tangent pass.
+  torch.func.jvp under no_grad on the eager blocks (`eager_blocks`; irepa.forward_ad: math
+  attention, eager adaLN), or through `jvp_fn`, a torch.compile'd `jvp_call` (one graph).
+  Costs one extra forward, keeps no graph of the tangent pass.
 - "joint": one torch.func.jvp with gradient and has_aux for the hidden state: u, du/dt and
-  the hidden state all from the primal pass (what MF-PT does, without its whole-step compile).
+  the hidden state all from the primal pass (what MF-PT does, without its whole-step compile);
+  activation checkpointing does not apply inside it.
 `target_precision` "fp32" (default, as MF-PT) runs the guidance passes and the JVP with
 autocast off; "amp" keeps the caller's autocast.
 """
