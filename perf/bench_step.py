@@ -135,14 +135,20 @@ def plan_micro_batch(net, recipe, encoder_dim, amp_dtype, batch, n_ema, device, 
 
 
 def build_case(name, spec, config, batch, device, micro_batch="auto", budget_gib=None, plan_only=False,
-               compile_mode="default"):
+               compile_mode="default", overrides: dict | None = None, amp_dtype: torch.dtype | None = None):
+    """-> (step(i) -> loss, useful FLOPs per image, micro-batch). overrides: more config (e.g. a
+    recipe's own section, perf/bench_meanflow.py); amp_dtype: replaces the bf16 / fp16 default
+    (None keeps it; torch.float32 runs without autocast)."""
     model_kw, recipe_name, gamma, enc_img, enc_patch, (enc_dim, enc_depth, enc_heads) = spec
     baseline = config == "baseline"
     fused = "fused" in config  # the alignment loss kernel; adaLN too unless only the loss is asked for
     torch._dynamo.reset()  # cases share code objects: no recompiles with dynamic shapes across them
     torch.manual_seed(0)
-    cfg = build_config({"model": {"name": name, "attn_backend": "flash" if "flash" in config else "sdpa", **model_kw},
-                        "train": {"recipe": recipe_name}})
+    tree = {"model": {"name": name, "attn_backend": "flash" if "flash" in config else "sdpa", **model_kw},
+            "train": {"recipe": recipe_name, "compile": config not in ("eager", "baseline")}}
+    for section, values in (overrides or {}).items():
+        tree[section] = {**tree.get(section, {}), **values}
+    cfg = build_config(tree)
     recipe = recipes.for_config(cfg)
     model = recipe.build_model(fused and "fusedloss" not in config)
     loss_fn = alignment_loss
@@ -155,7 +161,10 @@ def build_case(name, spec, config, batch, device, micro_batch="auto", budget_gib
     net = AlignedDiffusion(model, head, recipe).to(device)
     flops_per_image = train_flops_per_image(model, head)
     # fp16 GEMMs on CPU are emulated (seconds per step): the CPU smoke run uses bf16 throughout
-    amp_dtype = torch.float16 if baseline and device.type == "cuda" else torch.bfloat16
+    if amp_dtype is None:
+        amp_dtype = torch.float16 if baseline and device.type == "cuda" else torch.bfloat16
+    elif amp_dtype == torch.float32:
+        amp_dtype = None
     micro = plan_micro_batch(net, recipe, enc_dim, amp_dtype, batch, 1, device, micro_batch, budget_gib)
     if plan_only:
         return None, flops_per_image, micro

@@ -19,11 +19,11 @@ LAYERS = [
     ["irepa.metrics.spatial"],  # the public name of the spatial metrics: an alias of irepa.analysis.spatial
     ["irepa.train"],
     ["irepa.recipes"],
-    ["irepa.sampling", "irepa.transport", "irepa.generate"],  # consume models' velocities; never imported by them
+    ["irepa.sampling", "irepa.transport", "irepa.generate", "irepa.meanflow"],  # consume models' velocities; never imported by them
     ["irepa.models", "irepa.data", "irepa.analysis", "irepa.autoencoder"],
     ["irepa.align", "irepa.adaln", "irepa.kernels", "irepa.codec", "irepa.grid", "irepa.metrics", "irepa.encoders",
      "irepa.analysis.spatial"],
-    ["irepa.config", "irepa.cli", "irepa.dist", "irepa"],
+    ["irepa.config", "irepa.cli", "irepa.dist", "irepa.forward_ad", "irepa"],
 ]
 
 
