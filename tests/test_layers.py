@@ -23,7 +23,7 @@ LAYERS = [
     ["irepa.models", "irepa.data", "irepa.analysis", "irepa.autoencoder"],
     ["irepa.align", "irepa.adaln", "irepa.kernels", "irepa.codec", "irepa.grid", "irepa.metrics", "irepa.encoders",
      "irepa.analysis.spatial"],
-    ["irepa.config", "irepa.cli", "irepa.dist", "irepa.forward_ad", "irepa"],
+    ["irepa.config", "irepa.cli", "irepa.dist", "irepa.forward_ad", "irepa.errors", "irepa"],
 ]
 
 
