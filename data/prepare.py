@@ -302,6 +302,14 @@ def _encode_batch(crops: np.ndarray, labels: np.ndarray, codec, encs, enc_info, 
 # ---------------------------------------------------------------------------------------
 # finalize: stats, FFCV file, digests, manifest, rename
 
+def _fixed_latent_stats(vae: str | None) -> dict | None:
+    """latent_stats.json of an exported end-to-end VAE folder (irepa.autoencoder.export), if any."""
+    if not vae or vae == DIGITS_CODEC or not Path(vae).is_dir():
+        return None
+    from irepa.autoencoder.export import read_latent_stats
+    return read_latent_stats(vae)
+
+
 def latent_channel_stats(latent: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of posterior samples z = mean + std * eps over the as-is
     views (records 0, 2, 4, ...): var(z) = var(mean) + E[std^2]."""
@@ -362,9 +370,14 @@ def _finalize(partial: Path, out: Path, config: dict, src, full_checksum: bool, 
     mm = partial / fmt.MEMMAP_DIR
     latent = None
     if config["kind"] == "latent":
-        mean, std = latent_channel_stats(np.load(mm / "latent.npy", mmap_mode="r"))
+        fixed = _fixed_latent_stats(config["vae"])
+        if fixed is not None:  # an end-to-end (REPA-E) VAE: its SiT's BatchNorm statistics, held fixed
+            mean, std, stats_from = fixed["mean"], fixed["std"], "vae latent_stats.json (fixed BatchNorm)"
+        else:
+            mean, std = latent_channel_stats(np.load(mm / "latent.npy", mmap_mode="r"))
+            stats_from = "data"
         latent = {"shape": config["fields"]["latent"]["shape"][1:], "dtype": "float32", "vae": config["vae"],
-                  "channel_mean": mean, "channel_std": std}
+                  "channel_mean": mean, "channel_std": std, "stats_from": stats_from}
     files = []
     if "ffcv" in config["formats"]:
         if not (partial / fmt.FFCV_FILE).exists():

@@ -2,7 +2,7 @@
 
 REPA aligns the diffusion hidden state h [B, T, D] after block `depth` to frozen encoder
 patch tokens y [B, T, E] through an MLP projector; iREPA replaces the MLP with one 3x3
-convolution on the sqrt(T) x sqrt(T) token grid and spatially normalizes the target
+convolution (kernel size configurable) on the sqrt(T) x sqrt(T) token grid and spatially normalizes the target
 (per channel over the token axis, with the mean scaled by gamma). See SPEC.md section 2.
 
 The functions here are the eager references: all norm and cosine math in fp32, since
@@ -89,11 +89,22 @@ def token_grid(num_tokens: int, where: str = "tokens") -> int:
     return side
 
 
+def check_kernel_size(kernel_size: int, where: str = "conv projector kernel_size") -> int:
+    """The conv projector's kernel side: a positive odd int (the grid keeps its size), else ValueError."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"{where} must be a positive odd integer (1, 3, 5, ...), got {kernel_size!r}")
+    return kernel_size
+
+
 class ConvProjector(nn.Module):
-    """iREPA projector: one Conv2d(D, E, 3x3, padding 1) on the row-major token grid."""
+    """iREPA projector: one Conv2d(D, E, k x k, padding k // 2) on the row-major token grid.
+
+    k = 3 in the paper and the JiT release; the LDM release's --proj-kwargs-kernel-size
+    defaults to 1, so its checkpoints may hold 1x1 heads."""
 
     def __init__(self, dim: int, out_dim: int, kernel_size: int = 3):
         super().__init__()
+        check_kernel_size(kernel_size)
         self.conv = nn.Conv2d(dim, out_dim, kernel_size, padding=kernel_size // 2)
 
     def forward(self, h_BTD: torch.Tensor) -> torch.Tensor:
@@ -103,11 +114,12 @@ class ConvProjector(nn.Module):
         return self.conv(h_BDHW).flatten(2).transpose(1, 2)
 
 
-def build_projector(kind: str, dim: int, out_dim: int, hidden_dim: int = 2048) -> nn.Module:
+def build_projector(kind: str, dim: int, out_dim: int, hidden_dim: int = 2048, kernel_size: int = 3) -> nn.Module:
+    """`kind` "mlp" (hidden_dim wide) or "conv" (kernel_size x kernel_size)."""
     if kind == "mlp":
         return MLPProjector(dim, out_dim, hidden_dim)
     if kind == "conv":
-        return ConvProjector(dim, out_dim)
+        return ConvProjector(dim, out_dim, kernel_size)
     raise ValueError(f"unknown projector {kind!r}; choose 'mlp' (REPA) or 'conv' (iREPA)")
 
 
@@ -121,11 +133,13 @@ class AlignmentHead(nn.Module):
     """
 
     def __init__(self, dim: int, encoder_dims: Sequence[int], projector: str = "conv",
-                 gamma: float | None = 0.6, hidden_dim: int = 2048, loss_fn: LossFn | None = None):
+                 gamma: float | None = 0.6, hidden_dim: int = 2048, loss_fn: LossFn | None = None,
+                 kernel_size: int = 3):
         super().__init__()
         if not encoder_dims:
             raise ValueError("AlignmentHead needs at least one encoder dimension")
-        self.projectors = nn.ModuleList(build_projector(projector, dim, e, hidden_dim) for e in encoder_dims)
+        self.projectors = nn.ModuleList(build_projector(projector, dim, e, hidden_dim, kernel_size)
+                                        for e in encoder_dims)
         self.gamma = gamma
         self.loss_fn: LossFn = loss_fn or alignment_loss
 

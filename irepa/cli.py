@@ -13,8 +13,10 @@ import inspect
 import sys
 from typing import Callable
 
+from irepa.errors import UserError
 
-class UsageError(ValueError):
+
+class UsageError(UserError, ValueError):
     """A command line that names something wrong; reported before anything is computed or written."""
 
 

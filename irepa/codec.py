@@ -3,7 +3,8 @@ decode for sample grids, online FID and launch/sample.py, all through the same c
 
   VAE            a diffusers AutoencoderKL from a local folder (never the hub)
   DigitsCodec    the embedded digits' "latent": the gray image area-downsampled by 8, in [-1, 1]
-  LatentScaling  model latents <-> codec latents per channel: model = (codec - mean) / std
+  LatentScaling  model latents <-> codec latents per channel: our manifests' mean/std, or the
+                 releases' latents_scale/latents_bias (and the SD factor 0.18215)
   decode_pixels  pixel-space models (JiT): [-1, 1] -> [0, 1]
 A codec has `name` (what a data manifest records as latent.vae), `encode(x01) -> (mean, std)`
 of the posterior (x01 [B, 3, R, R] in [0, 1]) and `decode(z) -> x01` of codec latents.
@@ -90,18 +91,48 @@ def open_codec(name: str, device="cpu", resolution: int | None = None):
     return DigitsCodec(resolution) if name == DIGITS_CODEC else VAE(name, device)
 
 
-class LatentScaling:
-    """Model latents <-> codec latents: model = (codec - mean) / std per channel."""
+OFFICIAL_LATENT_STATS = "sdvae-ft-mse-f8d4-latents-stats.pt"
+"""The iREPA (and REPA-E) releases' per-channel SD-VAE statistics: {"latents_scale", "latents_bias"}."""
 
-    def __init__(self, mean, std):
+
+def _channel_vector(v, what: str, path: Path) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v, dtype=torch.float32).flatten()
+    if t.numel() == 0 or not torch.isfinite(t).all():
+        raise ValueError(f"{path}: {what} must be finite numbers, one per latent channel; got {t.tolist()}")
+    return t
+
+
+class LatentScaling:
+    """Model latents <-> VAE latents, per channel, in the form the statistics come in (so decoding
+    matches their source bit for bit):
+
+    - mean/std (our data manifests): vae = model * std + mean (prepare stored model = (vae - mean) / std);
+    - scale/bias (the REPA/iREPA releases: latents_scale = 1 / std, latents_bias = mean, and the
+      SD factor 0.18215): vae = model / scale + bias, as ldm/generate.py@99ad4ac decodes.
+    """
+
+    def __init__(self, mean, std=None, *, scale=None):
+        if (std is None) == (scale is None):
+            raise ValueError("LatentScaling takes std (vae = z * std + mean) or scale (vae = z / scale + mean)")
         self.mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.as_tensor(std, dtype=torch.float32)
-        self.std = torch.where(std > 0, std, torch.ones_like(std)).view(1, -1, 1, 1)  # constant channel: shift only
+        self.std = self.scale = None
+        if scale is not None:
+            scale = torch.as_tensor(scale, dtype=torch.float32)
+            if not (scale > 0).all():
+                raise ValueError(f"latent scale must be positive per channel, got {scale.flatten().tolist()}")
+            self.scale = scale.view(1, -1, 1, 1)
+        else:
+            std = torch.as_tensor(std, dtype=torch.float32)
+            self.std = torch.where(std > 0, std, torch.ones_like(std)).view(1, -1, 1, 1)  # constant channel: shift only
+
+    @property
+    def channels(self) -> int:
+        return (self.scale if self.scale is not None else self.std).shape[1]
 
     @classmethod
     def factor(cls, scale: float = 0.18215, channels: int = 4) -> "LatentScaling":
-        """The single scale factor of the reference releases (0.18215 for SD-VAE)."""
-        return cls([0.0] * channels, [1.0 / scale] * channels)
+        """One factor for every channel, no shift (SD / the REPA release: vae = z / 0.18215)."""
+        return cls([0.0] * channels, scale=[scale] * channels)
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "LatentScaling":
@@ -113,24 +144,54 @@ class LatentScaling:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "LatentScaling":
-        """A data manifest.json, a .json with mean/std lists (top level or under 'latent_stats'),
-        or an .npz with mean/std."""
+        """Per-channel statistics from a file:
+
+        - .pt: the releases' latents-stats file (sdvae-ft-mse-f8d4-latents-stats.pt), a dict of
+          tensors latents_scale / latents_bias, read with torch.load(weights_only=True) (no
+          pickled code runs; anything but plain tensors is refused);
+        - .npz: latents_scale/latents_bias or mean/std arrays;
+        - .json: a data manifest.json, or latents_scale/latents_bias or mean/std lists (top level
+          or under 'latent_stats').
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"latent statistics not found: {path}")
-        if path.suffix == ".npz":
-            with np.load(path) as z:
-                return cls(z["mean"], z["std"])
-        d = json.loads(path.read_text())
-        if isinstance(d.get("latent"), dict) and "channel_mean" in d["latent"]:
-            return cls.from_manifest(d)
-        d = d.get("latent_stats") or d
-        if "mean" not in d or "std" not in d:
-            raise KeyError(f"{path}: no latent statistics (expected 'mean' and 'std' lists, under "
-                           f"'latent_stats' or at the top level, or latent.channel_mean/channel_std)")
-        return cls(d["mean"], d["std"])
+        if path.suffix == ".pt":
+            try:
+                d = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # pickled code or a corrupt file: refuse, never unpickle
+                raise ValueError(f"{path}: cannot load as plain tensors with weights_only=True ({e})") from e
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                d = {k: z[k] for k in z.files}
+        else:
+            try:
+                d = json.loads(path.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}: latent statistics must be .pt, .npz or .json ({e})") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a dict of latent statistics, got {type(d).__name__}")
+        if isinstance(d.get("latent"), dict) and "channel_mean" in d["latent"]:  # data/prepare.py manifest
+            d = {"mean": d["latent"]["channel_mean"], "std": d["latent"]["channel_std"]}
+        d = d.get("latent_stats") if isinstance(d.get("latent_stats"), dict) else d
+        if "latents_scale" in d and "latents_bias" in d:
+            scale = _channel_vector(d["latents_scale"], "latents_scale", path)
+            bias = _channel_vector(d["latents_bias"], "latents_bias", path)
+            if scale.numel() != bias.numel():
+                raise ValueError(f"{path}: latents_scale has {scale.numel()} channels, latents_bias {bias.numel()}")
+            return cls(bias, scale=scale)
+        if "mean" in d and "std" in d:
+            return cls(_channel_vector(d["mean"], "mean", path), _channel_vector(d["std"], "std", path))
+        raise KeyError(f"{path}: no latent statistics (expected latents_scale and latents_bias, as in "
+                       f"{OFFICIAL_LATENT_STATS}, or mean and std, at the top level or under 'latent_stats', "
+                       f"or a data manifest's latent.channel_mean/channel_std); found keys {sorted(d)[:8]}")
 
     def unscale(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() != 4 or self.channels not in (1, z.shape[1]):
+            raise ValueError(f"latents {tuple(z.shape)} do not have the {self.channels} channels of the latent "
+                             f"statistics")
+        if self.scale is not None:
+            return z.float() / self.scale.to(z.device) + self.mean.to(z.device)
         return z.float() * self.std.to(z.device) + self.mean.to(z.device)
 
 

@@ -51,6 +51,9 @@ class AlignConfig:
     """lambda: total = denoising + weight * alignment"""
     hidden_dim: int = 2048
     """MLP projector width"""
+    proj_kernel_size: int = 3
+    """conv projector kernel side (odd): 3 as the paper and the JiT release; the LDM release's
+    --proj-kwargs-kernel-size defaults to 1 (its irepa.yaml keeps that), so 1 matches those runs"""
     fused_loss: bool | None = None
     """fused Triton alignment loss; None = on when training on CUDA"""
 
@@ -61,6 +64,9 @@ class AlignConfig:
             self.encoders = [self.encoders]
         if self.weight < 0:
             raise ValueError(f"align.weight must be >= 0, got {self.weight}")
+        k = self.proj_kernel_size
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise ValueError(f"align.proj_kernel_size must be a positive odd integer (1, 3, 5, ...), got {k!r}")
 
 
 @dataclass

@@ -20,7 +20,8 @@ the per-row statistics; xhat is recomputed (eager keeps the normalized x as well
 
 Limits: D <= 16384 (one row in registers; longer rows use the reference), any B and T,
 any strides (views such as adaLN chunks of a [B, 6D] tensor go straight in). Not twice
-differentiable. Under autocast the reference's layer_norm runs in fp32 while this op keeps
+differentiable. No forward-AD rule: a custom op under torch.func.jvp would return a zero
+tangent without an error, so under forward AD (irepa.forward_ad) the reference runs. Under autocast the reference's layer_norm runs in fp32 while this op keeps
 the input dtype. CPU tensors go to the reference unless TRITON_INTERPRET=1 was set when
 this module was imported and is set at the call. Block sizes are untuned heuristics.
 """
@@ -33,6 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from irepa import forward_ad
 from irepa.adaln import modulate_norm_ref as _ref
 
 MAX_D = 16384
@@ -225,5 +227,8 @@ def fused_adaln(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> T
         raise ValueError(f"fused_adaln: expected x [B, T, D] with shift, scale [B, D]; got x {tuple(x.shape)}, "
                          f"shift {tuple(shift.shape)}, scale {tuple(scale.shape)}")
     if not _use_triton(x):
+        return _ref(x, shift, scale, eps)
+    if forward_ad.active(x, shift, scale):
+        forward_ad.note_fallback("adaLN uses the eager reference", "the fused kernel has no forward-AD rule")
         return _ref(x, shift, scale, eps)
     return _adaln_fwd_op(x, shift, scale, float(eps))[0]

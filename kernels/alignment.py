@@ -62,6 +62,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from irepa import forward_ad
 from irepa.align import COSINE_EPS, alignment_loss
 
 SPATIAL_EPS = 1e-6  # spatial_norm's eps on the std
@@ -322,7 +323,7 @@ def fused_alignment_loss(z: Tensor, y: Tensor, gamma: float | None = None) -> Te
         raise ValueError(f"spatial_norm needs at least 2 tokens for an unbiased std, got T={z.shape[1]}")
     if z.device != y.device:
         raise ValueError(f"fused_alignment_loss: z on {z.device} but y on {y.device}")
-    if not _use_triton(z):
+    if not _use_triton(z) or forward_ad.active(z, y):  # custom op: no forward-AD rule (irepa.forward_ad)
         return alignment_loss(z, y, gamma)
     need_grad = torch.is_grad_enabled() and z.requires_grad
     return _alignment_fwd_op(z, y, None if gamma is None else float(gamma), need_grad)[0]

@@ -8,9 +8,13 @@
 `metrics` writes metrics.json / metrics.csv (one row per encoder: the NaN-aware mean over
 images of LDS (release-code and paper variants), CDS, SRSS, RMSC, and the linear-probe
 accuracy when labels exist) and per_image.csv. Without --images it measures the embedded
-digits with ink (pixel > --ink) as the foreground mask. SRSS keeps only images with >= 64
-foreground and >= 64 background tokens: at 128 px a digit has 8x8 = 64 tokens in all, so
-every image is dropped; the default 256 px (16x16 tokens) is the one to use for SRSS.
+digits with ink (pixel > --ink) as the foreground mask. Masks become token masks by max
+pooling (a token is foreground if any of its pixels is) and SRSS is NaN only for an image
+with < 2 foreground or < 1 background token, as the release's metric. --mask_min_tokens N
+drops, before any metric, the images whose token mask has < N foreground or < N background
+tokens: the release's comparison script (the paper's Figure 4) uses 64 at 256 px; the
+default 0 keeps every image. Dropped images are left out of every metric and of
+per_image.csv; metrics.json counts them.
 An --images folder in ImageFolder layout (class sub-folders) gives probe labels; --masks
 is a folder of foreground masks with the same relative paths (any image extension; 0/255
 or 0/1 gray, or palette indices with 0 = background), checked before anything runs.
@@ -38,9 +42,10 @@ from pathlib import Path
 import torch
 
 from irepa.cli import UsageError  # a command line that names something wrong
+from irepa.dist import pick_device
 from irepa.analysis import (
     EncoderFn, ImageSet, correlate_rows, default_anchors, digits_set,
-    encoder_anchor_maps, folder_set, join_column, measure_encoders, plot_correlation,
+    encoder_anchor_maps, filter_by_mask, folder_set, join_column, measure_encoders, plot_correlation,
     plot_spatialnorm, read_rgb, read_rows, write_rows,
 )
 
@@ -65,7 +70,7 @@ def _build_encoders(names, device: str) -> dict[str, EncoderFn]:
 
 
 def _device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return str(pick_device(device or "auto"))
 
 
 
@@ -89,44 +94,54 @@ def _image_set(images, resolution, limit, masks, ink) -> ImageSet:
     return folder_set(images, resolution, limit, masks)
 
 
-def _srss_note(data: ImageSet, rows: list[dict], min_tokens: int, resolution: int) -> str | None:
+def _srss_note(data: ImageSet, rows: list[dict], resolution: int) -> str | None:
     """Why SRSS is missing or empty, or None when it was measured."""
     if data.load_masks is None:
         return ("SRSS not computed: it needs a foreground mask per image; pass --masks DIR "
                 "(masks with the same relative paths as the images)")
     if rows and all(r.get("srss_images", 0) == 0 for r in rows):
         side = resolution // 16
-        if side * side < 2 * min_tokens:
-            why = (f"the {side * side}-token grid at {resolution} px cannot hold {min_tokens} foreground "
-                   f"and {min_tokens} background tokens")
-        elif 2 * (side - 1) < 6:
+        if 2 * (side - 1) < 6:
             why = f"the {side}x{side} token grid at {resolution} px has no token pairs at distance >= 6"
         else:
-            why = (f"no image has >= {min_tokens} foreground and >= {min_tokens} background tokens in its mask "
-                   f"(or no foreground token with a foreground neighbour and background at distance >= 6)")
-        return f"SRSS is NaN for every image: {why} (--min_tokens {min_tokens})"
+            why = ("no mask has >= 2 foreground and >= 1 background tokens with a foreground token whose "
+                   "4-neighbours include foreground and whose distance-6 ring includes background")
+        return f"SRSS is NaN for every image: {why}"
     return None
 
 
 def metrics(encoders="hog,sift", images: str | None = None, out: str = "runs/analysis",
             resolution: int = 256, limit: int | None = None, masks: str | None = None,
-            ink: float = 0.5, batch_size: int = 64, device: str | None = None, min_tokens: int = 64):
+            ink: float = 0.5, batch_size: int = 64, device: str | None = None, mask_min_tokens: int = 0):
     """Spatial metrics (+ linear probe when labels exist) of each encoder -> metrics.json/csv, per_image.csv.
 
-    SRSS needs foreground masks: the digits' ink (--ink), or --masks DIR for --images."""
+    SRSS needs foreground masks: the digits' ink (--ink), or --masks DIR for --images.
+    --mask_min_tokens N: measure only images whose token mask has >= N foreground and >= N
+    background tokens (the release's comparison script: 64); 0 keeps every image."""
     _check_sizes(resolution, limit, batch_size)
     if not _names(encoders):
         raise UsageError("--encoders is empty; name at least one (e.g. hog,sift)")
+    if isinstance(mask_min_tokens, bool) or not isinstance(mask_min_tokens, int) or mask_min_tokens < 0:
+        raise UsageError(f"--mask_min_tokens must be an integer >= 0, got {mask_min_tokens!r}")
     dev = _device(device)
     data = _image_set(images, resolution, limit, masks, ink)
-    rows, per_image = measure_encoders(_build_encoders(encoders, dev), data, batch_size, dev, min_tokens)
-    note = _srss_note(data, rows, min_tokens, resolution)
+    dropped = 0
+    if mask_min_tokens > 0:
+        if data.load_masks is None:
+            raise UsageError(f"--mask_min_tokens {mask_min_tokens} filters by foreground mask; pass --masks DIR")
+        try:
+            data, dropped = filter_by_mask(data, resolution // 16, mask_min_tokens, batch_size)
+        except ValueError as e:
+            raise UsageError(f"--mask_min_tokens {mask_min_tokens}: {e}") from None
+    rows, per_image = measure_encoders(_build_encoders(encoders, dev), data, batch_size, dev)
+    note = _srss_note(data, rows, resolution)
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     source = images or f"digits (scikit-learn), ink > {ink} as foreground"
     with open(outdir / "metrics.json", "w") as f:
         json.dump({"images": str(source), "resolution": resolution, "count": data.count,
-                   "masks": data.mask_source, "srss_min_tokens": min_tokens, "srss_note": note,
+                   "masks": data.mask_source, "mask_pooling": "max", "mask_min_tokens": mask_min_tokens,
+                   "images_dropped_by_mask_filter": dropped, "srss_note": note,
                    "encoders": rows}, f, indent=2, allow_nan=True)
     write_rows(rows, outdir / "metrics.csv")
     names = data.names or [str(i) for i in range(data.count)]
@@ -134,6 +149,9 @@ def metrics(encoders="hog,sift", images: str | None = None, out: str = "runs/ana
                 for e, vals in per_image.items() for i in range(data.count)], outdir / "per_image.csv")
     for r in rows:
         print(", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+    if dropped:
+        print(f"note: --mask_min_tokens {mask_min_tokens} dropped {dropped} of {data.count + dropped} images",
+              file=sys.stderr)
     if note:
         print(f"note: {note}", file=sys.stderr)
     return str(outdir / "metrics.json")

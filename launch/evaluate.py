@@ -16,15 +16,14 @@ import os
 import time
 from pathlib import Path
 
-import torch
 
+from irepa.dist import pick_device
 from irepa.metrics import fid
 
 
 def main(ref: str, samples: str, out: str | None = None, weights: str | None = None, batch: int = 100,
          logdir: str | None = None, step: int = 0, device: str = "auto"):
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(pick_device(device))
     out_path = Path(out) if out else Path(samples).with_suffix(".eval.json")
     _check_inputs(ref, samples, out_path)  # before minutes of Inception passes, not after
     t0 = time.time()

@@ -4,7 +4,7 @@
       --num_samples 50000 --vae /models/sd-vae-ft-mse --cfg 1.8 --interval 0,0.7
   python launch/sample.py runs/digits-sit-irepa --out samples/digits --num_samples 1000 --method heun --steps 40
   torchrun --nproc_per_node=8 launch/sample.py SiT-XL-2-iREPA.pt --model_name SiT-XL/2 \\
-      --vae /models/sd-vae-ft-mse --latent_scale 0.18215 --out samples/ref
+      --vae /models/sd-vae-ft-mse --latent_stats sdvae-ft-mse-f8d4-latents-stats.pt --out samples/ref
 
 MODEL is a run folder (newest checkpoint), a checkpoint folder (checkpoints/step-N), or a
 released reference .pt state dict (read with weights_only=True). Shards already in
@@ -16,17 +16,30 @@ options) sets N.
 
 --interval LOW,HIGH is in SiT time (t = 1 is noise) for every model, JiT included: the
 JiT release's interval (0.1, 1.0) in its own time (t = 1 is data) is 0,0.9 here
-(irepa.sampling.jit_interval converts).
+(irepa.sampling.jit_interval converts). Each recipe guides as its release does (its
+interval_rule, irepa.sampling.guidance_schedule): SiT models on the closed interval, decided
+at each step's start time (Heun's corrector included); JiT models on the JiT release's
+interval, open at both ends in JiT time (closed at t = 1 when HIGH = 1), decided at every call.
 
 Sampling is the run's recipe's (irepa.recipes: the SiT/JiT samplers of irepa.sampling).
 Decoding (irepa.codec): pixel-space recipes (JiT) give pixels; digits runs use the pixel
 codec with the statistics of their prepared data when it is on this machine; latent models need a VAE
 (--vae, a local diffusers AutoencoderKL folder; default: the folder the run's data manifest
 names, when it is on this machine) and the latent scaling the model was trained with:
---latent_stats FILE (json/npz with per-channel mean and std; default: the data manifest of
-the run, DATA/manifest.json) or --latent_scale 0.18215 (the default for released .pt
-checkpoints). Model calls run in fp32 unless --precision bf16; the time grid and the state
-are float64 (irepa.sampling).
+--latent_stats FILE (per-channel statistics: the releases' sdvae-ft-mse-f8d4-latents-stats.pt,
+read as plain tensors with weights_only=True, or .npz/.json with latents_scale/latents_bias or
+mean/std; default for run folders: the run's data manifest, DATA/manifest.json) or
+--latent_scale 0.18215 (one factor, as SD and the REPA release).
+
+Released .pt checkpoints (`release_latent_scaling` decides): the iREPA release's code scales
+latents per channel, so a checkpoint it trained (projector keys projectors.K.projection_layer.*,
+a conv head, or its training args) is refused without --latent_stats
+sdvae-ft-mse-f8d4-latents-stats.pt; a REPA-release checkpoint (projectors.K.{0,2,4}, or REPA's
+args) decodes with 0.18215 unless told otherwise; a checkpoint that shows neither (no
+projectors, no args, e.g. the SiT release) needs one of the two flags.
+
+Model calls run in fp32 unless --precision bf16; the time grid and the state are float64
+(irepa.sampling).
 """
 from __future__ import annotations
 
@@ -60,45 +73,72 @@ def _manifest(data: str | None) -> tuple[Path | None, dict | None]:
 
 
 def load_model(path: str, which: str, model_name: str | None, device):
-    """-> (model, its recipe, info dict with num_classes / data folder / builtin / source)."""
+    """-> (model, its recipe, info dict with num_classes / data folder / builtin / source [/ release])."""
     p = Path(path)
     if p.is_file():  # a released SiT + REPA/iREPA state dict: the SiT recipe
         from irepa.models.convert import load_reference_checkpoint
-        model, _, info = load_reference_checkpoint(p, which=which, name=model_name)
+        model, _, info = load_reference_checkpoint(p, which=which, name=model_name, head=False)
         return model.to(device), recipes.get("sit")(), {"num_classes": info["num_classes"], "data": None,
-                                                        "builtin": None, "source": str(p.resolve())}
+                                                        "builtin": None, "source": str(p.resolve()),
+                                                        "release": info["release"]}
     from irepa.train.build import dataset_dir
     from irepa.train.export import load_for_inference
+    from irepa.train.export import find_checkpoint
     model, cfg = load_for_inference(p, which=which, device=device)
     recipe = recipes.for_config(cfg)
+    recipe.checkpoint = find_checkpoint(p)  # a decoder that is a trained part (REPA-E's VAE) is read from it
     builtin = cfg.data.source if cfg.data.source == "digits" else None
     return model, recipe, {"num_classes": cfg.model.num_classes, "data": str(dataset_dir(cfg, recipe.data_kind)),
                            "builtin": builtin, "source": str(p.resolve())}
+
+
+def release_latent_scaling(info: dict, channels: int, latent_stats: str | None,
+                           latent_scale: float | None) -> tuple[codec.LatentScaling, str]:
+    """The latent scaling of a released .pt checkpoint (info["release"], irepa.models.convert):
+    the iREPA release's checkpoints need its per-channel statistics file, REPA's default to
+    0.18215, and one that shows neither needs the user's choice."""
+    src, stats = info["source"], codec.OFFICIAL_LATENT_STATS
+    if info["release"] == "irepa":
+        if not latent_stats:
+            given = f" (--latent_scale {latent_scale} is not how it was trained)" if latent_scale else ""
+            raise ValueError(f"{src} was trained by the iREPA release's code (its projector layout or training "
+                             f"args say so), which scales SD-VAE latents per channel: pass --latent_stats "
+                             f"{stats} (the release's pretrained_models/ file; .pt, .npz or .json){given}")
+        return codec.LatentScaling.from_file(latent_stats), f"stats:{latent_stats}"
+    if latent_stats:
+        return codec.LatentScaling.from_file(latent_stats), f"stats:{latent_stats}"
+    if latent_scale:
+        return codec.LatentScaling.factor(latent_scale, channels), f"scale:{latent_scale}"
+    if info["release"] == "repa":  # the REPA release scales by the SD factor
+        return codec.LatentScaling.factor(0.18215, channels), "scale:0.18215"
+    raise ValueError(f"{src} does not show which release trained it (no projectors, no training args), so its "
+                     f"latent scaling is unknown: pass --latent_stats {stats} (iREPA release) or --latent_scale "
+                     f"0.18215 (SiT and REPA releases)")
 
 
 def build_decoder(recipe, info: dict, channels: int, vae: str | None, latent_stats: str | None,
                   latent_scale: float | None, device):
     """-> (model outputs -> images in [0, 1], a description recorded in plan.json)."""
     manifest_path, manifest = _manifest(info["data"])
-    if recipe.data_kind == "pixels":
-        return recipe.decoder(manifest, device), "pixels"
+    if recipe.data_kind == "pixels":  # pixels, or images through the run's own VAE (REPA-E; --vae: an export of it)
+        return recipe.decoder(manifest, device, vae=vae), getattr(recipe, "decoder_tag", "pixels")
     recorded = ((manifest or {}).get("latent") or {}).get("vae")
     name = vae or recorded or (codec.DIGITS_CODEC if info.get("builtin") == "digits" else None)
     if name is None or (name != codec.DIGITS_CODEC and not Path(name).is_dir()):
         where = f" ({manifest_path} names {recorded}, which is not on this machine)" if recorded else ""
         raise ValueError(f"a latent model needs --vae DIR (local diffusers AutoencoderKL folder, e.g. "
                          f"sd-vae-ft-mse){where}")
-    if latent_stats:
+    if "release" in info:  # a released .pt checkpoint
+        scaling, how = release_latent_scaling(info, channels, latent_stats, latent_scale)
+    elif latent_stats:
         scaling, how = codec.LatentScaling.from_file(latent_stats), f"stats:{latent_stats}"
     elif latent_scale:
         scaling, how = codec.LatentScaling.factor(latent_scale, channels), f"scale:{latent_scale}"
     elif manifest is not None:
-        scaling, how = codec.LatentScaling.from_manifest(manifest), f"stats:{manifest_path}"
+        scaling, how = codec.LatentScaling.from_file(manifest_path), f"stats:{manifest_path}"
     elif info.get("builtin") == "digits":  # the built-in set is re-made in seconds; without it, unscaled
         print(f"[sample] {manifest_path} not found: digits decoded without the latent statistics", flush=True)
         scaling, how = None, None
-    elif info["data"] is None:  # released reference checkpoints (REPA/iREPA) use the SD-VAE factor
-        scaling, how = codec.LatentScaling.factor(0.18215, channels), "scale:0.18215"
     else:
         raise ValueError(f"latent scaling unknown: the run's data manifest {manifest_path} is not on this machine; "
                          f"pass --latent_stats FILE (e.g. a copy of that manifest.json) or --latent_scale 0.18215")
@@ -130,11 +170,14 @@ def main(model: str, out: str, num_samples: int | None = None, batch: int = 64, 
     net, recipe, info = load_model(model, which, model_name, dev)
     channels = net.in_channels
     decode, decoder_desc = build_decoder(recipe, info, channels, vae, latent_stats, latent_scale, dev)
+    # where CFG is on is the recipe's (its release's rule); it is part of the plan whenever it acts,
+    # so shards sampled under another rule are never merged
+    guidance = {"cfg_rule": recipe.interval_rule} if cfg != 1.0 else {}
     plan = gen.SamplePlan(num_samples=n, num_classes=info["num_classes"], labels=labels, seed=seed,
                           shard_size=shard_size, batch_size=batch, method=method, steps=steps, cfg=cfg,
                           interval=_interval(interval), latent_shape=(channels, net.input_size, net.input_size),
                           extra={"model": info["source"], "which": which, "decoder": decoder_desc,
-                                 "noise_scale": noise_scale})
+                                 "noise_scale": noise_scale, **guidance})
     out_dir = Path(out)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)

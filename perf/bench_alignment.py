@@ -7,6 +7,7 @@ autograd keeps for backward (counted with saved_tensors_hooks on fake tensors: d
 independent). One CSV row per measurement with device, commit and date.
 
   python perf/bench_alignment.py                       # GPU: B=256, T=256, E 768 and 1536, bf16
+  python perf/bench_alignment.py --shapes 256x256x768,256x256x1024
   python perf/bench_alignment.py --saved-only          # any machine: saved-for-backward bytes
   python perf/bench_alignment.py --device cpu --quick  # flow check on CPU (Triton interpreter)
 
@@ -17,6 +18,8 @@ kernels move by design (kernels/alignment.py header): fwd 4n (y for the spatial-
 statistics, z and y for the tokens, write the gradient direction; the second read of the
 token rows is counted as an L2 hit), bwd 2n (read it, write dz), full 6n.
 --saved-only also prints what a forward-only (no grad) call of the fused op allocates.
+Rows are appended to the CSV as each provider finishes (a run cut off by a time limit keeps
+what it measured). torch.compile of the reference is static per shape (dynamic=False).
 The measuring harness is perf/harness.py (shared with bench_adaln.py).
 """
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from harness import (DTYPES, HERE, compile_check, copy_bandwidth, env_info, finish, make_input, parse_common,
-                     peak_memory, print_speedups, saved_bytes, time_modes, timing_rows)
+                     parse_shapes, peak_memory, print_speedups, saved_bytes, time_modes, timing_rows)
 
 SHAPES = [(256, 256, 768), (256, 256, 1536)]
 QUICK_SHAPES = [(2, 16, 64)]
@@ -66,11 +69,11 @@ def main() -> None:
     if args.compile_check:
         return compile_check(alignment_specs(K, args.dtype))
     info = env_info(args.device)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    shapes = parse_shapes(args.shapes, QUICK_SHAPES if args.quick else SHAPES)
     providers = args.providers.split(",")
     fns = {"fused": fused_alignment_loss, "eager": alignment_loss}
     if "compile" in providers:
-        fns["compile"] = torch.compile(alignment_loss, fullgraph=True)
+        fns["compile"] = torch.compile(alignment_loss, fullgraph=True, dynamic=False)
     rows = []
     copy_gbps = float("nan") if args.saved_only else copy_bandwidth(args.device, args.quick)
     print(f"{info['device_name']}: copy {copy_gbps:.0f} GB/s")
@@ -104,8 +107,8 @@ def main() -> None:
             results[p] = time_modes(lambda: fn(z, y, gamma), [z], args.device, args.quick)
             mem = peak_memory(lambda: fn(z, y, gamma).backward(), args.device)
             z.grad = None
-            rows += timing_rows(base, p, results[p], min_bytes, kernel_bytes if p == "fused" else None,
-                                copy_gbps, mem, saved.get(p))
+            finish(timing_rows(base, p, results[p], min_bytes, kernel_bytes if p == "fused" else None,
+                               copy_gbps, mem, saved.get(p)), args.csv)
         print_speedups(results)
     finish(rows, args.csv)
 

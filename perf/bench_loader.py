@@ -11,11 +11,13 @@ cores, commit and date.
 
   python perf/bench_loader.py                     # N=4096, batch 256, all cores
   python perf/bench_loader.py --n 256 --batch 32  # small (2-core dev box)
+  python perf/bench_loader.py --loaders memmap    # only ours (the GPU suite's quick figure)
+
+Each loader's row is appended to the CSV as soon as it is measured.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from harness import write_rows
 from irepa.data import build_loader, ffcv_available
 from irepa.data import format as fmt
 
@@ -124,6 +127,7 @@ def env() -> dict:
                                 text=True).stdout.strip()
     except OSError:
         commit = "?"
+    commit = os.environ.get("IREPA_COMMIT") or commit  # set by the GPU suite (no .git on the device machine)
     return {"host": platform.node(), "cpus": os.cpu_count(), "commit": commit or "?",
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
@@ -136,33 +140,43 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--png", action=argparse.BooleanOptionalAction, default=True,
                    help="baseline also decodes a 256 px PNG per sample, as the reference does")
+    p.add_argument("--loaders", default="ffcv,memmap,per-file-npy+png,per-file-npy",
+                   help="which to measure, in this order (ffcv only where it is installed; the per-file "
+                        "ones are the reference-style baselines)")
     p.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     p.add_argument("--csv", type=Path, default=HERE / "results" / "bench_loader.csv")
     a = p.parse_args()
+    a.loaders = [x for x in a.loaders.split(",") if x]
+    unknown = sorted(set(a.loaders) - set(LOADERS))
+    if unknown or not a.loaders:
+        raise SystemExit(f"--loaders: unknown {unknown or 'empty list'}; choose from {LOADERS}")
+    if "per-file-npy+png" in a.loaders and not a.png:
+        a.loaders.remove("per-file-npy+png")
     scratch = Path(tempfile.mkdtemp(dir=a.dir))
     try:
         rows = run(a, scratch)
     finally:
         shutil.rmtree(scratch)
-    new = not a.csv.exists()
-    with open(a.csv, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
     base = {r["loader"]: r["samples_per_s"] for r in rows}
     ref = base.get("per-file-npy+png", base.get("per-file-npy"))
     for r in rows:
-        print(f"{r['loader']:>18}: {r['samples_per_s']:9.0f} samples/s {r['mb_per_s']:8.0f} MB/s "
-              f"({r['samples_per_s'] / ref:5.1f}x per-file)")
+        vs = f" ({r['samples_per_s'] / ref:5.1f}x per-file)" if ref else ""
+        print(f"{r['loader']:>18}: {r['samples_per_s']:9.0f} samples/s {r['mb_per_s']:8.0f} MB/s{vs}")
     print(f"rows appended to {a.csv}")
 
 
+LOADERS = ("ffcv", "memmap", "per-file-npy+png", "per-file-npy")
+
+
 def run(a, scratch: Path) -> list[dict]:
-    use_ffcv = ffcv_available()
+    use_ffcv = ffcv_available() and "ffcv" in a.loaders
+    if "ffcv" in a.loaders and not use_ffcv:
+        print("ffcv is not installed here: its row is skipped", flush=True)
+    per_file = [x for x in a.loaders if x.startswith("per-file")]
     t0 = time.time()
     make_prepared(scratch / "prepared", a.n, use_ffcv)
-    make_per_file(scratch / "perfile", scratch / "prepared", a.n, a.png)
+    if per_file:
+        make_per_file(scratch / "perfile", scratch / "prepared", a.n, "per-file-npy+png" in per_file)
     print(f"synthetic data: {a.n} samples x 2 views in {time.time() - t0:.0f}s")
     bytes_per_sample = 4 * 2 * int(np.prod(LATENT)) + 2 * TOKENS * DIM + 8  # what the step receives
     bpe = a.n // a.batch
@@ -172,16 +186,19 @@ def run(a, scratch: Path) -> list[dict]:
     rows = []
 
     def record(name, sps, dt, extra=""):
-        rows.append({**info, "loader": name, "n": a.n, "batch": a.batch, "workers": a.workers, "steps": steps,
-                     "samples_per_s": round(sps, 1), "mb_per_s": round(sps * bytes_per_sample / 1e6, 1),
-                     "seconds": round(dt, 2), "note": extra})
+        r = {**info, "loader": name, "n": a.n, "batch": a.batch, "workers": a.workers, "steps": steps,
+             "samples_per_s": round(sps, 1), "mb_per_s": round(sps * bytes_per_sample / 1e6, 1),
+             "seconds": round(dt, 2), "note": extra}
+        rows.append(r)
+        write_rows(a.csv, [r])  # on disk now: a run cut off later keeps it
+        print(f"{name:>18}: {sps:9.0f} samples/s", flush=True)
 
-    backends = (["ffcv"] if use_ffcv else []) + ["memmap"]
+    backends = [be for be in ("ffcv", "memmap") if be in a.loaders and (be != "ffcv" or use_ffcv)]
     for be in backends:
         ld = build_loader(scratch / "prepared", a.batch, ["dinov2-b"], seed=0, backend=be, num_workers=a.workers,
                           latent_norm="none")
         record(be, *timed(ld, steps, warmup, a.batch))
-    variants = [("per-file-npy+png", True), ("per-file-npy", False)] if a.png else [("per-file-npy", False)]
+    variants = [(name, name.endswith("+png")) for name in per_file]
     for name, png in variants:
         ds = PerFileDataset(scratch / "perfile", a.n, png)
         dl = torch.utils.data.DataLoader(ds, batch_size=a.batch, shuffle=True, num_workers=a.workers, drop_last=True,

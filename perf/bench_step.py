@@ -11,7 +11,10 @@ trainer's pieces (irepa.recipes, irepa.train.build, irepa.train.parallelize, ire
 Configurations:
   eager                iREPA (conv projector, spatial norm), stored features, SDPA, bf16
   compile              + torch.compile per block (fullgraph), as train.compile=True
-  compile+fused        + fused Triton adaLN and alignment loss (CUDA only)
+  compile+fusedloss    + the fused Triton alignment loss; adaLN left to Inductor (CUDA only; the
+                       roofline, perf/roofline.py, predicts it above compile+fused: the adaLN op
+                       is opaque to Inductor, so the residual add and gate around it cannot fuse)
+  compile+fused        + fused Triton adaLN and alignment loss (CUDA only; the trainer's CUDA default)
   compile+fused+flash  + flash-attn (when installed)
   baseline             reference-style REPA step: whole-model torch.compile (default mode),
                        SDPA, fp16 autocast + dynamic loss scaling (bf16 on CPU), MLP projector, a ViT-B-sized
@@ -44,7 +47,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+try:
+    import irepa.kernels  # noqa: F401  installed, or linked by perf/gpu_suite.sh
+except ImportError:  # a bare checkout: irepa/ from here (its kernels/ and data/ need the install)
+    sys.path.insert(0, str(ROOT))
 
 from irepa import models, recipes  # noqa: E402
 from irepa.align import AlignmentHead, alignment_loss  # noqa: E402
@@ -57,7 +63,7 @@ from irepa.train.flops import peak_tflops, train_flops_per_image  # noqa: E402
 from irepa.train.loss_scale import LossScaler  # noqa: E402
 from irepa.train.step import Part, TrainStep  # noqa: E402
 
-CONFIGS = ("eager", "compile", "compile+fused", "compile+fused+flash", "baseline")
+CONFIGS = ("eager", "compile", "compile+fusedloss", "compile+fused", "compile+fused+flash", "baseline")
 # name -> (model kwargs, recipe, iREPA spatial-norm gamma, encoder image side, encoder patch, encoder dim/depth/heads)
 FULL = {
     "SiT-B/2": (dict(input_size=32, in_channels=4, num_classes=1000), "sit", 0.6, 224, 14, (768, 12, 12)),
@@ -129,16 +135,22 @@ def plan_micro_batch(net, recipe, encoder_dim, amp_dtype, batch, n_ema, device, 
 
 
 def build_case(name, spec, config, batch, device, micro_batch="auto", budget_gib=None, plan_only=False,
-               compile_mode="default"):
+               compile_mode="default", overrides: dict | None = None, amp_dtype: torch.dtype | None = None):
+    """-> (step(i) -> loss, useful FLOPs per image, micro-batch). overrides: more config (e.g. a
+    recipe's own section, perf/bench_meanflow.py); amp_dtype: replaces the bf16 / fp16 default
+    (None keeps it; torch.float32 runs without autocast)."""
     model_kw, recipe_name, gamma, enc_img, enc_patch, (enc_dim, enc_depth, enc_heads) = spec
     baseline = config == "baseline"
-    fused = "fused" in config
+    fused = "fused" in config  # the alignment loss kernel; adaLN too unless only the loss is asked for
     torch._dynamo.reset()  # cases share code objects: no recompiles with dynamic shapes across them
     torch.manual_seed(0)
-    cfg = build_config({"model": {"name": name, "attn_backend": "flash" if "flash" in config else "sdpa", **model_kw},
-                        "train": {"recipe": recipe_name}})
+    tree = {"model": {"name": name, "attn_backend": "flash" if "flash" in config else "sdpa", **model_kw},
+            "train": {"recipe": recipe_name, "compile": config not in ("eager", "baseline")}}
+    for section, values in (overrides or {}).items():
+        tree[section] = {**tree.get(section, {}), **values}
+    cfg = build_config(tree)
     recipe = recipes.for_config(cfg)
-    model = recipe.build_model(fused)
+    model = recipe.build_model(fused and "fusedloss" not in config)
     loss_fn = alignment_loss
     if fused:
         from irepa.kernels import fused_alignment_loss
@@ -149,7 +161,10 @@ def build_case(name, spec, config, batch, device, micro_batch="auto", budget_gib
     net = AlignedDiffusion(model, head, recipe).to(device)
     flops_per_image = train_flops_per_image(model, head)
     # fp16 GEMMs on CPU are emulated (seconds per step): the CPU smoke run uses bf16 throughout
-    amp_dtype = torch.float16 if baseline and device.type == "cuda" else torch.bfloat16
+    if amp_dtype is None:
+        amp_dtype = torch.float16 if baseline and device.type == "cuda" else torch.bfloat16
+    elif amp_dtype == torch.float32:
+        amp_dtype = None
     micro = plan_micro_batch(net, recipe, enc_dim, amp_dtype, batch, 1, device, micro_batch, budget_gib)
     if plan_only:
         return None, flops_per_image, micro
@@ -203,6 +218,10 @@ def _quantile(xs, q):
 
 
 def _commit() -> str:
+    """The checkout's commit (-dirty with uncommitted changes to tracked files); $IREPA_COMMIT
+    where the GPU suite set it (a copy of the tree without .git, as on the device machine)."""
+    if os.environ.get("IREPA_COMMIT"):
+        return os.environ["IREPA_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
@@ -243,8 +262,9 @@ def run(args) -> list[dict]:
             print(f"[bench_step] skip {name}: not in irepa.models (not written yet?)", flush=True)
             continue
         base = None
-        # the baseline first, so every later row carries its speed-up when it is written
-        for config in sorted(configs, key=lambda c: c != "baseline"):
+        # the baseline first, so every later row carries its speed-up when it is written; with
+        # --keep_order the given order (most important first when a time limit may cut the run)
+        for config in configs if args.keep_order else sorted(configs, key=lambda c: c != "baseline"):
             reason = skip_reason(config, device)
             if reason:
                 print(f"[bench_step] skip {name} {config}: {reason}", flush=True)
@@ -365,6 +385,9 @@ def main(argv=None):
                    help="memory the planner may use (default: 90%% of the GPU; no limit on CPU)")
     p.add_argument("--compile_mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode of our compiled configurations (the baseline keeps default)")
+    p.add_argument("--keep_order", action="store_true",
+                   help="run --configs in the given order (default: the baseline first, so later rows carry "
+                        "their speed-up)")
     p.add_argument("--plan_only", action="store_true",
                    help="only print each case's memory plan (no timing, nothing written); with --device cpu "
                         "and --memory_budget_gib it tells what fits a GPU without one")

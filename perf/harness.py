@@ -4,7 +4,9 @@ Command line (`parse_common`), inputs (`make_input`), timing (`bench`: triton.te
 median and 20/80 % quantiles on a GPU, a wall-clock loop on CPU; `time_modes`: fwd / bwd /
 full), the device-to-device copy bandwidth that GB/s figures are compared against, bytes
 autograd saves for the backward (on fake tensors), peak memory, an sm_90 compile check of the
-Triton kernels without a GPU, and CSV rows with device, commit and date (`timing_rows`, `finish`).
+Triton kernels without a GPU, and CSV rows with device, commit and date (`timing_rows`, `finish`,
+`write_rows`: appended as each provider finishes, so a run cut off by a time limit keeps what it
+measured); `parse_shapes` reads --shapes.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def parse_common(description: str, default_csv: Path) -> argparse.Namespace:
     p.add_argument("--compile-check", action="store_true",
                    help="compile the kernels for sm_90 here (no GPU needed), print their global load/store kinds as JSON")
     p.add_argument("--providers", default="fused,eager,compile")
+    p.add_argument("--shapes", default="", help="BxTxC list, e.g. 256x256x768,256x256x1024 (default: the script's)")
     p.add_argument("--layout", default="contiguous", choices=["contiguous", "transposed"],
                    help="transposed: the first input is a [B, C, T] buffer viewed as [B, T, C] (conv projector)")
     p.add_argument("--csv", type=Path, default=default_csv)
@@ -49,6 +52,7 @@ def make_input(shape, device: str, dtype, layout: str) -> torch.Tensor:
 
 
 def env_info(device: str) -> dict:
+    """Provenance of a row; the commit is $IREPA_COMMIT where the GPU suite set it (no .git there)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
                                 text=True, check=True).stdout.strip()
@@ -57,6 +61,7 @@ def env_info(device: str) -> dict:
         commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
+    commit = os.environ.get("IREPA_COMMIT") or commit
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu x{os.cpu_count()}"
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
             "device_name": name, "torch": torch.__version__}
@@ -143,15 +148,46 @@ def compile_check(specs: dict) -> None:
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
+    """Append rows. Columns are the union of the file's and the rows' (first seen first); a file
+    whose header lacks some of the rows' columns is rewritten once with them (its rows keep
+    their values, the new columns stay empty), through a temporary file."""
+    if not rows:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    fields = list(rows[0])
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
+    old_fields, old_rows = [], None
+    if path.exists() and path.stat().st_size:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields = list(reader.fieldnames or [])
+            if any(k not in old_fields for r in rows for k in r):
+                old_rows = list(reader)
+    fields = list(dict.fromkeys(old_fields + [k for r in rows for k in r]))
+    if old_rows is None:
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, restval="")
+            if not old_fields:
+                w.writeheader()
+            w.writerows(rows)
+    else:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, restval="")
             w.writeheader()
-        w.writerows(rows)
-    print(f"appended {len(rows)} rows to {path}")
+            w.writerows(old_rows + rows)
+        os.replace(tmp, path)
+    print(f"appended {len(rows)} rows to {path}", flush=True)
+
+
+def parse_shapes(text: str, default: list) -> list[tuple[int, int, int]]:
+    if not text:
+        return default
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+        raise SystemExit(f"--shapes {text!r}: expected a comma list of BxTxC with positive sizes, e.g. 256x256x768")
+    return shapes
 
 
 def time_modes(make_out, inputs: list[torch.Tensor], device: str, quick: bool, grad_out=None) -> dict:

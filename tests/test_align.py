@@ -85,3 +85,26 @@ def test_mlp_projector_shape_and_head_average():
     assert torch.allclose(head(h, ys), expected)
     with pytest.raises(ValueError, match="does not match encoder features"):
         head(h, [torch.randn(2, 9, 6), ys[1]])
+
+
+def test_conv_kernel_size_is_a_config_field_threaded_to_the_head():
+    """align.proj_kernel_size (default 3, the paper's) reaches every ConvProjector; 1 is the LDM
+    release's flag default (ldm/train.py@99ad4ac: --proj-kwargs-kernel-size 1), a per-token
+    linear map; even or non-positive sizes are refused where they are set."""
+    from irepa.recipes import resolve
+    from irepa.train.build import build_head
+
+    assert resolve("sit-xl2-irepa").align.proj_kernel_size == 3
+    for k in (1, 3, 5):
+        cfg = resolve("digits-sit-irepa", {"align.proj_kernel_size": k})
+        head = build_head(cfg, 16, [8, 4], fused=False)
+        assert [tuple(p.conv.weight.shape) for p in head.projectors] == [(8, 16, k, k), (4, 16, k, k)]
+    one = ConvProjector(6, 5, kernel_size=1)
+    h = torch.randn(2, 16, 6)
+    want = h @ one.conv.weight[:, :, 0, 0].T + one.conv.bias
+    torch.testing.assert_close(one(h), want)
+    for bad in (0, 2, -1, 2.0):
+        with pytest.raises(ValueError, match="proj_kernel_size must be a positive odd integer"):
+            resolve("digits-sit-irepa", {"align.proj_kernel_size": bad})
+        with pytest.raises(ValueError, match="kernel_size must be a positive odd integer"):
+            ConvProjector(4, 4, kernel_size=bad)

@@ -68,13 +68,15 @@ def test_linear_probe():
     assert analysis.linear_probe(x[:3], np.array([0, 1, 2])) >= 0  # one image per class: no stratified split
 
 
-def test_digits_128_excluded_from_srss():
+def test_digits_128_have_srss():
+    """SRSS is NaN only where the release's metric_srss is (< 2 fg or < 1 bg token): the 8x8 token
+    grid at 128 px is measured (it was always NaN under a 64-token rule inside the metric)."""
     data = analysis.digits_set(128, limit=8)
     data.labels = None  # no probe
     rows, per_image = analysis.measure_encoders({"pixels": patch_pixels}, data)
     assert "probe_acc" not in rows[0]
-    assert rows[0]["tokens"] == 64 and rows[0]["srss_images"] == 0 and math.isnan(rows[0]["srss"])
-    assert np.isnan(per_image["pixels"]["srss"]).all()
+    assert rows[0]["tokens"] == 64 and rows[0]["srss_images"] == 8 and rows[0]["srss"] > 0
+    assert np.isfinite(per_image["pixels"]["srss"]).all()
 
 
 def test_metrics_cli_writes_files(tmp_path, monkeypatch):
@@ -288,14 +290,38 @@ def test_metrics_cli_explains_missing_srss_and_names_files(tmp_path, monkeypatch
     path = cli.metrics(encoders="pixels", images=str(img), masks=str(mask), out=str(tmp_path / "o2"), resolution=32)
     summary = json.loads(Path(path).read_text())
     assert summary["masks"] == str(mask) and summary["encoders"][0]["srss_images"] == 0
-    assert "4-token grid at 32 px cannot hold 64 foreground" in summary["srss_note"]
-    path = cli.metrics(encoders="pixels", images=str(img), masks=str(mask), out=str(tmp_path / "o3"), resolution=32,
-                       min_tokens=1)
-    assert "2x2 token grid at 32 px has no token pairs at distance >= 6" in json.loads(Path(path).read_text())["srss_note"]
-    path = cli.metrics(encoders="pixels", images=str(img), masks=str(mask), out=str(tmp_path / "o4"), resolution=128,
-                       min_tokens=1)
+    assert "2x2 token grid at 32 px has no token pairs at distance >= 6" in summary["srss_note"]
+    path = cli.metrics(encoders="pixels", images=str(img), masks=str(mask), out=str(tmp_path / "o4"), resolution=128)
     summary = json.loads(Path(path).read_text())
     assert summary["srss_note"] is None and summary["encoders"][0]["srss_images"] == 4
+
+
+def test_mask_filter_drops_images_before_every_metric(tmp_path, monkeypatch):
+    """--mask_min_tokens N is the release's dataset filter (spatial_metrics_comparison.py@99ad4ac,
+    64 tokens): images whose max-pooled token mask has < N fg or < N bg tokens are left out of
+    every metric; nothing is filtered by default."""
+    from PIL import Image
+
+    _fake_encoders(monkeypatch)
+    img, mask = _folder(tmp_path, n=2, size=(64, 64))  # right half foreground: 32 + 32 tokens at 128 px
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(mask / "b" / "1.png")  # all foreground: 0 background
+    path = cli.metrics(encoders="pixels", images=str(img), masks=str(mask), out=str(tmp_path / "all"), resolution=128)
+    summary = json.loads(Path(path).read_text())
+    assert summary["count"] == 4 and summary["images_dropped_by_mask_filter"] == 0
+    assert summary["encoders"][0]["srss_images"] == 3  # b/1 has no background: NaN
+    path = cli.metrics(encoders="pixels", images=str(img), masks=str(mask), out=str(tmp_path / "f"), resolution=128,
+                       mask_min_tokens=32)
+    summary = json.loads(Path(path).read_text())
+    assert summary["count"] == 3 and summary["images_dropped_by_mask_filter"] == 1 and summary["mask_min_tokens"] == 32
+    assert summary["encoders"][0]["images"] == 3 and summary["encoders"][0]["srss_images"] == 3
+    with open(tmp_path / "f" / "per_image.csv") as f:
+        assert [r["file"] for r in csv.DictReader(f)] == ["a/0.jpg", "a/1.jpg", "b/0.jpg"]
+    with pytest.raises(cli.UsageError, match="no image passes the mask filter.*33 foreground"):
+        cli.metrics(encoders="pixels", images=str(img), masks=str(mask), out=str(tmp_path / "g"), resolution=128,
+                    mask_min_tokens=33)
+    with pytest.raises(cli.UsageError, match="pass --masks"):
+        cli.metrics(encoders="pixels", images=str(img), out=str(tmp_path / "h"), resolution=128, mask_min_tokens=8)
+    assert not (tmp_path / "g").exists() and not (tmp_path / "h").exists()
 
 
 def test_correlate_bad_tables_are_named(tmp_path):

@@ -26,20 +26,24 @@ README_NAMES = [
     "spatialpe-vit-b", "spatialpe-vit-l", "spatialpe-vit-g",
     "sam2-vit-s", "sam2-vit-b", "sam2-vit-l",
 ]
-CLASSICAL = ["hog", "sift", "vgg16"]
+CLASSICAL = ["hog", "hog-dense", "sift", "sift-upright", "vgg16"]
 RADIO = ["c-radio-v2-vit-b", "c-radio-v2-vit-l", "c-radio-v2-vit-h", "c-radio-v2-vit-g",
          "c-radio-v3-vit-b", "c-radio-v3-vit-l", "c-radio-v3-vit-h", "c-radio-v3-vit-g", "c-radio-v4-vit-h"]
-ALL_NAMES = README_NAMES + RADIO + CLASSICAL
+# the other choice where the release's looks like a mistake (registry.VARIANTS)
+VARIANT_NAMES = ["mae-vit-l+norm", "pe-vit-bnorm", "pe-vit-lnorm", "pe-vit-gnorm"] + [
+    n + "+siglip-norm" for n in README_NAMES if n.startswith("siglip")]
+ALL_NAMES = README_NAMES + RADIO + CLASSICAL + VARIANT_NAMES
 
 # documented widths of the real models (SPEC.md section 7 and the model cards)
 REAL_DIMS = {
     "dinov2-vit-b": 768, "dinov2-vit-l": 1024, "dinov2-vit-g": 1536, "dinov3-vit-7b16": 4096,
     "webssl-vit-dino2b_full2b_224": 2688, "clip-vit-L": 1024, "jepa-vit-h": 1280, "siglip-vit-so400m": 1152,
-    "pe-vit-g": 1536, "sam2-vit-s": 768, "sam2-vit-l": 1152, "hog": 128, "sift": 128, "vgg16": 512,
+    "pe-vit-g": 1536, "siglip2-vit-so400m": 1152, "sam2-vit-s": 768, "sam2-vit-l": 1152, "hog": 128, "sift": 128, "vgg16": 512,
     "c-radio-v2-vit-b": 768, "c-radio-v3-vit-l": 1024, "c-radio-v3-vit-h": 1280, "c-radio-v3-vit-g": 1536,
 }
 RES_AT_256 = {"dinov2-vit-b": 224, "dinov3-vit-b16": 256, "clip-vit-L": 224, "siglip-vit-b": 256,
-              "siglip-vit-so400m": 224, "sam2-vit-s": 512, "pe-vit-b": 256, "pe-vit-l": 224,
+              "siglip-vit-so400m": 224, "siglip2-vit-so400m": 256, "sam2-vit-s": 512, "pe-vit-b": 256,
+              "pe-vit-l": 224,
               "c-radio-v3-vit-b": 256}
 
 _CACHE: dict[str, encoders.Encoder] = {}

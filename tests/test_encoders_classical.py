@@ -167,18 +167,18 @@ def _sift_loop(gray: np.ndarray, i: int, j: int) -> np.ndarray:
     return d / math.sqrt((d ** 2).sum() + 1e-14)
 
 
-def test_sift_matches_direct_loop():
+def test_sift_upright_matches_direct_loop():
     img = _camera_rgb()[..., 200:264, 180:260]  # 64 x 80 crop: 4 x 5 patches of a real image
-    out = encoders.build("sift").double()(img)
+    out = encoders.build("sift-upright").double()(img)
     assert out.shape == (1, 20, 128)
     gray = _gray(img)
     ref = np.stack([_sift_loop(gray, i, j) for i in range(4) for j in range(5)])
     torch.testing.assert_close(out[0], torch.from_numpy(ref), atol=1e-9, rtol=0)
 
 
-def test_sift_512px_unit_norm():
+def test_sift_upright_512px_unit_norm():
     img = _astronaut().float()
-    out = encoders.build("sift")(img)
+    out = encoders.build("sift-upright")(img)
     assert out.shape == (1, 1024, 128)
     norms = out.norm(dim=-1)
     flat = norms < 1e-6  # gradient-free patches (the black background) give a zero descriptor
@@ -214,6 +214,6 @@ def test_vgg16_loads_torchvision_layout(tmp_path):
 def test_vgg16_missing_weights_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("IREPA_ENCODER_DIR", str(tmp_path))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth") as e:
+    with pytest.raises(FileNotFoundError, match="vgg16_features-amdegroot-88682ab5.pth") as e:
         encoders.build("vgg16")
     assert str(tmp_path) in str(e.value)

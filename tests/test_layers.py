@@ -20,11 +20,11 @@ LAYERS = [
     ["irepa.compare"],  # trains runs and evaluates them (only irepa.compare.backend imports train / recipes)
     ["irepa.train"],
     ["irepa.recipes"],
-    ["irepa.sampling", "irepa.transport", "irepa.generate"],  # consume models' velocities; never imported by them
-    ["irepa.models", "irepa.data", "irepa.analysis"],
+    ["irepa.sampling", "irepa.transport", "irepa.generate", "irepa.meanflow"],  # consume models' velocities; never imported by them
+    ["irepa.models", "irepa.data", "irepa.analysis", "irepa.autoencoder"],
     ["irepa.align", "irepa.adaln", "irepa.kernels", "irepa.codec", "irepa.grid", "irepa.metrics", "irepa.encoders",
      "irepa.analysis.spatial"],
-    ["irepa.config", "irepa.cli", "irepa.dist", "irepa"],
+    ["irepa.config", "irepa.cli", "irepa.dist", "irepa.forward_ad", "irepa.errors", "irepa"],
 ]
 
 

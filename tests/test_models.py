@@ -92,3 +92,4 @@ def test_null_class_and_out_of_range_labels_are_named(name, size):
     vfn = recipes.get("jit" if name.startswith("JiT") else "sit")().velocity_fn(no_null)
     with pytest.raises(ValueError, match="cfg != 1 needs null_class"):
         sample(vfn, x, torch.tensor([0, 1]), "heun", 2, cfg=2.0, null_class=no_null.null_class)
+

@@ -20,14 +20,14 @@ TINY = {"model.name": "SiT-Tiny/2", "model.input_size": 8, "data.resolution": 64
 
 
 def test_registry_chooses_by_name_and_checks_the_model_family():
-    assert recipes.names() == ["jit", "sit"]
+    assert recipes.names() == ["jit", "meanflow", "repae", "sit"]
     assert recipes.get("jit").data_kind == "pixels" and recipes.get("sit").data_kind == "latent"
     cfg = recipes.resolve("digits-jit-irepa")
     assert type(recipes.for_config(cfg)).__name__ == "JiTRecipe"
     with pytest.raises(ValueError, match=r"recipe 'sit' trains SiT models, but model.name is 'JiT-T/16' "
                                          r"\(train.recipe jit trains it\)"):
         recipes.resolve("digits-jit-irepa", {"train.recipe": "sit"})
-    with pytest.raises(ValueError, match="unknown recipe 'meanflw'; known: \\['jit', 'sit'\\]"):
+    with pytest.raises(ValueError, match="unknown recipe 'meanflw'; known: \\['jit', 'meanflow', 'repae', 'sit'\\]"):
         recipes.resolve(overrides={"train.recipe": "meanflw"})
     table = recipes.presets()
     assert all(tree["train"]["recipe"] in recipes.names() for tree in table.values())
@@ -40,8 +40,8 @@ def test_config_json_of_older_runs_still_loads():
     d = recipes.resolve("digits-jit-irepa").to_dict()
     d["train"]["objective"] = d["train"].pop("recipe")
     assert config.Config.from_dict(json.loads(json.dumps(d))).train.recipe == "jit"
-    with pytest.raises(ValueError, match="unknown section 'meanflow'"):
-        config.Config.from_dict({**d, "meanflow": {}})
+    with pytest.raises(ValueError, match="unknown section 'meanflw'"):
+        config.Config.from_dict({**d, "meanflw": {}})
 
 
 def test_sit_draws_come_in_one_order_for_the_whole_batch():

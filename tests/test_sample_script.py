@@ -204,3 +204,124 @@ def test_latent_run_decodes_with_the_vae_its_data_manifest_names(tmp_path):
     (data / "manifest.json").unlink()
     with pytest.raises(ValueError, match=f"{data / 'manifest.json'} is not on this machine"):
         sample.build_decoder(SiTRecipe(), info, 4, str(tmp_path / "vae"), None, None, "cpu")
+
+
+def test_each_model_kind_is_guided_by_its_release_rule(run_dir, tmp_path, monkeypatch):
+    """SiT runs sample with the SiT release's CFG interval rule, JiT runs with the JiT
+    release's (irepa.sampling.guidance_schedule, the recipe's interval_rule); the rule is
+    recorded in plan.json when CFG acts."""
+    import irepa.recipes.base as recipe_base
+    sample = _load_launch("sample")
+    rules = []
+    real = recipe_base.integrate
+
+    def recording(*a, **kw):
+        rules.append(kw["interval_rule"])
+        return real(*a, **kw)
+    monkeypatch.setattr(recipe_base, "integrate", recording)  # the sampler every recipe's sample() calls
+
+    jit_run = tmp_path / "jit-run"
+    jit_run.mkdir()
+    cfg = resolve("jit-b16-irepa", {"model.name": "JiT-Tiny/4", "model.input_size": 16, "model.align_depth": 1,
+                                    "model.num_classes": 10, "align.encoders": [],
+                                    "data.source": str(tmp_path / "pixels-not-here"), "data.resolution": 16})
+    (jit_run / "config.json").write_text(cfg.to_json())
+    checkpoint.save(jit_run, 1, offline_parts(cfg, encoder_dims=[]), trainer_state={},
+                    rng={"cpu": torch.get_rng_state()})
+    kw = dict(n=2, batch=2, method="heun", steps=2, cfg=2.0, interval="0,0.9", device="cpu")
+    for run, rule in ((run_dir, "sit"), (jit_run, "jit")):
+        out = tmp_path / f"out-{rule}"
+        sample.main(str(run), str(out), **kw)
+        assert rules[-1] == rule
+        assert json.loads((out / "plan.json").read_text())["extra"]["cfg_rule"] == rule
+    sample.main(str(run_dir), str(tmp_path / "no-cfg"), **{**kw, "cfg": 1.0})
+    assert "cfg_rule" not in json.loads((tmp_path / "no-cfg" / "plan.json").read_text())["extra"]
+
+
+def _official_stats(tmp_path):
+    """The releases' latents-stats file as REPA-E's save_vae_weights.py writes it: a dict of
+    [1, C, 1, 1] tensors, latents_scale = 1 / std and latents_bias = mean."""
+    stats = {"latents_scale": torch.tensor([0.8, 1.25, 0.5, 2.0]).view(1, 4, 1, 1),
+             "latents_bias": torch.tensor([0.1, -0.2, 0.3, 0.0]).view(1, 4, 1, 1)}
+    torch.save(stats, tmp_path / "sdvae-ft-mse-f8d4-latents-stats.pt")
+    return tmp_path / "sdvae-ft-mse-f8d4-latents-stats.pt", stats
+
+
+def test_latent_stats_files_decode_as_the_release_does(tmp_path):
+    """ldm/generate.py@99ad4ac decodes vae.decode(samples / latents_scale + latents_bias): the
+    same operations, bit for bit, from the .pt (weights_only), .npz and .json forms."""
+    path, st = _official_stats(tmp_path)
+    z = torch.randn(3, 4, 5, 5)
+    want = z / st["latents_scale"] + st["latents_bias"]
+    assert torch.equal(codec.LatentScaling.from_file(path).unscale(z), want)
+    np.savez(tmp_path / "s.npz", **{k: v.numpy() for k, v in st.items()})
+    assert torch.equal(codec.LatentScaling.from_file(tmp_path / "s.npz").unscale(z), want)
+    (tmp_path / "s.json").write_text(json.dumps({k: v.flatten().tolist() for k, v in st.items()}))
+    assert torch.equal(codec.LatentScaling.from_file(tmp_path / "s.json").unscale(z), want)
+    # a file holding pickled code is refused, never unpickled
+    torch.save({"latents_scale": Code(), "latents_bias": torch.zeros(4)}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="weights_only"):
+        codec.LatentScaling.from_file(tmp_path / "evil.pt")
+    torch.save({"scale": torch.ones(4)}, tmp_path / "other.pt")
+    with pytest.raises(KeyError, match="latents_scale and latents_bias"):
+        codec.LatentScaling.from_file(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="4 channels"):
+        codec.LatentScaling.from_file(path).unscale(torch.zeros(1, 3, 2, 2))
+
+
+class Code:
+    pass
+
+
+def _released_pt(tmp_path, name, projectors: dict, args=None):
+    """A released-layout SiT-Tiny/2 .pt (timm x_embedder.proj, pos_embed) with the given projector keys."""
+    from irepa.models import build as build_sit
+    model = build_sit("SiT-Tiny/2", input_size=8, num_classes=10)
+    sd = {("x_embedder.proj." + k[len("x_embedder."):] if k.startswith("x_embedder.") else k): v
+          for k, v in model.state_dict().items()}
+    sd["pos_embed"] = model.pos_embed.clone()
+    obj = {"ema": {**sd, **projectors}, **({"args": args} if args else {})}
+    torch.save(obj, tmp_path / name)
+    return str(tmp_path / name)
+
+
+def test_released_checkpoints_decode_with_their_release_latent_scaling(tmp_path):
+    """A released iREPA checkpoint (ldm/train.py@99ad4ac always scales latents with
+    sdvae-ft-mse-f8d4-latents-stats.pt) is refused without that file; REPA's layout keeps 0.18215;
+    a checkpoint that shows neither needs the user's choice."""
+    import argparse
+
+    diffusers = pytest.importorskip("diffusers")
+    sample = _load_launch("sample")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    vae.save_pretrained(tmp_path / "vae")
+    stats_path, st = _official_stats(tmp_path)
+    conv = {"projectors.0.projection_layer.weight": torch.zeros(8, 64, 1, 1),
+            "projectors.0.projection_layer.bias": torch.zeros(8)}
+    repa = {f"projectors.0.{i}.{p}": torch.zeros(*((16, 64) if i == 0 else (16, 16) if i == 2 else (8, 16))[:1 if p
+            == "bias" else 2]) for i in (0, 2, 4) for p in ("weight", "bias")}
+    irepa_pt = _released_pt(tmp_path, "irepa.pt", conv)
+    irepa_args_pt = _released_pt(tmp_path, "irepa-args.pt", {}, argparse.Namespace(projection_layer_type="mlp"))
+    repa_pt = _released_pt(tmp_path, "repa.pt", repa)
+    bare_pt = _released_pt(tmp_path, "bare.pt", {})
+    z = torch.randn(2, 4, 4, 4)
+
+    def decoder(pt, stats=None, scale=None):
+        _, recipe, info = sample.load_model(pt, "ema", None, "cpu")
+        return sample.build_decoder(recipe, info, 4, str(tmp_path / "vae"), stats, scale, "cpu")
+
+    for pt in (irepa_pt, irepa_args_pt):
+        for scale in (None, 0.18215):
+            with pytest.raises(ValueError, match="pass --latent_stats sdvae-ft-mse-f8d4-latents-stats.pt"):
+                decoder(pt, scale=scale)
+        decode, desc = decoder(pt, str(stats_path))
+        assert desc.endswith(f"stats:{stats_path}")
+        with torch.no_grad():
+            want = ((vae.decode(z / st["latents_scale"] + st["latents_bias"]).sample + 1) / 2).clamp(0, 1)
+        torch.testing.assert_close(decode(z), want, rtol=0, atol=0)
+    assert decoder(repa_pt)[1].endswith("scale:0.18215")
+    with pytest.raises(ValueError, match="does not show which release.*--latent_stats .*--latent_scale 0.18215"):
+        decoder(bare_pt)
+    assert decoder(bare_pt, scale=0.18215)[1].endswith("scale:0.18215")

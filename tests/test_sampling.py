@@ -106,3 +106,72 @@ def test_model_velocity_fn_and_errors():
         sample(exact_velocity, torch.randn(2, 1), None, "ddim", 10)
     with pytest.raises(ValueError, match="steps"):
         sample(exact_velocity, torch.randn(2, 1), None, "sde", 1)
+
+
+# ---------------------------------------------------------------------------- CFG interval rules
+# The expected call sequences below were derived by hand from the releases' control flow and
+# checked against the release code itself, run side by side outside this project
+# (End2End-Diffusion/iREPA@99ad4ac, 7080 grids x intervals x methods, all equal).
+
+G, U = True, False  # guided (a doubled batch with null labels) / unguided model call
+
+
+def _record_calls(method, steps, interval, rule, jit=False, null=7):
+    """[(time, guided?)] of every model call `sample` makes; JiT models are called at s = 1 - t."""
+    calls = []
+
+    def model(x, t, y):
+        calls.append((round(float(t[0]), 6), bool((y == null).any())))
+        return torch.zeros_like(x)
+
+    fn = velocity_from_x_prediction(model, eps=0.05) if jit else model  # JiT's clamp (irepa.recipes.jit)
+    sample(fn, torch.zeros(2, 1, 2, 2), torch.tensor([1, 2]), method, steps, 2.0, interval, null_class=null,
+           interval_rule=rule)
+    return calls
+
+
+@pytest.mark.parametrize("interval,want", [
+    ((0.5, 1.0), [(1.0, G), (0.8, G), (0.8, G), (0.6, G), (0.6, G), (0.4, G), (0.4, U), (0.2, U), (0.2, U)]),
+    ((0.0, 0.6), [(1.0, U), (0.8, U), (0.8, U), (0.6, U), (0.6, G), (0.4, G), (0.4, G), (0.2, G), (0.2, G)]),
+])
+def test_sit_heun_corrector_follows_the_guidance_decided_at_t_cur(interval, want):
+    """ldm/samplers.py@99ad4ac, euler_sampler(heun=True): CFG is on when low <= t_cur <= high
+    (closed, float64) and the corrector, though it calls the model at t_next, is guided or
+    not as its step's t_cur decided: with [0.5, 1] the step 0.6 -> 0.4 guides its corrector
+    at 0.4; with [0, 0.6] the step 0.8 -> 0.6 leaves its corrector at 0.6 unguided.
+    Grid linspace(1, 0, 6) = 1, .8, .6, .4, .2, 0; Heun skips the corrector of the last step."""
+    assert _record_calls("heun", 5, interval, "sit") == want
+
+
+def test_sit_rule_is_closed_on_the_float64_grid():
+    """euler_sampler@99ad4ac compares float64 t_cur with the bounds: linspace(1, 0, 11) holds
+    0.7 and 0.30000000000000004, both inside [0.3, 0.7]; the SDE decides at t_cur too."""
+    want = [(t, 0.3 <= t <= 0.7) for t in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)]
+    assert _record_calls("euler", 10, (0.3, 0.7), "sit") == want
+    assert [g for _, g in want] == [U, U, U, G, G, G, G, G, U, U]
+    sde = _record_calls("sde", 6, (0.3, 0.7), "sit")  # linspace(1, 0.04, 6): 1, .808, .616, .424, .232, .04
+    assert [g for _, g in sde] == [U, U, G, G, U, U]
+
+
+@pytest.mark.parametrize("method,steps,jit_interval_,want", [
+    # open at both ends: s = 0.4 (low) and s = 0.8 (high) are unguided; the corrector decides at its own s
+    ("heun", 5, (0.4, 0.8), [(0.0, U), (0.2, U), (0.2, U), (0.4, U), (0.4, U), (0.6, G), (0.6, G), (0.8, U),
+                             (0.8, U)]),
+    # low = 0 is special: guidance reaches s = 0
+    ("euler", 5, (0.0, 0.5), [(0.0, G), (0.2, G), (0.4, G), (0.6, U), (0.8, U)]),
+    ("euler", 5, (0.2, 0.5), [(0.0, U), (0.2, U), (0.4, G), (0.6, U), (0.8, U)]),
+    # the release's float32 grid: linspace(0, 1, 4)[2] = 0.66666663 < float32(2/3) = 0.66666669, so guided
+    ("euler", 3, (0.0, 2 / 3), [(0.0, G), (0.333333, G), (0.666667, G)]),
+    ("heun", 3, (1 / 3, 1.0), [(0.0, U), (0.333333, U), (0.333333, U), (0.666667, G), (0.666667, G)]),
+])
+def test_jit_rule_follows_the_jit_release(method, steps, jit_interval_, want):
+    """jit/denoiser.py@99ad4ac, Denoiser._forward_sample: every call (Heun's corrector too) is
+    unguided when s >= high or (low != 0 and s <= low), s the JiT time on the float32 grid
+    linspace(0, 1, steps + 1); generate() ends with one Euler step. The interval is given
+    to `sample` in SiT time (jit_interval) and the calls are recorded at the model's s."""
+    assert _record_calls(method, steps, jit_interval(*jit_interval_), "jit", jit=True) == want
+
+
+def test_interval_rule_is_checked():
+    with pytest.raises(ValueError, match="interval rule"):
+        sample(exact_velocity, torch.randn(2, 1), None, "euler", 2, interval_rule="edm")

@@ -52,10 +52,12 @@ def ref_cds(x):
     return -slope
 
 
-def ref_srss(x, fg, min_tokens):
+def ref_srss(x, fg):
+    """metrics/spatial_metrics.py@99ad4ac metric_srss (d_pos 1, d_neg 6) as a loop: NaN only with
+    < 2 foreground or < 1 background token, or no anchor with both kinds of pairs."""
     K, pos, _ = _cos_and_dist(x)
     T = len(x)
-    if fg.sum() < min_tokens or (~fg).sum() < min_tokens:
+    if fg.sum() < 2 or (~fg).sum() < 1:
         return math.nan
     vals = []
     for a in range(T):
@@ -107,21 +109,25 @@ def test_lds_cds_rmsc_match_loops(shape):
 
 
 def test_srss_matches_loop_8x8():
-    B, side, D = 4, 8, 16
+    """On an 8x8 grid (64 tokens) SRSS is defined wherever the release's metric_srss defines it:
+    two adjacent foreground tokens with background 6 away suffice; one foreground token does not."""
+    B, side, D = 6, 8, 16
     x = torch.randn(B, side * side, D) + 0.5 * torch.randn(B, 1, D)
     fg = torch.zeros(B, side, side, dtype=torch.bool)
     fg[0, 2:6, 1:7] = True          # a block
     fg[1] = torch.rand(side, side) > 0.5  # scattered: some anchors lack fg neighbours
     fg[2, :, :4] = True             # half
-    fg[3, 0, 0] = True              # too little foreground -> NaN
-    got = S.srss(x, fg.flatten(1), min_tokens=8)
+    fg[3, 0, 0] = True              # one foreground token -> NaN
+    fg[4, 0, 0:2] = True            # two adjacent foreground tokens, background at d >= 6: defined
+    fg[5] = True                    # no background -> NaN
+    got = S.srss(x, fg.flatten(1))
     for b in range(B):
-        want = ref_srss(x[b].double().numpy(), fg[b].flatten().numpy(), 8)
+        want = ref_srss(x[b].double().numpy(), fg[b].flatten().numpy())
         if math.isnan(want):
             assert math.isnan(got[b].item())
         else:
             assert got[b].item() == pytest.approx(want, abs=1e-5)
-    assert math.isnan(got[3].item()) and not math.isnan(got[0].item())
+    assert [math.isnan(v) for v in got.tolist()] == [False, False, False, True, False, True]
 
 
 def test_srss_matches_loop_16x16_pixel_mask():
@@ -132,19 +138,54 @@ def test_srss_matches_loop_16x16_pixel_mask():
     fg = S.grid_mask(pix, side)
     assert 64 <= int(fg.sum()) <= side * side - 64
     got = S.srss(x, pix)
-    want = ref_srss(x[0].double().numpy(), fg[0].numpy(), 64)
+    want = ref_srss(x[0].double().numpy(), fg[0].numpy())
     assert got[0].item() == pytest.approx(want, abs=1e-5)
 
 
 def test_spatial_metrics_shares_gram_and_agrees():
     x = torch.randn(2, 64, 8)
     m = torch.rand(2, 64) > 0.5
-    allm = S.spatial_metrics(x, m, min_tokens=4)
+    allm = S.spatial_metrics(x, m)
     torch.testing.assert_close(allm["lds"], S.lds(x))
     torch.testing.assert_close(allm["lds_paper"], S.lds(x, "paper"))
     torch.testing.assert_close(allm["cds"], S.cds(x))
     torch.testing.assert_close(allm["rmsc"], S.rmsc(x))
-    torch.testing.assert_close(allm["srss"], S.srss(x, m, min_tokens=4), equal_nan=True)
+    torch.testing.assert_close(allm["srss"], S.srss(x, m), equal_nan=True)
+
+
+def test_pixel_masks_are_max_pooled_to_tokens():
+    """metrics/spatial_metrics_comparison.py@99ad4ac: (mask > 0) then max_pool2d(16, 16): a token
+    is foreground if any of its pixels is. "area" pooling (>= half the pixels) stays an option."""
+    side, px = 4, 16
+    pix = torch.zeros(2, side * px, side * px)
+    pix[0, 0, 0] = 1.0                      # one pixel of token (0, 0)
+    pix[0, 20:40, 20:40] = 1.0              # a square across tokens (1,1), (1,2), (2,1), (2,2)
+    pix[1, 16:32, 16:24] = 0.3              # half of token (1, 1), a soft value
+    want = torch.zeros(2, side, side, dtype=torch.bool)
+    for b in range(2):
+        for r in range(side):
+            for c in range(side):
+                want[b, r, c] = bool((pix[b, r * px:(r + 1) * px, c * px:(c + 1) * px] > 0).any())
+    assert torch.equal(S.grid_mask(pix, side), want.flatten(1))
+    assert want[0, 0, 0] and want[0, 1, 1] and want[0, 2, 2] and want[1, 1, 1] and int(want[1].sum()) == 1
+    area = S.grid_mask(pix > 0, side, pooling="area")
+    assert not area[0, 0] and area[0, 1 * side + 1] and area[1, 1 * side + 1]  # 1/256 < half; 128/256 = half
+    assert torch.equal(S.grid_mask(torch.tensor([[0.0, 0.2, 1.0, 0.0]]), 2), torch.tensor([[False, True, True, False]]))
+    with pytest.raises(ValueError, match="pooling"):
+        S.grid_mask(pix, side, pooling="mean")
+
+
+def test_mask_filter_is_the_release_dataset_filter():
+    """load_and_filter_masks@99ad4ac keeps an image when its max-pooled token mask has >= 64
+    foreground and >= 64 background tokens; SRSS itself stays defined below that."""
+    fg = torch.zeros(3, 256, dtype=torch.bool)
+    fg[0, :64] = True    # 64 / 192: kept
+    fg[1, :63] = True    # 63 foreground: dropped
+    fg[2, :193] = True   # 63 background: dropped
+    assert S.mask_filter(fg).tolist() == [True, False, False]
+    assert S.mask_filter(fg, 63).tolist() == [True, True, True]
+    x = smooth_field(3, 16, 8)
+    assert not torch.isnan(S.srss(x, fg)).any()
 
 
 # ---------------- known cases ----------------

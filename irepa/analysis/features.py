@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from irepa.analysis.spatial import nan_mean, spatial_metrics
+from irepa.analysis.spatial import grid_mask, mask_filter, nan_mean, spatial_metrics
 
 EncoderFn = Callable[[torch.Tensor], torch.Tensor]
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -196,9 +196,42 @@ def _find_masks(root: Path, rel: Sequence[Path], mroot: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------
 # metrics of encoder features
 
+def subset(images: ImageSet, keep: Sequence[int]) -> ImageSet:
+    """The images at indices `keep` (in that order), as an ImageSet; names keep the originals'
+    (their index when the set had no names)."""
+    keep = [int(i) for i in keep]
+    names = [images.names[i] for i in keep] if images.names is not None else [str(i) for i in keep]
+    load_masks = None
+    if images.load_masks is not None:
+        def load_masks(idx, x):
+            return images.load_masks([keep[i] for i in idx], x)
+    return ImageSet(len(keep), lambda idx: images.load([keep[i] for i in idx]),
+                    images.labels[keep] if images.labels is not None else None, load_masks, names,
+                    images.mask_source)
+
+
 @torch.no_grad()
-def measure(encoder: EncoderFn, images: ImageSet, batch_size: int = 64, device: str = "cpu",
-            min_tokens: int = 64) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+def filter_by_mask(images: ImageSet, side: int, min_tokens: int, batch_size: int = 64) -> tuple[ImageSet, int]:
+    """Dataset-level mask filter: keep the images whose mask, max-pooled to the side x side token
+    grid, has >= min_tokens foreground and >= min_tokens background tokens (the release's
+    comparison script: 64 on 16x16). Returns (the kept images, how many were dropped)."""
+    if images.load_masks is None:
+        raise ValueError("the mask filter needs a foreground mask per image")
+    keep = []
+    for start in range(0, images.count, batch_size):
+        idx = list(range(start, min(start + batch_size, images.count)))
+        fg = grid_mask(images.load_masks(idx, images.load(idx)), side)
+        keep += [i for i, ok in zip(idx, mask_filter(fg, min_tokens).tolist()) if ok]
+    if not keep:
+        raise ValueError(f"no image passes the mask filter: none of {images.count} masks has >= {min_tokens} "
+                         f"foreground and >= {min_tokens} background tokens on the {side}x{side} token grid "
+                         f"({side * side} tokens)")
+    return subset(images, keep), images.count - len(keep)
+
+
+@torch.no_grad()
+def measure(encoder: EncoderFn, images: ImageSet, batch_size: int = 64,
+            device: str = "cpu") -> tuple[dict[str, np.ndarray], np.ndarray, int]:
     """Per-image metrics {name: [N]}, mean-pooled tokens [N, E] and the token count T."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -214,7 +247,7 @@ def measure(encoder: EncoderFn, images: ImageSet, batch_size: int = 64, device: 
             raise ValueError(f"encoder returned {tuple(feats.shape)} for {len(idx)} images; expected [B, T, E]")
         tokens = feats.shape[1]
         masks = images.load_masks(idx, x) if images.load_masks is not None else None
-        for k, v in spatial_metrics(feats, masks, min_tokens).items():
+        for k, v in spatial_metrics(feats, masks).items():
             per_image.setdefault(k, []).append(v.cpu())
         pooled.append(feats.mean(1).cpu())
     return ({k: torch.cat(v).numpy() for k, v in per_image.items()},
@@ -245,13 +278,13 @@ def linear_probe(pooled: np.ndarray, labels: np.ndarray, test_fraction: float = 
 
 
 def measure_encoders(encoders: Mapping[str, EncoderFn], images: ImageSet, batch_size: int = 64,
-                     device: str = "cpu", min_tokens: int = 64) -> tuple[list[dict], dict[str, dict]]:
+                     device: str = "cpu") -> tuple[list[dict], dict[str, dict]]:
     """One summary row per encoder and the per-image values {encoder: {metric: [N]}}."""
     if not encoders:
         raise ValueError("no encoders to measure")
     rows, per_image = [], {}
     for name, enc in encoders.items():
-        values, pooled, T = measure(enc, images, batch_size, device, min_tokens)
+        values, pooled, T = measure(enc, images, batch_size, device)
         row = {"encoder": name, "dim": int(pooled.shape[1]), "tokens": T, "images": images.count}
         for k, v in values.items():
             row[k], n = nan_mean(v)

@@ -9,9 +9,14 @@ similarity of tokens t and u, d(t, u) the Manhattan distance |drow| + |dcol| on 
         d >= H/2 (self pairs, d == 0, are never counted).
 - cds:  minus the least-squares slope of g(delta) = mean K at d == delta, delta = 1..8
         (distances the grid does not have are left out of the fit).
-- srss: needs a foreground mask per image; images with < 64 foreground or < 64 background
-        tokens get NaN. Per foreground anchor: mean K to foreground tokens at d == 1 minus
-        mean K to background tokens at d >= 6; averaged over anchors that have both.
+- srss: needs a foreground mask per image, pooled to the grid by max pooling (a token is
+        foreground if any of its pixels is, as the release's comparison script pools).
+        Per foreground anchor: mean K to foreground tokens at d == 1 minus mean K to
+        background tokens at d >= 6; averaged over anchors that have both. NaN only where
+        the mask has < 2 foreground or < 1 background token, or no anchor has both (the
+        release's metric_srss). The release's comparison script also drops images with < 64
+        foreground or background tokens before any metric: that is a dataset filter, not
+        part of the metric (`mask_filter`, used by irepa.analysis).
 - rmsc: sqrt(mean_t ||n_t - mean_u n_u||^2), n_t the L2-normalized token.
 
 Means over pairs pool all (ordered) pairs of one image, so each image weighs the same
@@ -39,7 +44,9 @@ from irepa.align import token_grid
 NEAR = 1  # release code: 4-neighbours
 FAR = 6  # release code and SRSS: pairs at d >= 6
 CDS_MAX_DISTANCE = 8
-SRSS_MIN_TOKENS = 64
+SRSS_MIN_FOREGROUND, SRSS_MIN_BACKGROUND = 2, 1  # metric_srss@99ad4ac: NaN below these
+RELEASE_MASK_FILTER = 64  # spatial_metrics_comparison.py@99ad4ac: num_target_count
+POOLINGS = ("max", "area")
 VARIANTS = ("code", "paper")
 METRICS = ("lds", "lds_paper", "cds", "srss", "rmsc")
 
@@ -114,27 +121,41 @@ def cds_from_gram(K: torch.Tensor, side: int) -> torch.Tensor:
     return -slope
 
 
-def grid_mask(masks: torch.Tensor, side: int, fraction: float = 0.5) -> torch.Tensor:
+def grid_mask(masks: torch.Tensor, side: int, pooling: str = "max", fraction: float = 0.5) -> torch.Tensor:
     """Foreground masks pooled to the token grid -> bool [B, side*side].
 
-    masks: [B, T] (already on the grid), [B, h, w] or [B, 1, h, w] at any resolution
-    (bool or float in [0, 1]); a token is foreground when at least `fraction` of its
-    pixels are (area pooling, so h and w need not be multiples of the grid).
+    masks: [B, T] (already on the grid), [B, h, w] or [B, 1, h, w] at any resolution (bool,
+    or numbers where non-zero is foreground for "max" and the foreground share for "area").
+    pooling "max" (default; metrics/spatial_metrics_comparison.py@99ad4ac, max_pool2d over
+    each token's pixels): a token is foreground if any of its pixels is. "area": if at
+    least `fraction` of its pixels are. Sizes that are not multiples of the grid use
+    adaptive pooling windows.
     """
+    if pooling not in POOLINGS:
+        raise ValueError(f"mask pooling must be one of {POOLINGS}, got {pooling!r}")
     m = masks.float()
     if m.dim() == 2:
         if m.shape[1] != side * side:
             raise ValueError(f"grid masks have {m.shape[1]} tokens, features have {side * side}")
-        return m >= fraction
+        return m != 0 if pooling == "max" else m >= fraction
     if m.dim() == 3:
         m = m[:, None]
     if m.dim() != 4 or m.shape[1] != 1:
         raise ValueError(f"masks must be [B, T], [B, h, w] or [B, 1, h, w], got {tuple(masks.shape)}")
+    if pooling == "max":
+        return (F.adaptive_max_pool2d((m != 0).float(), side) > 0).flatten(1)
     return (F.adaptive_avg_pool2d(m, side) >= fraction).flatten(1)
 
 
-def srss_from_gram(K: torch.Tensor, side: int, fg: torch.Tensor,
-                   min_tokens: int = SRSS_MIN_TOKENS) -> torch.Tensor:
+def mask_filter(fg: torch.Tensor, min_tokens: int = RELEASE_MASK_FILTER) -> torch.Tensor:
+    """bool [B]: images whose token mask fg [B, T] has >= min_tokens foreground and >=
+    min_tokens background tokens. A dataset filter, applied before any metric as the
+    release's comparison script does (load_and_filter_masks, 64 tokens); not part of SRSS."""
+    n_fg = fg.sum(1)
+    return (n_fg >= min_tokens) & (fg.shape[1] - n_fg >= min_tokens)
+
+
+def srss_from_gram(K: torch.Tensor, side: int, fg: torch.Tensor) -> torch.Tensor:
     """fg: bool [B, T] foreground tokens (see `grid_mask`)."""
     d = manhattan_distances(side, K.device)
     near, far = (d == NEAR).float(), (d >= FAR).float()
@@ -149,7 +170,7 @@ def srss_from_gram(K: torch.Tensor, side: int, fg: torch.Tensor,
     n_ok = ok.sum(1)
     value = (per_anchor * ok).sum(1) / n_ok.clamp(min=1)
     n_fg = fg.sum(1)
-    keep = (n_fg >= min_tokens) & (fg.shape[1] - n_fg >= min_tokens) & (n_ok > 0)
+    keep = (n_fg >= SRSS_MIN_FOREGROUND) & (fg.shape[1] - n_fg >= SRSS_MIN_BACKGROUND) & (n_ok > 0)
     return torch.where(keep, value, torch.full_like(value, math.nan))
 
 
@@ -165,18 +186,19 @@ def cds(feats: torch.Tensor) -> torch.Tensor:
     return cds_from_gram(cosine_gram(feats), side)
 
 
-def srss(feats: torch.Tensor, masks: torch.Tensor, min_tokens: int = SRSS_MIN_TOKENS,
-         fraction: float = 0.5) -> torch.Tensor:
-    """Semantic-region self-similarity per image, NaN where the mask has < min_tokens of fg or bg."""
+def srss(feats: torch.Tensor, masks: torch.Tensor, pooling: str = "max", fraction: float = 0.5) -> torch.Tensor:
+    """Semantic-region self-similarity per image, NaN where the mask has < 2 fg or < 1 bg token
+    (or no anchor has both kinds of pairs); masks pooled to the grid by `grid_mask`."""
     side = _check_feats(feats, "srss")
-    fg = _grid_mask_for(feats, masks, side, fraction)
-    return srss_from_gram(cosine_gram(feats), side, fg, min_tokens)
+    fg = _grid_mask_for(feats, masks, side, pooling, fraction)
+    return srss_from_gram(cosine_gram(feats), side, fg)
 
 
-def _grid_mask_for(feats: torch.Tensor, masks: torch.Tensor, side: int, fraction: float = 0.5) -> torch.Tensor:
+def _grid_mask_for(feats: torch.Tensor, masks: torch.Tensor, side: int, pooling: str = "max",
+                   fraction: float = 0.5) -> torch.Tensor:
     if masks.shape[0] != feats.shape[0]:
         raise ValueError(f"srss: {masks.shape[0]} masks for {feats.shape[0]} images")
-    return grid_mask(masks.to(feats.device), side, fraction)
+    return grid_mask(masks.to(feats.device), side, pooling, fraction)
 
 
 def rmsc(feats: torch.Tensor) -> torch.Tensor:
@@ -188,7 +210,7 @@ def rmsc(feats: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def spatial_metrics(feats: torch.Tensor, masks: torch.Tensor | None = None,
-                    min_tokens: int = SRSS_MIN_TOKENS) -> dict[str, torch.Tensor]:
+                    pooling: str = "max") -> dict[str, torch.Tensor]:
     """All metrics from one Gram matrix: {"lds", "lds_paper", "cds", "rmsc"[, "srss"]}, each [B]."""
     side = _check_feats(feats, "spatial_metrics")
     K = cosine_gram(feats)
@@ -199,7 +221,7 @@ def spatial_metrics(feats: torch.Tensor, masks: torch.Tensor | None = None,
         "rmsc": rmsc(feats),
     }
     if masks is not None:
-        out["srss"] = srss_from_gram(K, side, _grid_mask_for(feats, masks, side), min_tokens)
+        out["srss"] = srss_from_gram(K, side, _grid_mask_for(feats, masks, side, pooling))
     return out
 
 

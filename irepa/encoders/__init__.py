@@ -4,8 +4,10 @@
     y = enc(images)           # images [B, 3, H, W] in [0, 1] -> [B, (H/16)*(W/16), enc.dim]
 
 `names()` lists every encoder (the paper's 36, the C-RADIO family, HOG, SIFT, VGG16
-pool4), `info(name)` its width, input resolution and whether its weights are on this
-machine. Weights are read from local files only (see `base.resolve_weights`);
+pool4, and the variants of registry.VARIANTS), `info(name)` its width, input resolution
+and whether its weights are on this machine, `table()` the preprocessing of each as the
+README shows it. Each name computes the tokens the official iREPA release computes for
+it (registry.py). Weights are read from local files only (see `base.resolve_weights`);
 `build(name, tiny=True)` gives a randomly initialised small model of the same
 architecture for tests.
 """
@@ -14,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from .base import Encoder, env_key, resolve_weights
-from .registry import REGISTRY, EncoderSpec, get_spec
+from .registry import POS_RULES, REGISTRY, EncoderSpec, get_spec
 
-__all__ = ["Encoder", "EncoderSpec", "build", "names", "info", "infos", "get_spec"]
+__all__ = ["Encoder", "EncoderSpec", "build", "names", "info", "infos", "get_spec", "table", "table_markdown"]
 
 
 def names() -> list[str]:
@@ -27,12 +29,18 @@ def _build_module(spec: EncoderSpec, tiny: bool, weights) -> Encoder:
     if spec.family == "hog":
         from .classical import HOG
         return HOG(spec.name)
+    if spec.family == "hog-dense":
+        from .classical import DenseHOG
+        return DenseHOG(spec.name)
     if spec.family == "sift":
+        from .sift import KorniaSIFT
+        return KorniaSIFT(spec.name)
+    if spec.family == "sift-upright":
         from .classical import DenseSIFT
         return DenseSIFT(spec.name)
     if spec.family == "vgg16":
         from .classical import build_vgg16
-        return build_vgg16(spec.name, tiny=tiny, weights=weights)
+        return build_vgg16(spec, tiny=tiny, weights=weights)
     if spec.family in ("mocov3", "pe"):
         from .vit import build_own_vit
         return build_own_vit(spec, tiny=tiny, weights=weights)
@@ -60,7 +68,7 @@ def build(name: str, *, tiny: bool = False, weights=None, device: str | torch.de
         enc = enc.to(device)
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
-    if spec.family not in ("hog", "sift"):
+    if spec.needs_weights:
         enc = enc.to(dtype)
     enc.freeze()
     if compile:
@@ -77,7 +85,7 @@ def info(name: str) -> dict:
     return {
         "name": spec.name, "family": spec.family, "dim": spec.dim, "patch": spec.patch,
         "resolution": spec.resolution, "tokens_at_256": 256, "source": spec.source,
-        "needs_weights": spec.needs_weights,
+        "needs_weights": spec.needs_weights, **_preprocessing(spec),
         "weights_present": (path is not None) if spec.needs_weights else True,
         "weights_path": str(path) if path is not None else None,
         "override_env": env_key(spec.name), "note": spec.note,
@@ -86,3 +94,45 @@ def info(name: str) -> dict:
 
 def infos() -> list[dict]:
     return [info(n) for n in names()]
+
+
+# ---------------------------------------------------------------------------------------
+# the README's encoder table, generated from the registry
+
+TABLE_COLUMNS = ("name", "source", "input", "resize", "normalization", "pos embed", "final norm", "dim",
+                 "tokens@256")
+
+
+def _preprocessing(spec: EncoderSpec) -> dict:
+    if spec.patch == 16:
+        resize = "-"  # the encoder sees the model's own pixels
+    else:
+        resize = spec.interpolation + (" antialias" if spec.antialias else "")
+    final = {True: "yes", False: "no", None: "-"}[spec.final_norm]
+    return {"input": spec.resolution, "resize": resize, "normalization": spec.normalization,
+            "pos_embed": spec.pos, "final_norm": final}
+
+
+def table() -> list[dict]:
+    """One row per registered encoder: TABLE_COLUMNS (tokens at a 256 px model input)."""
+    rows = []
+    for name in names():
+        spec = get_spec(name)
+        pre = _preprocessing(spec)
+        rows.append({"name": name, "source": spec.source or "weight free", "input": pre["input"],
+                     "resize": pre["resize"], "normalization": pre["normalization"],
+                     "pos embed": pre["pos_embed"], "final norm": pre["final_norm"], "dim": spec.dim,
+                     "tokens@256": (256 // 16) ** 2, "note": spec.note})
+    return rows
+
+
+def table_markdown() -> str:
+    """The README's encoder table (python launch/encoders.py table --markdown)."""
+    cols = TABLE_COLUMNS + ("note",)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in table():
+        cells = [f"`{r[c]}`" if c == "name" else str(r[c]) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("pos embed: " + "; ".join(f"`{k}` {v}" for k, v in POS_RULES.items()) + ".")
+    return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ names the paths that were tried and where to put the file.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -46,7 +47,9 @@ class Encoder(nn.Module):
 
     Subclasses set `dim` and `patch` and implement `tokens(x)` on the preprocessed batch
     x [B, 3, gh*patch, gw*patch] returning [B, gh*gw, E]. `mean`/`std` None skips
-    normalization; `interpolation` is the torch resize mode ("bicubic", "bilinear").
+    normalization; `interpolation` is the torch resize mode ("bicubic", "bilinear"),
+    `antialias` and `normalize_first` as in `preprocess`. `apply_spec` copies them from a
+    registry entry.
     """
 
     name: str = "encoder"
@@ -55,6 +58,15 @@ class Encoder(nn.Module):
     interpolation: str = "bicubic"
     mean: Sequence[float] | None = IMAGENET_MEAN
     std: Sequence[float] | None = IMAGENET_STD
+    antialias: bool = False
+    normalize_first: bool = False
+
+    def apply_spec(self, spec) -> "Encoder":
+        """Take the preprocessing of a registry entry (name, patch, resize, normalization)."""
+        self.name, self.patch = spec.name, spec.patch
+        self.mean, self.std = spec.mean, spec.std
+        self.interpolation, self.antialias, self.normalize_first = spec.interpolation, spec.antialias, spec.normalize_first
+        return self
 
     def freeze(self) -> "Encoder":
         self.requires_grad_(False)
@@ -70,18 +82,30 @@ class Encoder(nn.Module):
         return torch.float32
 
     def preprocess(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Resize to grid * patch and normalize, in fp32; cast to the weights' dtype last."""
+        """Resize to grid * patch and normalize, in fp32; cast to the weights' dtype last.
+
+        The resize is plain F.interpolate (align_corners False) unless `antialias`, and
+        comes after the normalization when `normalize_first` (both linear, so the order
+        only moves fp32 round-off; kept to follow the release to the last bit).
+        """
         size = (grid[0] * self.patch, grid[1] * self.patch)
         x = images.float()
+        if self.normalize_first:
+            x = self._normalize(x)
         if tuple(x.shape[-2:]) != size:
             smooth = self.interpolation in ("bilinear", "bicubic")
             x = F.interpolate(x, size=size, mode=self.interpolation, align_corners=False if smooth else None,
-                              antialias=smooth)
-        if self.mean is not None:
-            mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-            std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-            x = (x - mean) / std
+                              antialias=self.antialias and smooth)
+        if not self.normalize_first:
+            x = self._normalize(x)
         return x.to(self.param_dtype())
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is None:
+            return x
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -106,25 +130,42 @@ def grid_to_tokens(x_BCHW: torch.Tensor) -> torch.Tensor:
 
 
 def resample_pos_embed(pos_1TD: torch.Tensor, grid: tuple[int, int], prefix: int = 0,
-                       mode: str = "bicubic") -> torch.Tensor:
+                       mode: str = "bicubic", antialias: bool = False) -> torch.Tensor:
     """Resample absolute position embeddings [1, prefix + g*g, D] to a new grid.
 
     The first `prefix` entries (CLS / registers) are kept; the square patch part is
-    interpolated in fp32 to grid = (gh, gw).
+    interpolated in fp32 to grid = (gh, gw) and cast back. With mode "bicubic" and
+    antialias True this is timm's resample_abs_pos_embed (timm 1.0.17,
+    layers/pos_embed.py), which the release applies at load for DINO, DINOv2, MoCo v3,
+    MAE, I-JEPA and CLIP: torch's antialiased bicubic uses PIL's a = -0.5 kernel, so it
+    differs from plain bicubic (a = -0.75) even when upsampling 14 -> 16.
     """
     extra, patch = pos_1TD[:, :prefix], pos_1TD[:, prefix:]
     n = patch.shape[1]
-    side = int(round(n ** 0.5))
+    side = math.isqrt(n)
     if side * side != n:
         raise ValueError(f"position embedding has {n} patch entries, not a square grid")
     if (side, side) == tuple(grid):
         return pos_1TD
     D = patch.shape[-1]
     p = patch.reshape(1, side, side, D).permute(0, 3, 1, 2).float()
-    # plain interpolation, no antialias, as PE's own position-embedding resampling does
-    p = F.interpolate(p, size=tuple(grid), mode=mode, align_corners=False)
+    p = F.interpolate(p, size=tuple(grid), mode=mode, align_corners=False, antialias=antialias)
     p = p.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], D).to(pos_1TD.dtype)
     return torch.cat([extra, p], dim=1)
+
+
+def release_pos_embed(pos_1TD: torch.Tensor, grid: tuple[int, int], prefix: int, rule: str) -> torch.Tensor:
+    """Position embeddings for a token grid by a registry rule ("timm" or "timm@16").
+
+    "timm@16": the release resamples the checkpoint's table to 16 x 16 when it loads it
+    (MoCo v3's fix_mocov3_state_dict, MAE's loader) and to the run's grid afterwards, so
+    at 512 px a 14 x 14 table goes 14 -> 16 -> 32, each step timm's.
+    """
+    if rule == "timm@16":
+        pos_1TD = resample_pos_embed(pos_1TD, (16, 16), prefix, "bicubic", antialias=True)
+    elif rule != "timm":
+        raise ValueError(f"no release position-embedding rule {rule!r}")
+    return resample_pos_embed(pos_1TD, grid, prefix, "bicubic", antialias=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,8 +197,10 @@ def hf_cache_snapshot(repo_id: str) -> Path | None:
 
 
 def resolve_weights(name: str, *, hf_repo: str | None = None, filename: str | None = None,
-                    weights: str | os.PathLike | None = None, must_exist: bool = True) -> Path | None:
-    """Find an encoder's weights on this machine.
+                    weights: str | os.PathLike | None = None, must_exist: bool = True,
+                    what: str = "encoder") -> Path | None:
+    """Find an encoder's weights on this machine (also used for other frozen or initial
+    weights: the VAE, LPIPS, the discriminator; `what` names the kind in errors).
 
     Order: the `weights` argument; $IREPA_ENCODER_<NAME>; $IREPA_ENCODER_DIR/<name>
     (a Hugging Face style folder or a file) and $IREPA_ENCODER_DIR/<filename>; the
@@ -180,7 +223,7 @@ def resolve_weights(name: str, *, hf_repo: str | None = None, filename: str | No
         if c.exists():
             return c
         if weights is not None and c == Path(weights).expanduser():
-            raise FileNotFoundError(f"encoder {name!r}: weights path {c} does not exist")
+            raise FileNotFoundError(f"{what} {name!r}: weights path {c} does not exist")
     if hf_repo:
         snap = hf_cache_snapshot(hf_repo)
         tried.append(f"Hugging Face cache of {hf_repo}")
@@ -193,10 +236,10 @@ def resolve_weights(name: str, *, hf_repo: str | None = None, filename: str | No
             return hub
     if not must_exist:
         return None
-    what = f"the Hugging Face repo {hf_repo!r} (config.json + weights)" if hf_repo else f"the file {filename!r}"
+    expected = f"the Hugging Face repo {hf_repo!r} (config.json + weights)" if hf_repo else f"the file {filename!r}"
     raise FileNotFoundError(
-        f"encoder {name!r}: no weights on this machine (nothing is downloaded at run time). "
-        f"Put {what} at {root / (name if hf_repo else (filename or name))}, or point "
+        f"{what} {name!r}: no weights on this machine (nothing is downloaded at run time). "
+        f"Put {expected} at {root / (name if hf_repo else (filename or name))}, or point "
         f"${env_key(name)} / build(..., weights=PATH) at it"
         + (f", or pre-fill the Hugging Face cache (huggingface-cli download {hf_repo})" if hf_repo else "")
         + ". Tried: " + "; ".join(tried))

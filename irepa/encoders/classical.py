@@ -1,4 +1,4 @@
-"""Classical spatial features as alignment targets: HOG, dense SIFT, VGG16 pool4.
+"""Classical spatial features as alignment targets: HOG, dense HOG, upright SIFT, VGG16 pool4.
 
 The paper (SPEC.md sections 1 and 7) shows that features with strong spatial structure
 but no learned semantics still help REPA. All three give one 128-d (HOG, SIFT) or 512-d
@@ -12,11 +12,21 @@ tests use to compare against scikit-image bit for bit).
   L2-Hys block normalization; this is exactly scikit-image's
   hog(gray, orientations=8, pixels_per_cell=(4, 4), cells_per_block=(4, 4),
   block_norm="L2-Hys") taken at every 4th block (the non-overlapping ones).
-- Dense SIFT per 16 px patch (Lowe's descriptor, upright, no scale space): 4x4 spatial
+- Dense HOG ("hog-dense", the iREPA release's HOGVisionEncoder with its default
+  g16_d128): scikit-image's hog(gray, orientations=8, pixels_per_cell=(2, 2),
+  cells_per_block=(4, 4), block_norm="L2-Hys") at every block (stride one 2 px cell,
+  (H/2 - 3)^2 blocks of 128), each block L2-normalized again, then the block map resized
+  bilinearly (no antialias) to the H/16 x W/16 grid; gray = 0.2126 R + 0.7152 G + 0.0722 B.
+  ("hog" above is not the release's: it is the digits default and stays as it is.)
+- Upright dense SIFT ("sift-upright"; the release's "sift" is kornia's, sift.py) per 16 px
+  patch (Lowe's descriptor, upright, no scale space): 4x4 spatial
   bins x 8 signed orientations, Gaussian window sigma = 8 px, trilinear (bilinear in
   space, linear in angle) vote spreading, L2 normalize -> clip 0.2 -> L2 normalize.
-- VGG16 conv1_1..pool4 (torchvision layer indices, so torchvision's
-  vgg16-397923af.pth loads as is), ImageNet normalization, stride 16, 512 channels.
+- VGG16 conv1_1..pool4 (torchvision layer indices), ImageNet normalization, stride 16,
+  512 channels. The release loads torchvision's VGG16_Weights.IMAGENET1K_FEATURES
+  (vgg16_features-amdegroot-88682ab5.pth, whose classifier is NaN) and still normalizes
+  with ImageNet mean / std (not that file's 0-255 scaling); the classification file
+  vgg16-397923af.pth has the same layout and loads with --weights.
 """
 from __future__ import annotations
 
@@ -114,6 +124,49 @@ class HOG(_WeightFree):
         return _normalize_l2_hys(blocks, self.clip, self.eps)
 
 
+RELEASE_GRAY = (0.2126, 0.7152, 0.0722)  # the release's HOGVisionEncoder (BT.709)
+
+
+class DenseHOG(HOG):
+    """The release's HOG: 2 px cells, every 4x4-cell block, resized to the token grid.
+
+    Precision as the release's scikit-image call: gray and gradients in float32 (the
+    release hands hog() a float32 image of 0-255 values / 255), orientations, magnitudes
+    and block norms in float64 (scikit-image's histogram code converts the gradients),
+    then float32 for the final L2 normalization and the bilinear resize.
+    """
+
+    def __init__(self, name: str = "hog-dense"):
+        super().__init__(name, cell=2)
+        self.block_cells = 4
+        self.dim = self.block_cells * self.block_cells * self.orientations
+
+    def gray(self, x: torch.Tensor) -> torch.Tensor:
+        v = x.clamp(0, 1) * 255  # exact 0..255 for 8-bit images, as the release's raw pixels
+        w = RELEASE_GRAY
+        return ((w[0] * v[:, 0] + w[1] * v[:, 1] + w[2] * v[:, 2]) / 255.0).clamp(0, 1)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        g_row, g_col = central_gradients(self.gray(x))
+        g_row, g_col = g_row.double(), g_col.double()
+        return self.blocks(torch.hypot(g_col, g_row), self.orientation_bins(g_row, g_col)).to(x.dtype)
+
+    def blocks(self, mag: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+        B, H, W = mag.shape
+        votes = torch.zeros(B, self.orientations, H, W, dtype=mag.dtype, device=mag.device)
+        votes.scatter_(1, bins.unsqueeze(1), mag.unsqueeze(1))
+        cells = F.avg_pool2d(votes, self.cell)                       # [B, n, H/2, W/2]
+        k, n = self.block_cells, self.orientations
+        hb, wb = cells.shape[-2] - k + 1, cells.shape[-1] - k + 1
+        blocks = F.unfold(cells, k)                                  # [B, n*k*k, hb*wb], (orientation, row, col)
+        blocks = blocks.view(B, n, k, k, hb * wb).permute(0, 4, 2, 3, 1).reshape(B, hb * wb, self.dim)
+        blocks = F.normalize(_normalize_l2_hys(blocks, self.clip, self.eps).float(), dim=-1)
+        grid = (H // GRID_PATCH, W // GRID_PATCH)
+        fmap = blocks.transpose(1, 2).reshape(B, self.dim, hb, wb)
+        fmap = F.interpolate(fmap, size=grid, mode="bilinear", align_corners=False)
+        return grid_to_tokens(fmap)
+
+
 def sift_spatial_weights(patch: int = GRID_PATCH, bins: int = 4, sigma: float | None = None) -> torch.Tensor:
     """[patch, bins] per-axis weight of pixel u to spatial bin c: Gaussian x bilinear.
 
@@ -158,7 +211,23 @@ class DenseSIFT(_WeightFree):
 
 
 VGG16_POOL4 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M")
-VGG16_FILE = "vgg16-397923af.pth"
+VGG16_RELU5_3 = VGG16_POOL4 + (512, 512, 512)  # through conv5_3 + ReLU (LPIPS' last tap)
+VGG16_FILE = "vgg16-397923af.pth"  # torchvision IMAGENET1K_V1 (the LPIPS backbone; the vgg16 encoder loads the release's file)
+
+
+def vgg16_features(spec=VGG16_POOL4, width_div: int = 1) -> tuple[nn.Sequential, int]:
+    """torchvision's vgg16().features layers for `spec` (same indices, so its weight file loads
+    as is); width_div > 1 narrows every conv (tests). -> (layers, output channels)."""
+    layers: list[nn.Module] = []
+    c_in = 3
+    for v in spec:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            c_out = v // width_div
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+            c_in = c_out
+    return nn.Sequential(*layers), c_in
 
 
 class VGG16Pool4(Encoder):
@@ -167,17 +236,7 @@ class VGG16Pool4(Encoder):
     def __init__(self, name: str = "vgg16", width_div: int = 1):
         super().__init__()
         self.name = name
-        layers: list[nn.Module] = []
-        c_in = 3
-        for v in VGG16_POOL4:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                c_out = v // width_div
-                layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
-                c_in = c_out
-        self.features = nn.Sequential(*layers)
-        self.dim = c_in
+        self.features, self.dim = vgg16_features(VGG16_POOL4, width_div)
 
     def load(self, path: Path) -> "VGG16Pool4":
         sd = load_state_dict(path)
@@ -188,14 +247,15 @@ class VGG16Pool4(Encoder):
         return grid_to_tokens(self.features(x))
 
 
-def build_vgg16(name: str, tiny: bool = False, weights=None) -> VGG16Pool4:
+def build_vgg16(spec, tiny: bool = False, weights=None) -> VGG16Pool4:
     """tiny: 1/16 channel widths (random init, or `weights` loaded into that shape for tests)."""
     if tiny:
-        model = VGG16Pool4(name, width_div=16)
+        model = VGG16Pool4(spec.name, width_div=16).apply_spec(spec)
         return (model.load(Path(weights)) if weights is not None else model).freeze()
-    path = resolve_weights(name, filename=VGG16_FILE, weights=weights)
+    path = resolve_weights(spec.name, filename=spec.source, weights=weights)
     if path.is_dir():
-        path = path / VGG16_FILE
+        path = path / spec.source
         if not path.exists():
-            raise FileNotFoundError(f"encoder {name!r}: expected {path} (torchvision's VGG16 ImageNet weights)")
-    return VGG16Pool4(name).load(path).freeze()
+            raise FileNotFoundError(f"encoder {spec.name!r}: expected {path} (torchvision's VGG16 "
+                                    f"IMAGENET1K_FEATURES weights)")
+    return VGG16Pool4(spec.name).apply_spec(spec).load(path).freeze()

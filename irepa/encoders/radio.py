@@ -53,11 +53,14 @@ RADIO ports in vLLM (model_executor/models/radio.py) and transformers (models/ra
   radio_model.adaptors.*, radio_model.model.reg_token, video / intermediate
   normalizer buffers. Training checkpoints (*.pth.tar) use base_model.* for the backbone.
 
-Assumptions (could not be confirmed from reachable sources): align_corners=False for
-the CPE resize (current upstream ports in vLLM / transformers / Megatron; the older
-NVlabs commit and TAO use True, which shifts the embedding by under half a stored cell);
-bicubic image resize (the repos' CLIPImageProcessor default); prefix-token counts of the
-tiny test models for v2-H/g and v3 (real checkpoints say their own); heads per size.
+Checked by reading NVlabs/RADIO @c0f3701 (radio/vit_patch_generator.py: eval CPE is
+bilinear, align_corners=False, to the long side then window_select; radio_model.py:
+features y[:, num_skip:] then feature_normalizer). The iREPA release loads C-RADIOv3 from
+torch hub ("cradio-vit-b" etc., aliases here) and feeds it the image bilinearly resized
+(no antialias) to the run's resolution, i.e. unresized at 16 px per token, without
+normalization (the model's input conditioner does it). Not confirmed: prefix-token
+counts of the tiny test models for v2-H/g and v3 (real checkpoints say their own);
+heads per size.
 
 Resolution: RADIO runs at any multiple of 16 px (v3's preferred 512). SPEC.md section 7
 gives C-RADIO no resolution, so it sees 16 px per output token like the other

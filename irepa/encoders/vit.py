@@ -2,7 +2,11 @@
 
 - MoCo v3 (ViT-B/16, ViT-L/16): a plain pre-norm ViT with timm's parameter names
   (patch_embed.proj, cls_token, pos_embed, blocks.i.{norm1, attn.qkv, attn.proj, norm2,
-  mlp.fc1, mlp.fc2}, norm), so the released `base_encoder` state dict loads as is.
+  mlp.fc1, mlp.fc2}, norm), so the released `base_encoder` state dict loads; the ViT-L
+  file's misspelt keys are renamed as the iREPA release does (MOCOV3_KEY_FIXES). As the
+  release runs it (timm VisionTransformer.forward_features): final LayerNorm applied,
+  CLS dropped, position table resampled 14 -> 16 -> token grid with timm's bicubic
+  antialiased resample (base.release_pos_embed "timm@16").
   The same timm block (optionally with LayerScale ls1/ls2.gamma) is C-RADIO's block;
   the RADIO patch generator and checkpoint mapping live in radio.py.
 - Perception Encoder (PE core / lang / spatial): ViT with a bias-free patch conv,
@@ -10,8 +14,10 @@
   axial RoPE on every attention layer (x half then y half of each head, interleaved
   rotation pairs, theta 1e4, CLS at position (0, 0)), ln_pre, optional LayerScale and
   ln_post; parameter names follow facebookresearch/perception_models so its .pt files
-  load. The CLIP attention pool / projection are not built: tokens come from the last
-  layer (after ln_post where the model has one), CLS removed.
+  load. Configurations as the iREPA release's models/pe_config.py: LayerScale on Lang
+  L/G and Spatial G only (not on Spatial B/L). The CLIP attention pool / projection are
+  not built: tokens come from the last layer, CLS removed; ln_post (core models only) is
+  applied only for the "norm" names, as the release's forward_features(norm=...) does.
 
 timm (which has both) needs torchvision, which cannot be installed next to the CPU
 torch used here; these modules stay small and use SDPA attention.
@@ -24,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Encoder, load_checked, load_state_dict, resample_pos_embed, resolve_weights
+from .base import Encoder, load_checked, load_state_dict, release_pos_embed, resample_pos_embed, resolve_weights
 
 
 # --------------------------------------------------------------------------------------
@@ -83,8 +89,24 @@ class _PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, dim, patch, stride=patch)
 
 
+# misspelt parameter names in the released MoCo v3 ViT-L checkpoint, renamed as the iREPA
+# release's fix_mocov3_state_dict does (ldm/vision_encoder.py)
+MOCOV3_KEY_FIXES = {"blocks.13.norm13.": "blocks.13.norm1.", "blocks.13.mlp.fc13.": "blocks.13.mlp.fc1.",
+                    "blocks.14.norm14.": "blocks.14.norm2.", "blocks.14.mlp.fc14.": "blocks.14.mlp.fc2."}
+
+
+def fix_mocov3_keys(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        for bad, good in MOCOV3_KEY_FIXES.items():
+            if k.startswith(bad):
+                k = good + k[len(bad):]
+        out[k] = v
+    return out
+
+
 class MoCoV3ViT(Encoder):
-    """MoCo v3 ViT: final-norm patch tokens, CLS dropped, pos-embed resampled (bicubic)."""
+    """MoCo v3 ViT: final-norm patch tokens, CLS dropped, pos-embed resampled timm's way."""
 
     def __init__(self, name: str, dim: int, depth: int, heads: int, patch: int = 16, pretrain_grid: int = 14):
         super().__init__()
@@ -100,7 +122,7 @@ class MoCoV3ViT(Encoder):
         grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = x + resample_pos_embed(self.pos_embed, grid, prefix=1, mode="bicubic")
+        x = x + release_pos_embed(self.pos_embed, grid, prefix=1, rule="timm@16")
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)[:, 1:]
@@ -134,10 +156,9 @@ PE_ARCH = {
     "core-b16": _PE_CORE["b16"], "core-l14": _PE_CORE["l14"], "core-g14": _PE_CORE["g14"],
     "lang-l14": replace(_PE_CORE["l14"], layers=23, image_size=448, ls=True, ln_post=False),
     "lang-g14": replace(_PE_CORE["g14"], layers=47, image_size=448, ls=True, ln_post=False),
-    # Spatial B/L follow the G recipe (layer scale, no ln_post) on the core B/L towers;
-    # a checkpoint that disagrees fails the strict load with the differing names/shapes.
-    "spatial-b16": replace(_PE_CORE["b16"], image_size=512, ls=True, ln_post=False),
-    "spatial-l14": replace(_PE_CORE["l14"], image_size=448, ls=True, ln_post=False),
+    # the release's pe_config: "No layerscale on the smaller spatial models"
+    "spatial-b16": replace(_PE_CORE["b16"], image_size=512, ls=False, ln_post=False),
+    "spatial-l14": replace(_PE_CORE["l14"], image_size=448, ls=False, ln_post=False),
     "spatial-g14": replace(_PE_CORE["g14"], image_size=448, ls=True, ln_post=False),
 }
 
@@ -211,10 +232,12 @@ class _PETransformer(nn.Module):
 class PEViT(Encoder):
     """Perception Encoder vision tower: last-layer patch tokens [B, T, width]."""
 
-    def __init__(self, name: str, arch: PEArch, mean, std, interpolation: str = "bilinear"):
+    def __init__(self, name: str, arch: PEArch, mean, std, interpolation: str = "bilinear",
+                 final_norm: bool = False):
         super().__init__()
         self.name, self.arch, self.dim, self.patch = name, arch, arch.width, arch.patch
         self.mean, self.std, self.interpolation = mean, std, interpolation
+        self.final_norm = bool(final_norm) and arch.ln_post
         w = arch.width
         self.conv1 = nn.Conv2d(3, w, arch.patch, stride=arch.patch, bias=False)
         if arch.cls:
@@ -236,7 +259,8 @@ class PEViT(Encoder):
         x = self.ln_pre(x)
         for blk in self.transformer.resblocks:
             x = blk(x, angles)
-        x = self.ln_post(x)
+        if self.final_norm:
+            x = self.ln_post(x)
         return x[:, int(self.arch.cls):]
 
 
@@ -259,10 +283,12 @@ def build_own_vit(spec, tiny: bool = False, weights=None) -> Encoder:
         model = _own_vit_module(spec, tiny)
     if path is not None:
         sd = load_state_dict(path, prefixes=("module.", "base_encoder."))
+        if spec.family == "mocov3":
+            sd = fix_mocov3_keys(sd)
         if any(k.startswith("visual.") for k in sd):  # full PE CLIP file: the text tower shares names
             sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
         load_checked(model, sd, spec.name, path, assign=not tiny)
-    return model.freeze()
+    return model.apply_spec(spec).freeze()
 
 
 def _own_vit_module(spec, tiny: bool) -> Encoder:
@@ -273,7 +299,7 @@ def _own_vit_module(spec, tiny: bool) -> Encoder:
         arch = PE_ARCH[spec.arch]
         if tiny:
             arch = replace(arch, width=32, layers=2, heads=2, mlp=64, image_size=8 * arch.patch)
-        model = PEViT(spec.name, arch, spec.mean, spec.std, spec.interpolation)
+        model = PEViT(spec.name, arch, spec.mean, spec.std, spec.interpolation, final_norm=bool(spec.final_norm))
     else:
         raise ValueError(f"no own ViT for family {spec.family!r}")
     return model

@@ -323,4 +323,3 @@ def build_jit(name: str, **kw) -> JiT:
                     proj_dropout=s.proj_dropout, patch_size=_patch_size(name))
     kw = {k: v for k, v in kw.items() if v is not None}
     return JiT(**{**defaults, **kw})
-

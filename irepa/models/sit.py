@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .attention import attention, resolve_backend
+from .latent_norm import LatentNorm
 from .layers import LabelEmbedder, Mlp, TimestepEmbedder, get_modulate_norm, init_adaln_zero_, sincos_pos_embed_2d
 
 
@@ -82,7 +83,8 @@ class SiT(nn.Module):
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                  dim: int = 1152, depth: int = 28, heads: int = 16, mlp_ratio: float = 4.0,
                  num_classes: int = 1000, class_dropout_prob: float = 0.1, learn_sigma: bool = False,
-                 align_depth: int = 8, attn_backend: str = "sdpa", fused_kernels: bool = False):
+                 align_depth: int = 8, attn_backend: str = "sdpa", fused_kernels: bool = False,
+                 latent_norm: bool = False):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
@@ -101,6 +103,8 @@ class SiT(nn.Module):
                              persistent=False)
         self.blocks = nn.ModuleList(SiTBlock(dim, heads, mlp_ratio, backend, fused_kernels) for _ in range(depth))
         self.final_layer = FinalLayer(dim, patch_size, self.out_channels, fused_kernels)
+        # REPA-E: BatchNorm of the clean latent, applied by the caller before noising (not in forward)
+        self.latent_norm = LatentNorm(in_channels) if latent_norm else None
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -121,12 +125,13 @@ class SiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(B, c, g * p, g * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor | None = None,
-                extra_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                extra_cond: torch.Tensor | None = None, hidden_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, C, H, W], t [B] in [0, 1] (1 = noise), y [B] labels (num_classes = null).
 
         extra_cond [B, D]: added to the conditioning vector (t and y embeddings), for recipes
         that condition on more than t (MeanFlow's embedding of t - r).
-        Returns (velocity [B, C_out, H, W], hidden [B, T, D] after block align_depth).
+        Returns (velocity [B, C_out, H, W], hidden [B, T, D] after block align_depth);
+        hidden_only stops after block align_depth and returns (None, hidden) (REPA-E's VAE pass).
         """
         if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
             raise ValueError(f"SiT expects inputs [B, {self.in_channels}, {self.input_size}, {self.input_size}], "
@@ -140,4 +145,6 @@ class SiT(nn.Module):
             h = blk(h, c)
             if i + 1 == self.align_depth:
                 hidden = h
+                if hidden_only:
+                    return None, hidden
         return self.unpatchify(self.final_layer(h, c)), hidden

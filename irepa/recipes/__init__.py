@@ -7,6 +7,8 @@ nothing else switches on a recipe's name.
 
   sit   SiT flow matching (REPA / iREPA), latents          irepa/recipes/sit.py
   jit   JiT x-prediction, pixels                           irepa/recipes/jit.py
+  meanflow MeanFlow average velocity (1- and N-step), latents  irepa/recipes/meanflow.py
+  repae SiT + SD-VAE trained end to end (REPA-E), pixels  irepa/recipes/repae.py
 
 How to add a recipe
 -------------------

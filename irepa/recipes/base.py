@@ -62,6 +62,12 @@ class Recipe:
     """preset name -> config tree (irepa.config sections); train.recipe is set by the registry"""
     Options: ClassVar[type | None] = None
     """a dataclass of the recipe's own options: config section `name` (cfg.<name>, --<name>.<key>)"""
+    interval_rule: ClassVar[str] = "sit"
+    """where CFG is on, as the recipe's release decides it (irepa.sampling.guidance_schedule)"""
+
+    checkpoint = None
+    """the checkpoint folder a sampling tool loaded the model from (launch/sample.py sets it), for
+    recipes whose decoder is a trained part of the run (REPA-E's VAE); None while training"""
 
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg if cfg is not None else Config(train=TrainConfig(recipe=self.name))
@@ -82,6 +88,12 @@ class Recipe:
         if m.align_depth is not None:
             kw["align_depth"] = m.align_depth
         return kw
+
+    def data_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        """What one sample of the prepared data holds, checked against the dataset's manifest: the
+        model's input (C, H, W) by default; a recipe that encodes the data itself (REPA-E: images
+        through its trained VAE) returns the image shape."""
+        return model.in_channels, model.input_size, model.input_size
 
     def build_model(self, fused: bool) -> nn.Module:
         """The diffusion model (seeded by the caller). Modules a recipe attaches here are trained,
@@ -121,7 +133,7 @@ class Recipe:
         """Samples (model space, like `noise`) for `labels`; the trainer's grid, online FID and
         launch/sample.py all come here. interval: CFG interval in SiT time."""
         return integrate(self.velocity_fn(model), noise, labels, method, steps, cfg, interval,
-                         null_class=null_class, generator=generator)
+                         null_class=null_class, generator=generator, interval_rule=self.interval_rule)
 
     def decoder(self, manifest: dict | None, device, vae: str | None = None,
                 scaling: codec.LatentScaling | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -14,7 +14,7 @@ irepa.sampling skips the corrector at t = 0). The clamp acts only for t < T_EPS:
 the step finite at t = 0 and caps the 1/t amplification of the prediction error; with 50
 steps the last step (t = 0.02 -> 0) moves 0.02/0.05 = 40% of the way to x_hat, as in the
 release. CFG on this v equals CFG on x_hat (same denominator); the interval is given in SiT
-time (irepa.sampling.jit_interval converts).
+time (irepa.sampling.jit_interval converts) and applied as the JiT release does (interval_rule "jit").
 
 Presets (the published recipe): AdamW betas (0.9, 0.95), wd 0, lr 5e-5 x batch / 256,
 5-epoch linear warm-up (optim.warmup_epochs: the trainer counts the steps from the dataset
@@ -83,6 +83,7 @@ class JiTRecipe(Recipe):
     model_families = ("JiT",)
     data_kind = "pixels"
     presets = _presets()
+    interval_rule = "jit"  # the JiT release's open CFG interval, decided at every model call
 
     P_MEAN, P_STD = -0.8, 0.8
     """t = sigmoid(N(P_MEAN, P_STD))"""

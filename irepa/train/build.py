@@ -20,7 +20,8 @@ def build_head(cfg: Config, dim: int, encoder_dims: list[int], fused: bool) -> A
     if fused:
         from irepa.kernels import fused_alignment_loss
         loss_fn = fused_alignment_loss
-    return AlignmentHead(dim, encoder_dims, cfg.align.projector, cfg.align.gamma, cfg.align.hidden_dim, loss_fn)
+    return AlignmentHead(dim, encoder_dims, cfg.align.projector, cfg.align.gamma, cfg.align.hidden_dim, loss_fn,
+                         kernel_size=cfg.align.proj_kernel_size)
 
 
 class AlignedDiffusion(nn.Module):
@@ -153,7 +154,7 @@ def build_data(cfg: Config, recipe, model: nn.Module, rank: int, world_size: int
     encs = build_encoders(cfg.align.encoders, device) if online else []
     stored = {e["name"]: e["dim"] for e in manifest["encoders"]}
     dims = [e.dim for e in encs] if online else [stored.get(n, -1) for n in cfg.align.encoders]
-    data_pkg.check_manifest(manifest, latent_shape=(model.in_channels, model.input_size, model.input_size),
+    data_pkg.check_manifest(manifest, latent_shape=recipe.data_shape(model),
                             num_tokens=model.num_tokens,
                             encoder_dims=None if online else dict(zip(cfg.align.encoders, dims)))
     if manifest.get("num_classes", 0) > cfg.model.num_classes:

@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from irepa.dist import all_gather_object, barrier, rank_world
+from irepa.errors import UserError
 from irepa.train.parallelize import clean_name
 
 FORMAT_VERSION = 1
@@ -42,7 +43,7 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 _PART_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 

@@ -1,0 +1,202 @@
+"""Cost of a REPA-E end-to-end step against a latent-only step of the same SiT, side by side.
+
+    python perf/bench_repae.py --device cpu --preset digits        # the digits demo's shapes (CPU)
+    python perf/bench_repae.py --preset xl                         # SiT-XL/2 + SD-VAE f8d4 at 256 px (GPU)
+
+end-to-end   irepa.recipes.repae.RepaEStep (what the trainer runs): VAE forward, VAE update through the
+             frozen SiT's first blocks (+ L1, LPIPS, KL, GAN), discriminator update, SiT
+             update, EMA; three AdamW optimizers, clipping each
+latent-only  the step train_ldm_only / our prepare -> train path runs with an exported VAE:
+             z = mean + std * eps from stored posteriors, fixed (eval) latent BatchNorm, SiT
+             update (denoise + 0.5 * align), clip, AdamW, EMA
+Same SiT, projector, batch, encoder features (random stand-ins: the encoder cost is the
+same in both and not part of either step here), precision and device. Weights are random
+(the cost does not depend on them). Timing: per-step wall time after warm-up with a device
+sync per step, the two kinds interleaved step by step; median and 20/80 % quantiles; FLOPs of
+one step of each kind counted by torch.utils.flop_counter (matmuls and convolutions); one CSV row per step kind in
+perf/results/bench_repae.csv (device, commit, date, command).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import shlex
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from irepa import recipes  # noqa: E402
+from irepa.align import AlignmentHead  # noqa: E402
+from irepa.autoencoder.lpips import LPIPS  # noqa: E402
+from irepa.train.build import AlignedDiffusion  # noqa: E402
+from irepa.train.ema import EMA  # noqa: E402
+from irepa.train.loss_scale import LossScaler  # noqa: E402
+from irepa.train.step import Part, TrainStep  # noqa: E402
+
+# bench preset -> (recipe preset, overrides, LPIPS width divisor)
+PRESETS = {
+    "digits": ("digits-repae-irepa", {}, 16),  # 32 px, batch 32
+    "b": ("repae-sit-b2-irepa", {"repae.lpips": "tiny"}, 1),
+    "xl": ("repae-sit-xl2-irepa", {"repae.lpips": "tiny"}, 1),
+}
+
+
+def build(preset: str, device, batch: int, amp):
+    """The REPA-E step with random weights (VAE, discriminator, LPIPS: no files needed), as the trainer builds it."""
+    name, over, lp_div = PRESETS[preset]
+    cfg = recipes.resolve(name, {**over, "repae.vae_weights": "random", "repae.disc_weights": "random",
+                                 "repae.latent_stats": "estimate", "repae.recon_every": 0, "train.batch_size": batch,
+                                 "model.num_classes": 1000})
+    r = recipes.for_config(cfg)
+    torch.manual_seed(0)
+    model = r.build_model(fused=False)
+    enc_dim = 128 if preset == "digits" else 768
+    net = AlignedDiffusion(model, AlignmentHead(model.dim, [enc_dim], "conv", 0.6), r).to(device)
+    adam = lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=device.type == "cuda" or None)  # noqa: E731
+    ps = list(net.parameters())
+    parts = {"model": Part(net, net, adam(ps), ps, 1e-4, EMA(model, [0.9999]), model, 1.0)}
+    for pname, spec in r.extra_parts(device).items():
+        m = spec.module.to(device)
+        pps = list(m.parameters())
+        parts[pname] = Part(m, m, adam(pps), pps, 1e-4, None, None, 1.0)
+    r._lpips = LPIPS(width_div=lp_div).to(device)
+    st = TrainStep(r, parts, features=lambda b: b["feats"], micro_batch=batch, amp_dtype=amp,
+                   scaler=LossScaler(False), align_weight=cfg.align.weight, warmup_steps=0, seed=0, rank=0,
+                   device=device)
+    return r, r.make_step(st), st, cfg.data.resolution, enc_dim
+
+
+def _timed(fn, steps: int, warmup: int, device) -> list[float]:
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _q(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="digits", choices=sorted(PRESETS))
+    ap.add_argument("--batch", type=int, default=None, help="default: 32 digits, 2 on CPU otherwise, 32 on GPU")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", default=None, help="bf16 | fp32 (default bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--csv", default=str(ROOT / "perf/results/bench_repae.csv"))
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    batch = a.batch or (32 if a.preset == "digits" or device.type == "cuda" else 2)
+    prec = a.precision or ("bf16" if device.type == "cuda" else "fp32")
+    amp = torch.bfloat16 if prec == "bf16" else None
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    r, e2e_step, st, res, enc_dim = build(a.preset, device, batch, amp)
+    g = torch.Generator(device=device).manual_seed(0)
+    T = (res // 16) ** 2
+    data = {"x": torch.rand(batch, 3, res, res, generator=g, device=device) * 2 - 1,
+            "y": torch.randint(0, 1000, (batch,), generator=g, device=device),
+            "feats": [torch.randn(batch, T, enc_dim, generator=g, device=device)]}
+    e2e_fn = lambda i: e2e_step(data, i)  # noqa: E731
+
+    # latent-only: stored posteriors of the (fixed) VAE, the latent BatchNorm held in eval, SiT update + EMA
+    part = st.parts["model"]
+    with torch.no_grad():
+        mean, logvar, _, _ = st.parts["vae"].module(data["x"], g)
+    std = torch.exp(0.5 * logvar.clamp(-30, 20))
+
+    def latent_step(i):
+        part.module.train()
+        part.module.model.latent_norm.eval()
+        gi = st.generator(i)
+        z = mean + std * torch.randn(mean.shape, generator=gi, device=device)
+        t = torch.rand(batch, generator=gi, device=device)
+        noise = torch.randn(z.shape, generator=gi, device=device)
+        with st.autocast():
+            d, al, _ = part.train_module(data, {"x": z, "t": t, "noise": noise}, data["feats"])
+        st.backward(d + st.align_weight * al)
+        st.optimizer_step(part, i)
+
+    # FLOPs of one step of each kind (torch's FlopCounterMode: matmuls and convolutions, forward and backward)
+    from torch.utils.flop_counter import FlopCounterMode
+    flops = {}
+    for kind, fn in (("latent-only", latent_step), ("end-to-end", e2e_fn)):
+        with FlopCounterMode(display=False) as fc:
+            fn(10_000)  # an index past step 0 (no statistics init), outside the timed ones
+        flops[kind] = fc.get_total_flops()
+    # interleaved (one of each per round), so a change of machine load hits both kinds alike
+    lat, e2e = [], []
+    for i in range(a.warmup + a.steps):
+        lat += _timed(latent_step, 1, 0, device) if i >= a.warmup else (_timed(latent_step, 0, 1, device) and [])
+        e2e += _timed(e2e_fn, 1, 0, device) if i >= a.warmup else (_timed(e2e_fn, 0, 1, device) and [])
+    rows = []
+    name = r.cfg.model.name
+    commit = _commit()
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({_cpu()})"
+    cmd = "python perf/bench_repae.py " + " ".join(shlex.quote(s) for s in (argv if argv is not None else sys.argv[1:]))
+    base = None
+    for kind, ts in (("latent-only", lat), ("end-to-end", e2e)):
+        med = _q(ts, 0.5)
+        base = base or med
+        rows.append({"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                     "commit": commit, "device": dev_name, "torch": torch.__version__, "preset": a.preset,
+                     "model": name, "vae": r.options.vae, "image": res, "step": kind,
+                     "batch": batch, "precision": prec, "step_ms_median": round(1e3 * med, 2),
+                     "step_ms_p20": round(1e3 * _q(ts, 0.2), 2), "step_ms_p80": round(1e3 * _q(ts, 0.8), 2),
+                     "img_per_s": round(batch / med, 2), "cost_vs_latent_only": round(med / base, 2),
+                     "gflop_per_step": round(flops[kind] / 1e9, 3),
+                     "flop_ratio": round(flops[kind] / flops["latent-only"], 2),
+                     "command": cmd})
+    for r in rows:
+        print(f"{r['preset']:>10} {r['step']:>11}: {r['step_ms_median']:9.1f} ms/step "
+              f"(p20 {r['step_ms_p20']:.1f}, p80 {r['step_ms_p80']:.1f}), {r['img_per_s']:.1f} img/s, "
+              f"x{r['cost_vs_latent_only']:.2f} the latent-only step; {r['gflop_per_step']} GFLOP "
+              f"(x{r['flop_ratio']})")
+    path = Path(a.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    return rows
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def _cpu() -> str:
+    import os
+    import platform
+    return f"{platform.machine()}, {os.cpu_count()} cores"
+
+
+if __name__ == "__main__":
+    main()
