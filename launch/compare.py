@@ -7,8 +7,10 @@
   python launch/compare.py --print_spec > my.json        # the default spec, to edit
   python launch/compare.py --report_only --out runs/compare/digits
 
-A spec (json) lists recipes ({"name", "preset", "overrides"}), seeds, eval_steps, common
-overrides and the evaluation settings (irepa/compare/spec.py). Every run is trained to each
+A spec (json) lists recipes ({"name", "preset", "overrides"}, optionally "sample_method" /
+"sample_steps"), seeds, eval_steps, common overrides and the evaluation settings
+(irepa/compare/spec.py). Any recipe (sit, jit, meanflow, repae) is sampled and decoded through
+the recipe itself; without a sampler in the spec each uses its preset's (MeanFlow: 1-step). Every run is trained to each
 eval step in turn, its EMA model sampled and scored; rerunning the same command continues
 an interrupted comparison. Under torchrun each rank trains whole runs (one process each).
 Output in OUT: results.csv, summary.md, convergence.png, tb/ (TensorBoard), setup.json

@@ -236,3 +236,59 @@ def test_report_table_and_speedup(tmp_path):
     assert rows[0] == "recipe,seed,step,metric,value,class_acc,num_samples" and len(rows) == 9
     assert rows[1] == "none,0,10,fd_classifier,40.000000,0.500000,20"
     assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+def _record_sampling(monkeypatch):
+    """Every recipe.sample call of the comparison's evaluations as (recipe name, method, steps,
+    checkpoint); the trainers' own sample grids (no checkpoint set) are left out."""
+    from irepa.recipes import base
+
+    calls, original = [], base.Recipe.sample
+
+    def wrap(cls):
+        inner = cls.__dict__.get("sample", original)
+
+        def sample(self, model, noise, labels, **kw):
+            if getattr(self, "checkpoint", None) is not None:
+                calls.append((self.name, kw["method"], kw["steps"], self.checkpoint))
+            return inner(self, model, noise, labels, **kw)
+        monkeypatch.setattr(cls, "sample", sample)
+    from irepa import recipes
+    for name in recipes.names():
+        wrap(recipes.get(name))
+    return calls
+
+
+def test_each_recipe_samples_its_own_way(tmp_path, cache, monkeypatch):
+    """Compared against: the preset's own sampler and the spec's choices. A SiT recipe that names
+    a sampler is sampled with it; a MeanFlow recipe that names none samples with its preset's
+    (MeanFlowRecipe.sample, 1-step euler); both on the same prepared digits, each evaluation
+    through the checkpoint it scores. setup.json and summary.md say which sampler each used."""
+    calls = _record_sampling(monkeypatch)
+    spec = {"recipes": [{"name": "sit", "preset": "digits-sit-irepa", "sample_method": "euler", "sample_steps": 2},
+                        {"name": "mf", "preset": "digits-meanflow-irepa"}],
+            "seeds": [0], "eval_steps": [1], "common": TINY, "num_samples": 20, "classifier": {"epochs": 2}}
+    _compare(tmp_path, cache, spec)
+    assert [c[:3] for c in calls] == [("sit", "euler", 2), ("meanflow", "euler", 1)]
+    assert [c[3].parent.parent.name for c in calls] == ["sit-s0", "mf-s0"] and all(c[3].name == "step-0000001"
+                                                                                   for c in calls)
+    assert json.loads((tmp_path / "setup.json").read_text())["samplers"] == {"sit": ["euler", 2], "mf": ["euler", 1]}
+    assert "(sit: euler, 2 steps; mf: euler, 1 steps, no guidance" in (tmp_path / "summary.md").read_text()
+    with pytest.raises(ValueError, match="evaluation sampler"):
+        backend.run_config("digits-sit-irepa", TINY, seed=0, steps=1, out_dir=tmp_path, run_name="r",
+                           cache_dir=cache, sampler={"train.sample_method": "heun", "train.sample_steps": 0})
+
+
+def test_pixel_recipe_comparison(tmp_path, cache, monkeypatch):
+    """JiT on pixels (a manifest without latent statistics): prepared, trained, sampled with its
+    preset's sampler (the spec names none) and scored; one row in results.csv."""
+    calls = _record_sampling(monkeypatch)
+    spec = {"recipes": [{"name": "jit", "preset": "digits-jit-irepa",
+                         "overrides": {"model.input_size": 32, "data.resolution": 32}}],
+            "seeds": [0], "eval_steps": [1], "num_samples": 20, "sample_steps": 2, "classifier": {"epochs": 2},
+            "common": {"train.batch_size": 8, "train.log_every": 1, "train.ema_decays": [0.9],
+                       "optim.warmup_steps": 0}}
+    _compare(tmp_path, cache, spec)
+    assert [c[:3] for c in calls] == [("jit", "heun", 2)]
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("jit,0,1,fd_classifier,")

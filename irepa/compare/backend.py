@@ -30,18 +30,24 @@ class Interrupted(RuntimeError):
 
 
 def run_config(preset: str, overrides: dict, *, seed: int, steps: int, out_dir: str | Path, run_name: str,
-               cache_dir: str | Path, sampler: tuple[str, int] | None = None) -> Config:
-    """The Config of one run of a comparison. `sampler` (method, steps) also sets the runs'
-    own sample grids (train.sample_method / sample_steps), which do not affect training."""
+               cache_dir: str | Path, sampler: dict | None = None) -> Config:
+    """The Config of one run of a comparison. `sampler` (train.sample_method / train.sample_steps
+    overrides, CompareSpec.sampler) is the evaluation sampler; it also sets the runs' own sample
+    grids, which do not affect training."""
     bad = [k for k in overrides if k in OWNED_KEYS or k in {o.split(".")[1] for o in OWNED_KEYS}]
     if bad:
         raise ValueError(f"recipe overrides {bad}: the comparison sets {', '.join(OWNED_KEYS)} itself")
     from irepa.recipes import resolve
+    from irepa.sampling import check_settings
 
-    extra = {"train.sample_method": sampler[0], "train.sample_steps": sampler[1]} if sampler else {}
-    return resolve(preset, {**overrides, **extra, "train.steps": steps, "train.seed": seed,
+    cfg = resolve(preset, {**overrides, **(sampler or {}), "train.steps": steps, "train.seed": seed,
                             "train.out_dir": str(out_dir), "train.run_name": run_name, "train.resume": True,
                             "data.cache_dir": str(cache_dir)})
+    try:
+        check_settings(cfg.train.sample_method, cfg.train.sample_steps)
+    except ValueError as e:
+        raise ValueError(f"preset {preset!r}: evaluation sampler: {e}") from None
+    return cfg
 
 
 @contextmanager
@@ -153,16 +159,21 @@ def prepare_data(cfg: Config, device="cpu") -> Data:
 
 
 @torch.no_grad()
-def sample_images(model, cfg: Config, data: Data, noise: torch.Tensor, labels: torch.Tensor, method: str,
-                  steps: int, batch: int = 256, device="cpu") -> torch.Tensor:
-    """EMA samples for `labels` from `noise` (no guidance; the run's recipe samples, as for the
-    trainer's grids), decoded: [N, 3, H, W] in [0, 1] on the CPU."""
+def sample_images(model, cfg: Config, ckpt: str | Path, data: Data, noise: torch.Tensor, labels: torch.Tensor,
+                  method: str, steps: int, batch: int = 256, device="cpu") -> torch.Tensor:
+    """EMA samples for `labels` from `noise` (no guidance), drawn and decoded by the run's recipe
+    as launch/sample.py does: [N, 3, H, W] in [0, 1] on the CPU. The decoder is the checkpoint's
+    (a recipe whose decoder is a trained part, REPA-E's VAE, reads it from `ckpt`)."""
     from irepa.recipes import for_config
 
     recipe = for_config(cfg)
+    recipe.checkpoint = Path(ckpt)
+    decode = recipe.decoder(data.manifest, device)
+    if decode is None:
+        raise ValueError(f"{ckpt}: no decoder for this run's samples on this machine")
     out = []
     for i in range(0, len(labels), batch):
         x = recipe.sample(model, noise[i:i + batch].to(device), labels[i:i + batch].to(device), method=method,
                           steps=steps, null_class=cfg.model.num_classes)
-        out.append(data.decode(x.float()).float().cpu())
+        out.append(decode(x.float()).float().cpu())
     return torch.cat(out)

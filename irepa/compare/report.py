@@ -164,6 +164,17 @@ def speedup_table(vals: dict[str, dict[int, np.ndarray]], spec: CompareSpec) -> 
     return lines
 
 
+def _samplers(spec: CompareSpec, setup: dict) -> str:
+    """'heun, 10 steps' when every recipe samples alike, else each recipe's sampler."""
+    known = setup.get("samplers") or {}
+    used = {r.name: tuple(known.get(r.name) or (r.sample_method or spec.sample_method,
+                                                 r.sample_steps or spec.sample_steps)) for r in spec.recipes}
+    if len(set(used.values())) == 1:
+        method, steps = next(iter(used.values()))
+        return f"{method}, {steps} steps"
+    return "; ".join(f"{name}: {m}, {n} steps" for name, (m, n) in used.items())
+
+
 def write_markdown(path: Path, rows: list[dict], spec: CompareSpec, setup: dict, noise: list[dict] = ()) -> str:
     metric = setup.get("metric", rows[0]["metric"] if rows else "?")
     vals, accs = curves(rows, spec, "value"), curves(rows, spec, "class_acc")
@@ -172,8 +183,8 @@ def write_markdown(path: Path, rows: list[dict], spec: CompareSpec, setup: dict,
              f"Real-data floor ({setup.get('floor_num_samples', spec.num_samples)} real images not in the reference): "
              f"{setup.get('floor', float('nan')):.2f}. Lower is better.",
              f"{len(spec.seeds)} seeds {spec.seeds}; mean ± sample standard deviation over seeds; "
-             f"{spec.num_samples} class-balanced samples per evaluation ({spec.sample_method}, "
-             f"{spec.sample_steps} steps, no guidance, EMA weights).", "",
+             f"{spec.num_samples} class-balanced samples per evaluation ({_samplers(spec, setup)}, "
+             f"no guidance, EMA weights).", "",
              "| recipe | " + " | ".join(f"step {s}" for s in spec.eval_steps) + f" | class acc @ {last} (%) |",
              "|---|" + "---|" * (len(spec.eval_steps) + 1)]
     for r in spec.recipes:

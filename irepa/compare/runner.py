@@ -77,7 +77,7 @@ class Comparison:
         return backend.run_config(recipe.preset, {**self.spec.common, **recipe.overrides}, seed=seed, steps=steps,
                                   out_dir=self.out / "runs", run_name=run_name(recipe, seed),
                                   cache_dir=self.cache_dir,
-                                  sampler=(self.spec.sample_method, self.spec.sample_steps))
+                                  sampler=self.spec.sampler(recipe))
 
     def _data(self) -> dict[str, backend.Data]:
         """Each recipe's prepared data (prepared here if needed); refuses recipes that do not share data."""
@@ -86,8 +86,9 @@ class Comparison:
             cfg = self.config(r, self.spec.seeds[0], self.spec.steps)
             d = backend.prepare_data(cfg, "cpu")
             m = d.manifest
-            key = (m["kind"], m["num_samples"], m["resolution"], m.get("source", {}).get("listing_sha256"),
-                   json.dumps(m.get("latent", {}).get("channel_mean")), json.dumps(m.get("latent", {}).get("channel_std")),
+            lat = m.get("latent") or {}  # None for pixel data
+            key = (m["kind"], m["num_samples"], m["resolution"], (m.get("source") or {}).get("listing_sha256"),
+                   json.dumps(lat.get("channel_mean")), json.dumps(lat.get("channel_std")),
                    backend.latent_shape(cfg), cfg.model.num_classes)
             if first is None:
                 first = (r.name, key)
@@ -114,6 +115,7 @@ class Comparison:
             _write_json(marker, {"spec": self.spec.to_dict(), "metric": ev.metric, "description": ev.describe(),
                                  "classifier": ev.classifier.report, "classifier_key": ev.classifier.key,
                                  "floor": ev.floor(self.spec.num_samples), "floor_num_samples": self.spec.num_samples,
+                                 "samplers": {r.name: self.sampler(r) for r in self.spec.recipes},
                                  "device": str(self.device), "torch_threads": torch.get_num_threads(),
                                  "world_size": self.world})
         self.log(f"[compare] {self.evaluator.describe()}")
@@ -128,11 +130,18 @@ class Comparison:
         labels = torch.arange(n) % num_classes
         return torch.randn((n, *shape), generator=g), labels
 
+    def sampler(self, recipe: Recipe) -> list:
+        """[method, steps]: how `recipe`'s EMA models are sampled for evaluation (the spec's choice,
+        else its preset's own, e.g. MeanFlow's 1-step euler)."""
+        train = self.config(recipe, self.spec.seeds[0], self.spec.steps).train
+        return [train.sample_method, int(train.sample_steps)]
+
     def evaluate_checkpoint(self, ckpt: Path, recipe: Recipe, eval_seed: int | None = None) -> dict:
         model, cfg = backend.load_ema(ckpt, self.device)
         noise, labels = self.eval_batch(cfg.model.num_classes, backend.latent_shape(cfg), eval_seed)
-        images = backend.sample_images(model, cfg, self.data[recipe.name], noise, labels, self.spec.sample_method,
-                                       self.spec.sample_steps, device=self.device)
+        method, steps = self.sampler(recipe)
+        images = backend.sample_images(model, cfg, ckpt, self.data[recipe.name], noise, labels, method, steps,
+                                       device=self.device)
         return self.evaluator(images, labels)
 
     def run_one(self, recipe: Recipe, seed: int) -> None:

@@ -28,6 +28,10 @@ class Recipe:
     """short label: plot legend, table row, run folder prefix"""
     preset: str
     overrides: dict = field(default_factory=dict)
+    sample_method: str | None = None
+    """this recipe's evaluation sampler; None: the spec's, or when that is None too the run's own
+    (the preset's train.sample_method: MeanFlow's presets sample with its 1-step euler)"""
+    sample_steps: int | None = None
 
     def __post_init__(self):
         if not _NAME_RE.match(self.name):
@@ -46,8 +50,10 @@ class CompareSpec:
     common: dict = field(default_factory=dict)
     """overrides applied to every recipe (before its own)"""
     num_samples: int = 500
-    sample_method: str = "heun"
-    sample_steps: int = 10
+    sample_method: str | None = None
+    """evaluation sampler of every recipe that does not name its own; None: each run's own
+    (its preset's train.sample_method / sample_steps)"""
+    sample_steps: int | None = None
     eval_seed: int = 1234
     """noise and labels of the evaluation samples (the same for every run and step)"""
     metric: str = "auto"
@@ -73,7 +79,21 @@ class CompareSpec:
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         from irepa.sampling import check_settings
-        check_settings(self.sample_method, self.sample_steps)
+        for r in self.recipes:  # a half given here is checked with the preset's other half in backend.run_config
+            s = self.sampler(r)
+            if len(s) == 2:
+                check_settings(s["train.sample_method"], s["train.sample_steps"])
+
+    def sampler(self, recipe: Recipe) -> dict:
+        """The train.sample_method / sample_steps overrides of `recipe`'s runs (empty: the preset's)."""
+        out = {}
+        method = recipe.sample_method or self.sample_method
+        steps = recipe.sample_steps or self.sample_steps
+        if method is not None:
+            out["train.sample_method"] = method
+        if steps is not None:
+            out["train.sample_steps"] = int(steps)
+        return out
 
     @property
     def steps(self) -> int:
