@@ -83,6 +83,7 @@ class JiTRecipe(Recipe):
     model_families = ("JiT",)
     data_kind = "pixels"
     presets = _presets()
+    sample_quantize = "round"  # JiT engine_jit.py@99ad4ac: np.round(clip(255 x, 0, 255))
     interval_rule = "jit"  # the JiT release's open CFG interval, decided at every model call
 
     P_MEAN, P_STD = -0.8, 0.8

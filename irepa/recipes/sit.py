@@ -56,6 +56,8 @@ class SiTRecipe(Recipe):
     model_families = ("SiT",)
     data_kind = "latent"
     presets = _presets()
+    # iREPA ldm/generate.py@99ad4ac (and REPA-E generate.py@3ad8046): clamp(255 x, 0, 255).to(uint8)
+    sample_quantize = "truncate"
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
