@@ -292,3 +292,29 @@ def test_pixel_recipe_comparison(tmp_path, cache, monkeypatch):
     assert [c[:3] for c in calls] == [("jit", "heun", 2)]
     rows = (tmp_path / "results.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith("jit,0,1,fd_classifier,")
+
+
+def test_inception_scores_samples_quantized_as_the_recipe_writes_them():
+    """Compared against: irepa.grid.quantize_unit. With the Inception metric, generated images
+    reach the network as the uint8 values of the recipe's release (SiT truncates, JiT rounds;
+    Recipe.sample_quantize); the run's recipe names the rule."""
+    import numpy as np
+    from irepa.compare.evaluate import Evaluator
+    from irepa.grid import quantize_unit
+    from irepa.metrics.fid import Stats
+    from irepa.recipes import resolve
+
+    seen = []
+
+    def inception(x):
+        seen.append(x.clone())
+        return {"pool": x.flatten(1)[:, :4].double()}
+    ev = Evaluator(classifier=None, metric="fid_inception", inception=inception,
+                   reference=Stats.of(np.random.default_rng(0).normal(size=(16, 4))))
+    images = torch.rand(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    for rule in ("truncate", "round"):
+        ev.distance(images, rule)
+        assert torch.equal(seen[-1], quantize_unit(images, rule).float())
+    assert not torch.equal(seen[0], seen[1])
+    assert backend.sample_quantize(resolve("digits-sit-irepa")) == "truncate"
+    assert backend.sample_quantize(resolve("digits-jit-irepa")) == "round"

@@ -158,6 +158,12 @@ def prepare_data(cfg: Config, device="cpu") -> Data:
                 dict(bundle.manifest))
 
 
+def sample_quantize(cfg: Config) -> str:
+    """How the run's recipe turns decoded samples into uint8 images (irepa.grid.QUANTIZE)."""
+    from irepa.recipes import for_config
+    return for_config(cfg).sample_quantize
+
+
 @torch.no_grad()
 def sample_images(model, cfg: Config, ckpt: str | Path, data: Data, noise: torch.Tensor, labels: torch.Tensor,
                   method: str, steps: int, batch: int = 256, device="cpu") -> torch.Tensor:

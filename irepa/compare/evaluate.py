@@ -38,22 +38,27 @@ class Evaluator:
     device: str = "cpu"
 
     @torch.no_grad()
-    def _pool(self, images: torch.Tensor, batch: int = 100) -> np.ndarray:
+    def _pool(self, images: torch.Tensor, quantize: str = "round", batch: int = 100) -> np.ndarray:
+        """Inception pool features of images in [0, 1], made uint8 values by `quantize` first
+        (irepa.grid.quantize_unit) as a sample batch on disk would be."""
+        from irepa.grid import quantize_unit
         out = []
         for i in range(0, len(images), batch):
-            x = images[i:i + batch].to(self.device).float().clamp(0, 1).mul(255).round()
+            x = quantize_unit(images[i:i + batch].to(self.device).float(), quantize).float()
             with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
                 out.append(self.inception(x)["pool"].double().cpu().numpy())
         return np.concatenate(out)
 
-    def distance(self, images: torch.Tensor) -> float:
+    def distance(self, images: torch.Tensor, quantize: str = "round") -> float:
+        """quantize: how generated images become uint8 for Inception (the recipe's release rule,
+        Recipe.sample_quantize); the classifier distance scores the float images."""
         if self.metric == "fd_classifier":
             return self.classifier.frechet(images)
         from irepa.metrics.fid import Stats
-        return self.reference.fd(Stats.of(self._pool(images)))
+        return self.reference.fd(Stats.of(self._pool(images, quantize)))
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        return {"metric": self.metric, "value": self.distance(images),
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, quantize: str = "round") -> dict:
+        return {"metric": self.metric, "value": self.distance(images, quantize),
                 "class_acc": self.classifier.accuracy(images, labels), "num_samples": int(len(labels))}
 
     def floor(self, n: int) -> float:

@@ -142,7 +142,7 @@ class Comparison:
         method, steps = self.sampler(recipe)
         images = backend.sample_images(model, cfg, ckpt, self.data[recipe.name], noise, labels, method, steps,
                                        device=self.device)
-        return self.evaluator(images, labels)
+        return self.evaluator(images, labels, quantize=backend.sample_quantize(cfg))
 
     def run_one(self, recipe: Recipe, seed: int) -> None:
         name = run_name(recipe, seed)
