@@ -155,20 +155,23 @@ def exit_with_user_error(script: str, err: BaseException) -> None:
     sys.exit(1)
 
 
-def run(target: Callable | dict[str, Callable], name: str, argv: list[str] | None = None,
-        signature: Callable | None = None):
-    """check_args, then fire.Fire on the typed (see `typed`) target. `signature`: the function whose
-    parameters a wrapper `target` really takes. A UserError, from the checks or from the command,
-    ends the program with `name: message` and exit status 1 (exit_with_user_error)."""
+def call(target: Callable | dict[str, Callable], name: str, argv: list[str], signature: Callable | None = None):
+    """check_args, then fire.Fire on the typed (see `typed`) target; errors propagate (in-process use, tests)."""
     import fire
 
+    check_args(argv, signature or target)
+    command = {k: typed(fn) for k, fn in target.items()} if isinstance(target, dict) else typed(target, signature)
+    return fire.Fire(command, command=list(argv), name=name)
+
+
+def run(target: Callable | dict[str, Callable], name: str, argv: list[str] | None = None,
+        signature: Callable | None = None):
+    """A launch script's main: `call` with sys.argv. `signature`: the function whose parameters a
+    wrapper `target` really takes. A UserError, from the checks or from the command, ends the
+    program with `name: message` and exit status 1 (exit_with_user_error); other errors keep
+    their tracebacks."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        check_args(argv, signature or target)
-        if isinstance(target, dict):
-            command = {k: typed(fn) for k, fn in target.items()}
-        else:
-            command = typed(target, signature)
-        return fire.Fire(command, command=argv, name=name)
+        return call(target, name, argv, signature)
     except UserError as e:
         exit_with_user_error(name, e)
