@@ -61,6 +61,8 @@ def check_args(argv: list[str], target: Callable | dict[str, Callable]) -> None:
     any_option = any(p.kind == p.VAR_KEYWORD for p in sig)
     any_positional = any(p.kind == p.VAR_POSITIONAL for p in sig)
     options = ", ".join(f"--{p}" for p in params)
+    hints = annotations_of(fn)
+    text_params = {p.name for p in sig if _is_text(_declared_type(p, hints))}
     positional, i = 0, 0
     while i < len(argv):
         tok = argv[i]
@@ -74,6 +76,9 @@ def check_args(argv: list[str], target: Callable | dict[str, Callable]) -> None:
                 close = difflib.get_close_matches(name, params, 1)
                 raise UsageError(f"{where}unknown option --{name}"
                                  f"{f' (did you mean --{close[0]}?)' if close else ''}; options: {options}")
+            bare = not has_value and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+            if bare and name in text_params:  # fire would pass the string 'True'
+                raise UsageError(f"{where}--{name} needs a value")
             # like fire: a following token that is not an option is this option's value
             if not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 i += 1

@@ -264,3 +264,12 @@ def test_torchrun_batch_not_divisible_ends_with_the_message(tmp_path):
     assert out.splitlines().count(msg) == 1, out               # printed by rank 0 only
     assert f"traceback : {msg}" in out, out                     # rank 0 and 1 error files, in torchrun's block
     assert "irepa/train" not in out and "launch/train.py\", line" not in out, out  # no worker traceback
+
+
+def test_a_string_option_without_its_value_is_refused():
+    """fire would pass the string 'True' as the output folder or VAE path."""
+    main = _script("sample").main
+    for argv, option in ((["run", "--out"], "--out"), (["run", "--out", "o", "--vae", "--steps", "3"], "--vae")):
+        with pytest.raises(cli.UsageError, match=f"{option} needs a value"):
+            cli.check_args(argv, main)
+    cli.check_args(["run", "--out", "o", "--keep_shards"], main)  # a bare boolean flag is fine
