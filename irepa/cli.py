@@ -125,7 +125,7 @@ def typed(fn: Callable, signature: Callable | None = None) -> Callable:
              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
     @functools.wraps(fn)
-    def call(*args, **kwargs):
+    def typed_fn(*args, **kwargs):
         bound = sig.bind(*args, **kwargs)
         for name, value in bound.arguments.items():
             tp = types.get(name)
@@ -134,10 +134,10 @@ def typed(fn: Callable, signature: Callable | None = None) -> Callable:
         return fn(*bound.args, **bound.kwargs)
 
     raw = {name: (_text_or_none if tp != str else str) for name, tp in types.items() if _is_text(tp)}
-    call = fire.decorators.SetParseFns(**raw)(call)
+    typed_fn = fire.decorators.SetParseFns(**raw)(typed_fn)
     if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-        call = fire.decorators.SetParseFn(str)(call)  # the named parameters' own types still apply in `call`
-    return call
+        typed_fn = fire.decorators.SetParseFn(str)(typed_fn)  # the named parameters' types still apply above
+    return typed_fn
 
 
 def exit_with_user_error(script: str, err: BaseException) -> None:
