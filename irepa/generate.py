@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from irepa.errors import InputError
-from irepa.grid import save_grid, to_uint8_nhwc
+from irepa.grid import QUANTIZE, save_grid, to_uint8_nhwc
 from irepa.metrics.npz import NpzArrayWriter
 
 
@@ -44,6 +44,8 @@ class SamplePlan:
     interval: tuple[float, float] = (0.0, 1.0)
     """CFG interval in SiT time (t = 1 noise)"""
     latent_shape: tuple[int, ...] = (4, 32, 32)
+    quantize: str = "round"
+    """float images -> uint8: "round" or "truncate" (irepa.grid.QUANTIZE; the recipe's sample_quantize)"""
     extra: dict = field(default_factory=dict)
     """anything else that changes the output (checkpoint, decoder); compared on resume"""
 
@@ -52,6 +54,8 @@ class SamplePlan:
         self.latent_shape = tuple(int(v) for v in self.latent_shape)
         if self.num_samples <= 0 or self.shard_size <= 0 or self.batch_size <= 0:
             raise InputError("num_samples, shard_size and batch_size must be positive")
+        if self.quantize not in QUANTIZE:
+            raise InputError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
         if self.labels not in ("random", "balanced"):
             raise InputError(f"labels must be 'random' or 'balanced', got {self.labels!r}")
         from irepa.sampling import check_settings
@@ -130,7 +134,7 @@ def generate_shards(plan: SamplePlan, out_dir: str | Path, sample_batch: SampleB
         for b0 in range(lo, hi, plan.batch_size):
             b1 = min(b0 + plan.batch_size, hi)
             noise = torch.randn((b1 - b0, *plan.latent_shape), generator=g_noise).to(device)
-            images.append(to_uint8_nhwc(sample_batch(noise, labels[b0:b1].to(device), g_sde).cpu()))
+            images.append(to_uint8_nhwc(sample_batch(noise, labels[b0:b1].to(device), g_sde).cpu(), plan.quantize))
         _save_npz_atomic(shard_path(out_dir, i), images=np.concatenate(images), labels=labels[lo:hi].numpy())
         written.append(i)
         log(f"[rank {rank}] shard {i} of {plan.num_shards} done ({hi - lo} images)")
