@@ -33,6 +33,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from irepa.errors import InputError, InputNotFound
+
 FORMAT = "irepa-prepared"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -205,18 +207,18 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     if not mp.exists():
         partial = p.with_name(p.name + ".partial")
         hint = f"; an unfinished preparation is in {partial}, rerun prepare to finish it" if partial.exists() else ""
-        raise FileNotFoundError(f"{mp}: no manifest, so not a complete prepared dataset{hint}")
+        raise InputNotFound(f"{mp}: no manifest, so not a complete prepared dataset{hint}")
     try:
         m = json.loads(mp.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{mp}: manifest is not valid json ({e})") from None
+        raise InputError(f"{mp}: manifest is not valid json ({e})") from None
     if m.get("format") != FORMAT:
-        raise ValueError(f"{mp}: format {m.get('format')!r}, expected {FORMAT!r}")
+        raise InputError(f"{mp}: format {m.get('format')!r}, expected {FORMAT!r}")
     if m.get("version") != VERSION:
-        raise ValueError(f"{mp}: format version {m.get('version')}, this code reads version {VERSION}")
+        raise InputError(f"{mp}: format version {m.get('version')}, this code reads version {VERSION}")
     for key in ("kind", "num_samples", "num_views", "resolution", "fields", "encoders", "files"):
         if key not in m:
-            raise ValueError(f"{mp}: manifest lacks {key!r}")
+            raise InputError(f"{mp}: manifest lacks {key!r}")
     _rename_old_hog(m)
     m = Manifest(m)
     m.path = mp
@@ -246,16 +248,16 @@ def check_manifest(manifest: Mapping, latent_shape: Sequence[int] | None = None,
         R = manifest["resolution"]
         have = manifest["latent"]["shape"] if manifest["kind"] == "latent" else [3, R, R]
         if list(latent_shape) != list(have):
-            raise ValueError(f"{src}: stored {manifest['kind']} shape {tuple(have)} (prepared at {R} px) != model "
+            raise InputError(f"{src}: stored {manifest['kind']} shape {tuple(have)} (prepared at {R} px) != model "
                              f"input shape {tuple(latent_shape)} (prepare at the model's resolution / VAE, or "
                              f"change the model's input_size / in_channels)")
     stored = {e["name"]: e for e in manifest["encoders"]}
     for name, dim in (encoder_dims or {}).items():
         if name not in stored:
-            raise ValueError(f"{src}: encoder {name!r} is not stored (stored: {sorted(stored) or 'none'}); "
+            raise InputError(f"{src}: encoder {name!r} is not stored (stored: {sorted(stored) or 'none'}); "
                              f"prepare with it or run it online")
         if stored[name]["dim"] != dim:
-            raise ValueError(f"{src}: encoder {name!r} stored with dim {stored[name]['dim']}, config expects {dim}")
+            raise InputError(f"{src}: encoder {name!r} stored with dim {stored[name]['dim']}, config expects {dim}")
         if num_tokens is not None and stored[name]["tokens"] != num_tokens:
-            raise ValueError(f"{src}: encoder {name!r} stored with {stored[name]['tokens']} tokens per image, "
+            raise InputError(f"{src}: encoder {name!r} stored with {stored[name]['tokens']} tokens per image, "
                              f"the model has {num_tokens}")

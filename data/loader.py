@@ -31,6 +31,8 @@ import torch
 from . import format as fmt
 from .memory import epoch_flips, epoch_order
 
+from irepa.errors import InputError
+
 
 @contextlib.contextmanager
 def keep_torch_threads():
@@ -67,7 +69,7 @@ class _PreparedLoader:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         per_rank = self.n // world_size
         if batch_size > per_rank:
-            raise ValueError(f"batch_size {batch_size} is larger than the {per_rank} samples of one rank "
+            raise InputError(f"batch_size {batch_size} is larger than the {per_rank} samples of one rank "
                              f"({self.n} samples / {world_size} ranks)")
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.batches_per_epoch = per_rank // batch_size
@@ -81,7 +83,7 @@ class _PreparedLoader:
         self.enc_ids = []
         for name in encoders:
             if name not in stored:
-                raise ValueError(f"{self.root}: encoder {name!r} is not stored (stored: {stored or 'none'}); "
+                raise InputError(f"{self.root}: encoder {name!r} is not stored (stored: {stored or 'none'}); "
                                  f"prepare with it, or load with images=True and run it online")
             self.enc_ids.append(stored.index(name))
         self.enc_storage = [m["encoders"][k]["storage"] for k in self.enc_ids]
@@ -89,7 +91,7 @@ class _PreparedLoader:
         need = {"label", "latent" if self.kind == "latent" else "pixels"}
         if images and self.kind == "latent":
             if "images" not in m["fields"]:
-                raise ValueError(f"{self.root}: images=True but no images were stored (prepare with store_images=True)")
+                raise InputError(f"{self.root}: images=True but no images were stored (prepare with store_images=True)")
             need.add("images")
         for k, s in zip(self.enc_ids, self.enc_storage):
             need |= {f"feat_{k}"} | ({f"scale_{k}"} if s == "fp8" else set())
@@ -181,7 +183,7 @@ class MemmapLoader(_PreparedLoader):
     def __init__(self, path, batch_size, encoders=(), **kw):
         super().__init__(path, batch_size, encoders, **kw)
         if "memmap" not in self.manifest["formats"]:
-            raise ValueError(f"{self.root}: prepared without the memmap format (formats {self.manifest['formats']}); "
+            raise InputError(f"{self.root}: prepared without the memmap format (formats {self.manifest['formats']}); "
                              f"load it with backend 'ffcv' or 'auto' (--data.backend), or prepare with "
                              f"--formats memmap")
         files = [f"{fmt.MEMMAP_DIR}/{f}.npy" for f in self.fields]
@@ -228,7 +230,7 @@ class FFCVLoader(_PreparedLoader):
         super().__init__(path, batch_size, encoders, **kw)
         self.os_cache = os_cache
         if "ffcv" not in self.manifest["formats"]:
-            raise ValueError(f"{self.root}: prepared without the ffcv format (formats {self.manifest['formats']}); "
+            raise InputError(f"{self.root}: prepared without the ffcv format (formats {self.manifest['formats']}); "
                              f"load it with backend 'memmap' or 'auto' (--data.backend), or prepare with "
                              f"--formats ffcv")
         fmt.verify_files(self.root, self.manifest, [fmt.FFCV_FILE], self._verify)

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from irepa.codec import DIGITS_CODEC, open_codec
 from irepa.dist import barrier, pick_device, rank_world
+from irepa.errors import InputError
 
 from . import format as fmt
 from .sources import open_source
@@ -107,23 +108,23 @@ def prepare(source: str, out: str, *, resolution: int = 256, vae: str | None = N
     out_p, partial = Path(out), Path(str(out) + ".partial")
     package = Path(__file__).resolve().parent
     if package == out_p.resolve() or package in out_p.resolve().parents:
-        raise ValueError(f"{out}: inside the irepa.data source package ({package}); prepared datasets live outside "
+        raise InputError(f"{out}: inside the irepa.data source package ({package}); prepared datasets live outside "
                          f"the source tree (e.g. /data/<name>)")
     if kind not in ("latent", "pixels"):
-        raise ValueError(f"kind must be 'latent' or 'pixels', got {kind!r}")
+        raise InputError(f"kind must be 'latent' or 'pixels', got {kind!r}")
     vae = (vae or (DIGITS_CODEC if source == "digits" else None)) if kind == "latent" else None
     if kind == "latent" and not vae:
-        raise ValueError("kind 'latent' needs vae= (a local AutoencoderKL folder, or 'digits-codec')")
+        raise InputError("kind 'latent' needs vae= (a local AutoencoderKL folder, or 'digits-codec')")
     storages = [storage] * len(encoders) if isinstance(storage, str) else list(storage)
     if len(storages) != len(encoders):
-        raise ValueError(f"{len(storages)} storage entries for {len(encoders)} encoders")
+        raise InputError(f"{len(storages)} storage entries for {len(encoders)} encoders")
     src = open_source(source, resolution)
     if (out_p / fmt.MANIFEST).exists() and not overwrite:
         # already complete: preparing again is a no-op, but only for the same request
         diff = _settings_diff(fmt.read_manifest(out_p), src, resolution, kind, vae, encoders, storages,
                               store_images, formats)
         if diff:
-            raise ValueError(f"{out_p} already holds a prepared dataset with other settings ({'; '.join(diff)}); "
+            raise InputError(f"{out_p} already holds a prepared dataset with other settings ({'; '.join(diff)}); "
                              f"choose another output folder, or pass --overwrite (overwrite=True) to replace it")
         return str(out_p)
     dev = pick_device(device)
@@ -215,7 +216,7 @@ def _setup_partial(partial: Path, config: dict, fields: dict, n: int, rank: int,
             old = json.loads(cfg_path.read_text())
             if old != config:
                 diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-                raise ValueError(f"{partial}: an unfinished preparation with different settings ({', '.join(diff)}) "
+                raise InputError(f"{partial}: an unfinished preparation with different settings ({', '.join(diff)}) "
                                  f"is in the way; delete it, or pass --overwrite (overwrite=True) to start over")
         else:
             shutil.rmtree(partial, ignore_errors=True)  # a setup that died before config.json

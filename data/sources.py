@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from irepa.errors import InputError, InputNotFound
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -36,10 +38,10 @@ class ImageFolderSource:
     def __init__(self, root: str | os.PathLike, resolution: int):
         self.root, self.resolution = Path(root), resolution
         if not self.root.is_dir():
-            raise FileNotFoundError(f"{self.root}: image folder not found")
+            raise InputNotFound(f"{self.root}: image folder not found")
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
         if not self.classes:
-            raise ValueError(f"{self.root}: no class sub-folders (expected root/<class>/<image>)")
+            raise InputError(f"{self.root}: no class sub-folders (expected root/<class>/<image>)")
         self.paths: list[str] = []
         labels = []
         for c, name in enumerate(self.classes):
@@ -48,7 +50,7 @@ class ImageFolderSource:
             self.paths += found
             labels += [c] * len(found)
         if not self.paths:
-            raise ValueError(f"{self.root}: no images with extensions {IMAGE_EXTENSIONS}")
+            raise InputError(f"{self.root}: no images with extensions {IMAGE_EXTENSIONS}")
         self.labels = np.asarray(labels, dtype=np.int64)
         h = hashlib.sha256()
         for p, y in zip(self.paths, labels):
@@ -65,7 +67,7 @@ class ImageFolderSource:
             with Image.open(path) as img:
                 return center_crop_adm(img, self.resolution)
         except Exception as e:  # say which file, not only what PIL disliked
-            raise ValueError(f"{path}: cannot read image ({e})") from e
+            raise InputError(f"{path}: cannot read image ({e})") from e
 
 
 class DigitsSource:

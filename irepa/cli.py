@@ -3,16 +3,27 @@
 fire binds the options it knows, runs the command with defaults for the rest (writing its
 outputs: a sample batch, a prepared dataset, an analysis table) and only then complains
 about leftovers such as a misspelt `--stpes 2`. `run` refuses an unknown command, option
-or extra positional value before anything runs, with a "did you mean", then hands the
-command line to fire unchanged.
+or extra positional value before anything runs, with a "did you mean"; converts every option
+to the type its parameter declares (annotation, or the type of an int/float/bool default:
+`--resolution abc` is refused, `--keep_shards false` is False; irepa.coerce); keeps the text
+of string options as typed (fire would make `--out 007` the number 7); and prints any
+UserError the command raises as one line `script: message`, without a traceback (under
+torchrun also into the worker's error file, which torchrun's failure summary shows).
+Any other exception keeps its traceback.
 """
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
+import json
+import os
 import sys
-from typing import Callable
+import time
+import typing
+from typing import Any, Callable
 
+from irepa.coerce import annotations_of, coerce
 from irepa.errors import UserError
 
 
@@ -50,6 +61,8 @@ def check_args(argv: list[str], target: Callable | dict[str, Callable]) -> None:
     any_option = any(p.kind == p.VAR_KEYWORD for p in sig)
     any_positional = any(p.kind == p.VAR_POSITIONAL for p in sig)
     options = ", ".join(f"--{p}" for p in params)
+    hints = annotations_of(fn)
+    text_params = {p.name for p in sig if _is_text(_declared_type(p, hints))}
     positional, i = 0, 0
     while i < len(argv):
         tok = argv[i]
@@ -63,6 +76,9 @@ def check_args(argv: list[str], target: Callable | dict[str, Callable]) -> None:
                 close = difflib.get_close_matches(name, params, 1)
                 raise UsageError(f"{where}unknown option --{name}"
                                  f"{f' (did you mean --{close[0]}?)' if close else ''}; options: {options}")
+            bare = not has_value and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+            if bare and name in text_params:  # fire would pass the string 'True'
+                raise UsageError(f"{where}--{name} needs a value")
             # like fire: a following token that is not an option is this option's value
             if not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 i += 1
@@ -79,15 +95,88 @@ def check_args(argv: list[str], target: Callable | dict[str, Callable]) -> None:
         raise UsageError(f"{where}{positional} positional values for {len(params)} parameters ({options})")
 
 
-def run(target: Callable | dict[str, Callable], name: str, argv: list[str] | None = None,
-        signature: Callable | None = None):
-    """check_args, then fire.Fire(target). `signature`: the function whose parameters a wrapper
-    `target` really takes. A UsageError or a check's ValueError ends the program with its message."""
+def _declared_type(p: inspect.Parameter, hints: dict[str, Any]) -> Any:
+    """A parameter's annotation, else the type of an int / float / bool default, else None (unchecked)."""
+    if p.name in hints:
+        return hints[p.name]
+    if type(p.default) in (bool, int, float):
+        return type(p.default)
+    return None
+
+
+def _is_text(tp: Any) -> bool:
+    """str or str | None: options whose text fire should not parse."""
+    return tp is str or (tp is not None and set(typing.get_args(tp)) == {str, type(None)})
+
+
+def _text_or_none(text: str) -> str | None:
+    return None if text == "None" else text
+
+
+def typed(fn: Callable, signature: Callable | None = None) -> Callable:
+    """`fn` for fire: string options keep their text, every option is converted to its declared type
+    (a BadValue naming --option otherwise), a function's **kwargs get the raw text (it converts them itself)."""
     import fire
 
+    sig_fn = signature or fn
+    sig = inspect.signature(sig_fn)
+    hints = annotations_of(sig_fn)
+    types = {p.name: _declared_type(p, hints) for p in sig.parameters.values()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+    @functools.wraps(fn)
+    def typed_fn(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            tp = types.get(name)
+            if tp is not None:
+                bound.arguments[name] = coerce(value, tp, f"--{name}")
+        return fn(*bound.args, **bound.kwargs)
+
+    raw = {name: (_text_or_none if tp != str else str) for name, tp in types.items() if _is_text(tp)}
+    typed_fn = fire.decorators.SetParseFns(**raw)(typed_fn)
+    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        typed_fn = fire.decorators.SetParseFn(str)(typed_fn)  # the named parameters' types still apply above
+    return typed_fn
+
+
+def exit_with_user_error(script: str, err: BaseException) -> None:
+    """End the process over a UserError: `script: message` on stderr (rank 0) and exit status 1.
+
+    Under torchrun every rank also writes the message to its error file, so torchrun's failure
+    summary shows it as the failure's "traceback" instead of a link to its docs; the other
+    ranks print nothing themselves (N copies of the same line help no one)."""
+    msg = f"{script}: {err}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w") as f:
+                json.dump({"message": {"message": msg, "extraInfo": {"py_callstack": msg,
+                                                                     "timestamp": str(int(time.time()))}}}, f)
+        except OSError:
+            pass
+    if os.environ.get("RANK", "0") == "0" or not error_file:
+        print(msg, file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def call(target: Callable | dict[str, Callable], name: str, argv: list[str], signature: Callable | None = None):
+    """check_args, then fire.Fire on the typed (see `typed`) target; errors propagate (in-process use, tests)."""
+    import fire
+
+    check_args(argv, signature or target)
+    command = {k: typed(fn) for k, fn in target.items()} if isinstance(target, dict) else typed(target, signature)
+    return fire.Fire(command, command=list(argv), name=name)
+
+
+def run(target: Callable | dict[str, Callable], name: str, argv: list[str] | None = None,
+        signature: Callable | None = None):
+    """A launch script's main: `call` with sys.argv. `signature`: the function whose parameters a
+    wrapper `target` really takes. A UserError, from the checks or from the command, ends the
+    program with `name: message` and exit status 1 (exit_with_user_error); other errors keep
+    their tracebacks."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        check_args(argv, signature or target)
-    except UsageError as e:
-        sys.exit(f"{name}: {e}")
-    return fire.Fire(target, command=argv, name=name)
+        return call(target, name, argv, signature)
+    except UserError as e:
+        exit_with_user_error(name, e)

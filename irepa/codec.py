@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from irepa.errors import InputError, InputKeyError, InputNotFound
+
 DIGITS_CODEC = "digits-codec"
 
 
@@ -45,7 +47,7 @@ class DigitsCodec:
 
     def __init__(self, resolution: int | None = None):
         if resolution is not None and resolution % 8:
-            raise ValueError(f"digits codec: resolution {resolution} is not a multiple of 8")
+            raise InputError(f"digits codec: resolution {resolution} is not a multiple of 8")
         self.latent_size = None if resolution is None else resolution // 8
 
     @torch.no_grad()
@@ -66,8 +68,8 @@ class VAE:
     def __init__(self, path: str | Path, device="cpu", dtype: torch.dtype = torch.float32):
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"VAE folder {path}: no config.json (expected a diffusers AutoencoderKL "
-                                    f"saved with save_pretrained, e.g. sd-vae-ft-mse)")
+            raise InputNotFound(f"VAE folder {path}: no config.json (expected a diffusers AutoencoderKL "
+                                f"saved with save_pretrained, e.g. sd-vae-ft-mse)")
         try:
             from diffusers import AutoencoderKL
         except ImportError as e:
@@ -98,7 +100,7 @@ OFFICIAL_LATENT_STATS = "sdvae-ft-mse-f8d4-latents-stats.pt"
 def _channel_vector(v, what: str, path: Path) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v, dtype=torch.float32).flatten()
     if t.numel() == 0 or not torch.isfinite(t).all():
-        raise ValueError(f"{path}: {what} must be finite numbers, one per latent channel; got {t.tolist()}")
+        raise InputError(f"{path}: {what} must be finite numbers, one per latent channel; got {t.tolist()}")
     return t
 
 
@@ -139,7 +141,7 @@ class LatentScaling:
         """The per-channel statistics a prepared dataset records (data/prepare.py), which its loader applies."""
         lat = manifest.get("latent") or {}
         if "channel_mean" not in lat:
-            raise KeyError("the data manifest has no latent.channel_mean/channel_std (not a latent dataset)")
+            raise InputKeyError("the data manifest has no latent.channel_mean/channel_std (not a latent dataset)")
         return cls(lat["channel_mean"], lat["channel_std"])
 
     @classmethod
@@ -155,12 +157,12 @@ class LatentScaling:
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"latent statistics not found: {path}")
+            raise InputNotFound(f"latent statistics not found: {path}")
         if path.suffix == ".pt":
             try:
                 d = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # pickled code or a corrupt file: refuse, never unpickle
-                raise ValueError(f"{path}: cannot load as plain tensors with weights_only=True ({e})") from e
+                raise InputError(f"{path}: cannot load as plain tensors with weights_only=True ({e})") from e
         elif path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 d = {k: z[k] for k in z.files}
@@ -168,9 +170,9 @@ class LatentScaling:
             try:
                 d = json.loads(path.read_text())
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}: latent statistics must be .pt, .npz or .json ({e})") from e
+                raise InputError(f"{path}: latent statistics must be .pt, .npz or .json ({e})") from e
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a dict of latent statistics, got {type(d).__name__}")
+            raise InputError(f"{path}: expected a dict of latent statistics, got {type(d).__name__}")
         if isinstance(d.get("latent"), dict) and "channel_mean" in d["latent"]:  # data/prepare.py manifest
             d = {"mean": d["latent"]["channel_mean"], "std": d["latent"]["channel_std"]}
         d = d.get("latent_stats") if isinstance(d.get("latent_stats"), dict) else d
@@ -178,13 +180,13 @@ class LatentScaling:
             scale = _channel_vector(d["latents_scale"], "latents_scale", path)
             bias = _channel_vector(d["latents_bias"], "latents_bias", path)
             if scale.numel() != bias.numel():
-                raise ValueError(f"{path}: latents_scale has {scale.numel()} channels, latents_bias {bias.numel()}")
+                raise InputError(f"{path}: latents_scale has {scale.numel()} channels, latents_bias {bias.numel()}")
             return cls(bias, scale=scale)
         if "mean" in d and "std" in d:
             return cls(_channel_vector(d["mean"], "mean", path), _channel_vector(d["std"], "std", path))
-        raise KeyError(f"{path}: no latent statistics (expected latents_scale and latents_bias, as in "
-                       f"{OFFICIAL_LATENT_STATS}, or mean and std, at the top level or under 'latent_stats', "
-                       f"or a data manifest's latent.channel_mean/channel_std); found keys {sorted(d)[:8]}")
+        raise InputKeyError(f"{path}: no latent statistics (expected latents_scale and latents_bias, as in "
+                            f"{OFFICIAL_LATENT_STATS}, or mean and std, at the top level or under 'latent_stats', "
+                            f"or a data manifest's latent.channel_mean/channel_std); found keys {sorted(d)[:8]}")
 
     def unscale(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 4 or self.channels not in (1, z.shape[1]):

@@ -4,15 +4,25 @@ A run is described by `Config` (model, align, data, optim, train, plus the optio
 recipe may register under its own name). `build_config(tree, overrides)` applies overrides
 given as dotted keys ("train.batch_size") or unique leaf names ("batch_size") to a preset
 tree; every section validates itself in __post_init__ and the resolved tree is written to
-the run folder as config.json. The presets themselves belong to the recipes
-(irepa.recipes.resolve(preset, overrides) looks them up): this module imports nothing of irepa.
+the run folder as config.json. Every override is converted to its field's declared type
+(irepa.coerce: `--train.resume false` is False, `--train.steps 2.5` is refused) and every
+error a config can cause is a `ConfigError`, a one-line UserError naming the key. The presets
+themselves belong to the recipes (irepa.recipes.resolve(preset, overrides) looks them up):
+this module imports nothing of irepa but the leaf modules irepa.errors and irepa.coerce.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from irepa.coerce import annotations_of, coerce, type_name
+from irepa.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A preset, key or value the config refuses; the message names it (printed as one line)."""
 
 
 @dataclass
@@ -27,7 +37,7 @@ class ModelConfig:
     """label dropout for classifier-free guidance; the null class is index num_classes"""
     align_depth: int | None = None
     """block (1-indexed) whose output is aligned; None = the size's published default"""
-    attn_backend: str = "auto"
+    attn_backend: Literal["auto", "sdpa", "flash", "xformers"] = "auto"
     """auto | sdpa | flash | xformers"""
     fused_kernels: bool | None = None
     """fused Triton adaLN in the blocks (SiT); None = on when training on CUDA"""
@@ -43,7 +53,7 @@ class ModelConfig:
 class AlignConfig:
     encoders: list[str] = field(default_factory=lambda: ["dinov2-vit-b"])
     """target encoders (irepa.encoders.names()); one projector each, losses averaged; [] = no alignment"""
-    projector: str = "conv"
+    projector: Literal["conv", "mlp"] = "conv"
     """conv (iREPA: 3x3 conv on the token grid) or mlp (REPA)"""
     gamma: float | None = 0.6
     """spatial-norm mean scale (iREPA: 0.6 SiT, 0.8 JiT); None = no spatial norm (REPA)"""
@@ -75,7 +85,7 @@ class DataConfig:
     """'digits' (built in, scikit-learn) or the path of a dataset made by launch/prepare.py"""
     resolution: int = 256
     """image side the encoders see (tokens = (resolution/16)^2)"""
-    backend: str = "auto"
+    backend: Literal["auto", "ffcv", "memmap"] = "auto"
     """loader for prepared data: auto | ffcv | memmap"""
     online_encoders: bool = False
     """run the encoders in the train step on streamed images instead of stored features"""
@@ -124,17 +134,17 @@ class TrainConfig:
     batch_size: int = 256
     """global batch over all ranks"""
     seed: int = 0
-    time_sampling: str = "uniform"
+    time_sampling: Literal["uniform", "lognormal"] = "uniform"
     """time distribution of the sit recipe: uniform | lognormal"""
     ema_decays: list[float] = field(default_factory=lambda: [0.9999])
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32"""
     compile: bool = False
     """torch.compile the model per block (fullgraph; the Triton kernels run inside the graphs)"""
-    compile_mode: str = "default"
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     """torch.compile mode for the blocks: default | max-autotune-no-cudagraphs (autotunes GEMM
     templates and fuses epilogues into them: minutes of compilation, possibly faster steps)"""
-    parallel: str = "auto"
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     """data parallelism: auto (fsdp when several ranks, else none) | none | ddp | fsdp (FSDP2 fully_shard)"""
     activation_checkpointing: bool = False
     """recompute each block's activations in the backward (less memory, ~1/3 more compute)"""
@@ -155,7 +165,7 @@ class TrainConfig:
     sample_every: int = 0
     """write a sample grid every N steps (0 = only at the end)"""
     sample_steps: int = 50
-    sample_method: str = "euler"
+    sample_method: Literal["sde", "euler", "heun"] = "euler"
     device: str = "auto"
     fid_every: int = 0
     """online FID of the EMA model every N steps (0 = off); needs fid_ref"""
@@ -190,8 +200,22 @@ class TrainConfig:
             raise ValueError(f"train.ema_decays must be numbers in (0, 1), got {self.ema_decays}")
 
 
+@dataclass
+class LogConfig:
+    """Where the trainer's scalars and sample grids go: TensorBoard always, Weights & Biases on request."""
+    wandb: bool = False
+    """also log to Weights & Biases (pip install wandb): the same scalars and sample grids as TensorBoard"""
+    wandb_project: str = "irepa"
+    wandb_entity: str | None = None
+    """W&B team or user; None = the logged-in account's default"""
+    wandb_name: str | None = None
+    """W&B run name; None = the run folder's name"""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """offline: write the W&B run under <run folder>/wandb, no network (`wandb sync` uploads it later)"""
+
+
 _SECTION_TYPES = {"model": ModelConfig, "align": AlignConfig, "data": DataConfig, "optim": OptimConfig,
-                  "train": TrainConfig}
+                  "train": TrainConfig, "log": LogConfig}
 _RECIPE_SECTIONS: dict[str, type] = {}
 """option sections recipes register under their own name (register_section), e.g. "meanflow" """
 _RENAMED = {("train", "objective"): "recipe"}  # config.json of runs made before the key was renamed
@@ -211,7 +235,7 @@ def _section_type(name: str) -> type:
         return _SECTION_TYPES[name]
     if name in _RECIPE_SECTIONS:
         return _RECIPE_SECTIONS[name]
-    raise ValueError(f"config: unknown section {name!r} (sections: {list(_SECTION_TYPES)}"
+    raise ConfigError(f"config: unknown section {name!r} (sections: {list(_SECTION_TYPES)}"
                      f"{', recipe sections: ' + str(sorted(_RECIPE_SECTIONS)) if _RECIPE_SECTIONS else ''})")
 
 
@@ -222,6 +246,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     preset: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     """recipe option sections by name (register_section); also reachable as cfg.<name>"""
@@ -252,8 +277,13 @@ class Config:
             known = {f.name for f in dataclasses.fields(sec_cls)}
             bad = set(value) - known
             if bad:
-                raise ValueError(f"config: unknown key(s) {sorted(bad)} in section {name!r}")
-            section = sec_cls(**value)
+                raise ConfigError(f"config: unknown key(s) {sorted(bad)} in section {name!r}")
+            try:
+                section = sec_cls(**value)
+            except ConfigError:
+                raise
+            except ValueError as e:  # a section's own check (__post_init__): the message names the key
+                raise ConfigError(str(e)) from None
             if name in _SECTION_TYPES:
                 kw[name] = section
             else:
@@ -288,16 +318,21 @@ def build_config(tree: dict, overrides: dict[str, Any] | None = None, preset: st
         else:
             secs = leaves.get(key, [])
             if not secs:
-                raise ValueError(f"unknown config key {key!r}: no section has it{_did_you_mean(key, sections)} "
-                                 f"(sections: {list(sections)}; --help lists every key)")
+                raise ConfigError(f"unknown config key {key!r}: no section has it{_did_you_mean(key, sections)} "
+                                  f"(sections: {list(sections)}; --help lists every key)")
             if len(secs) > 1:
-                raise ValueError(f"override {key!r} is in sections {secs}; write it as section.{key}")
+                raise ConfigError(f"override {key!r} is in sections {secs}; write it as section.{key}")
             sec, name = secs[0], key
         typ = sections.get(sec) or _RECIPE_SECTIONS.get(sec)
         if typ is None or name not in {f.name for f in dataclasses.fields(typ)}:
-            raise ValueError(f"unknown config key {key!r}{_did_you_mean(key, sections)} (--help lists every key)")
-        tree.setdefault(sec, {})[name] = value
+            raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, sections)} (--help lists every key)")
+        tree.setdefault(sec, {})[name] = coerce(value, field_types(typ).get(name, Any), f"{sec}.{name}")
     return Config.from_dict({**tree, "preset": preset})
+
+
+def field_types(typ: type) -> dict[str, Any]:
+    """A config dataclass's field annotations, resolved (what overrides are converted to)."""
+    return annotations_of(typ)
 
 
 def _did_you_mean(key: str, sections: dict[str, type]) -> str:
@@ -327,10 +362,11 @@ def describe(cfg: Config) -> str:
     lines = [f"config keys (values of preset {cfg.preset!r}; override with --section.key VALUE or --key VALUE):"]
     for sec in [*_SECTION_TYPES, *sorted(cfg.extra)]:
         typ = _section_type(sec)
-        docs = _field_docs(typ)
+        docs, types_ = _field_docs(typ), field_types(typ)
         lines.append(f"\n[{sec}]")
         for f in dataclasses.fields(typ):
-            lines.append(f"  --{sec}.{f.name} = {values[sec][f.name]!r}")
+            kind = f"  ({type_name(types_[f.name])})" if f.name in types_ else ""
+            lines.append(f"  --{sec}.{f.name} = {values[sec][f.name]!r}{kind}")
             if f.name in docs:
                 lines.append(f"      {docs[f.name]}")
     return "\n".join(lines)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from irepa.errors import InputError
+
 
 @dataclass(frozen=True)
 class Setup:
@@ -37,8 +39,16 @@ def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.devi
     if name == "auto":
         local = env()[1] if local_rank is None else local_rank
         name = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"device {name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
     if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {name!r}: CUDA is not available on this machine (torch {torch.__version__}"
+                             f"{', a CPU-only build' if torch.version.cuda is None else ''}); use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(dev)
     return dev
 

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from irepa.errors import InputError
 from irepa.grid import QUANTIZE, save_grid, to_uint8_nhwc
 from irepa.metrics.npz import NpzArrayWriter
 
@@ -52,11 +53,11 @@ class SamplePlan:
         self.interval = tuple(float(v) for v in self.interval)
         self.latent_shape = tuple(int(v) for v in self.latent_shape)
         if self.num_samples <= 0 or self.shard_size <= 0 or self.batch_size <= 0:
-            raise ValueError("num_samples, shard_size and batch_size must be positive")
+            raise InputError("num_samples, shard_size and batch_size must be positive")
         if self.quantize not in QUANTIZE:
-            raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
+            raise InputError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
         if self.labels not in ("random", "balanced"):
-            raise ValueError(f"labels must be 'random' or 'balanced', got {self.labels!r}")
+            raise InputError(f"labels must be 'random' or 'balanced', got {self.labels!r}")
         from irepa.sampling import check_settings
         check_settings(self.method, self.steps, self.interval)  # before plan.json claims the output folder
 
@@ -89,7 +90,7 @@ def check_plan(out_dir: Path, plan: SamplePlan) -> None:
         old = json.loads(path.read_text())
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
-            raise ValueError(f"{path}: this folder holds samples made with other settings ({diff}); "
+            raise InputError(f"{path}: this folder holds samples made with other settings ({diff}); "
                              f"use a new output folder or the same settings")
         return
     tmp = path.with_name(f"plan.json.tmp-{os.getpid()}")

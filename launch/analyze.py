@@ -43,6 +43,7 @@ import torch
 
 from irepa.cli import UsageError  # a command line that names something wrong
 from irepa.dist import pick_device
+from irepa.errors import InputError
 from irepa.analysis import (
     EncoderFn, ImageSet, correlate_rows, default_anchors, digits_set,
     encoder_anchor_maps, filter_by_mask, folder_set, join_column, measure_encoders, plot_correlation,
@@ -64,7 +65,7 @@ def _build_encoders(names, device: str) -> dict[str, EncoderFn]:
     for n in _names(names):
         base, _, opt = n.partition(":")
         if opt not in ("", "tiny"):
-            raise ValueError(f"encoder {n!r}: the only option after ':' is 'tiny'")
+            raise InputError(f"encoder {n!r}: the only option after ':' is 'tiny'")
         out[n] = build(base, tiny=opt == "tiny", device=device)
     return out
 
@@ -243,15 +244,11 @@ def check_args(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None):
-    import fire
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    check_args(argv)
-    return fire.Fire(COMMANDS, command=argv, name="analyze.py")
+    """The CLI in-process: typed options (irepa.cli.call); a UserError propagates."""
+    from irepa.cli import call
+    return call(COMMANDS, "analyze.py", sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as e:
-        sys.exit(f"analyze.py: {e}")
+    from irepa.cli import run
+    run(COMMANDS, "analyze.py")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 
 from irepa.dist import pick_device
+from irepa.errors import InputError, InputNotFound
 from irepa.metrics import fid
 
 
@@ -50,11 +51,11 @@ def _check_inputs(ref: str, samples: str, out_path: Path) -> None:
     """Both batches readable in the layout evaluation needs, and the result writable."""
     for role, path in (("reference batch", ref), ("sample batch", samples)):
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{role} not found: {path}")
+            raise InputNotFound(f"{role} not found: {path}")
     fid.check_reference(ref)
     fid.check_images(samples)
     if out_path.resolve() in (Path(ref).resolve(), Path(samples).resolve()):
-        raise ValueError(f"--out {out_path} would overwrite an input batch")
+        raise InputError(f"--out {out_path} would overwrite an input batch")
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
 

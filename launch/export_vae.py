@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from irepa.errors import InputError
+
 
 def main(run: str, out: str, overwrite: bool = False) -> str:
     from irepa import recipes
@@ -30,9 +32,9 @@ def main(run: str, out: str, overwrite: bool = False) -> str:
     cfg = run_config(ckpt)
     recipe = recipes.for_config(cfg)
     if cfg.train.recipe != "repae":
-        raise ValueError(f"{ckpt}: a {cfg.train.recipe!r} run; only end-to-end (repae) runs train a VAE")
+        raise InputError(f"{ckpt}: a {cfg.train.recipe!r} run; only end-to-end (repae) runs train a VAE")
     if checkpoint.read_manifest(ckpt).get("sharded"):
-        raise ValueError(f"{ckpt}: a sharded (FSDP) checkpoint; first: python -m irepa.train.export {run}")
+        raise InputError(f"{ckpt}: a sharded (FSDP) checkpoint; first: python -m irepa.train.export {run}")
     checkpoint.verify_checkpoint(ckpt)
     ae = VAEAutoencode(build_sdvae(recipe.options.vae))
     ae.load_state_dict(checkpoint.read_tensors(ckpt / "vae.safetensors"))

@@ -54,6 +54,7 @@ import torch
 
 from irepa import codec, recipes
 from irepa.dist import barrier, setup, teardown
+from irepa.errors import InputError
 from irepa import generate as gen
 
 
@@ -62,7 +63,7 @@ def _interval(v) -> tuple[float, float]:
     try:
         lo, hi = (float(x) for x in parts)
     except ValueError:
-        raise ValueError(f"--interval must be two SiT times LOW,HIGH (e.g. 0,0.7), got {v!r}") from None
+        raise InputError(f"--interval must be two SiT times LOW,HIGH (e.g. 0,0.7), got {v!r}") from None
     return lo, hi
 
 
@@ -105,7 +106,7 @@ def release_latent_scaling(info: dict, channels: int, latent_stats: str | None,
     if info["release"] == "irepa":
         if not latent_stats:
             given = f" (--latent_scale {latent_scale} is not how it was trained)" if latent_scale else ""
-            raise ValueError(f"{src} was trained by the iREPA release's code (its projector layout or training "
+            raise InputError(f"{src} was trained by the iREPA release's code (its projector layout or training "
                              f"args say so), which scales SD-VAE latents per channel: pass --latent_stats "
                              f"{stats} (the release's pretrained_models/ file; .pt, .npz or .json){given}")
         return codec.LatentScaling.from_file(latent_stats), f"stats:{latent_stats}"
@@ -115,7 +116,7 @@ def release_latent_scaling(info: dict, channels: int, latent_stats: str | None,
         return codec.LatentScaling.factor(latent_scale, channels), f"scale:{latent_scale}"
     if info["release"] == "repa":  # the REPA release scales by the SD factor
         return codec.LatentScaling.factor(0.18215, channels), "scale:0.18215"
-    raise ValueError(f"{src} does not show which release trained it (no projectors, no training args), so its "
+    raise InputError(f"{src} does not show which release trained it (no projectors, no training args), so its "
                      f"latent scaling is unknown: pass --latent_stats {stats} (iREPA release) or --latent_scale "
                      f"0.18215 (SiT and REPA releases)")
 
@@ -130,7 +131,7 @@ def build_decoder(recipe, info: dict, channels: int, vae: str | None, latent_sta
     name = vae or recorded or (codec.DIGITS_CODEC if info.get("builtin") == "digits" else None)
     if name is None or (name != codec.DIGITS_CODEC and not Path(name).is_dir()):
         where = f" ({manifest_path} names {recorded}, which is not on this machine)" if recorded else ""
-        raise ValueError(f"a latent model needs --vae DIR (local diffusers AutoencoderKL folder, e.g. "
+        raise InputError(f"a latent model needs --vae DIR (local diffusers AutoencoderKL folder, e.g. "
                          f"sd-vae-ft-mse){where}")
     if "release" in info:  # a released .pt checkpoint
         scaling, how = release_latent_scaling(info, channels, latent_stats, latent_scale)
@@ -144,7 +145,7 @@ def build_decoder(recipe, info: dict, channels: int, vae: str | None, latent_sta
         print(f"[sample] {manifest_path} not found: digits decoded without the latent statistics", flush=True)
         scaling, how = None, None
     else:
-        raise ValueError(f"latent scaling unknown: the run's data manifest {manifest_path} is not on this machine; "
+        raise InputError(f"latent scaling unknown: the run's data manifest {manifest_path} is not on this machine; "
                          f"pass --latent_stats FILE (e.g. a copy of that manifest.json) or --latent_scale 0.18215")
     decode = recipe.decoder(manifest, device, vae=name, scaling=scaling)
     if name == codec.DIGITS_CODEC:
@@ -163,10 +164,10 @@ def main(model: str, out: str, num_samples: int | None = None, batch: int = 64, 
     --num_samples N (default 50,000; --n is an alias, but torchrun refuses --n as ambiguous).
     """
     if num_samples is not None and n is not None and num_samples != n:
-        raise ValueError(f"--num_samples {num_samples} and --n {n} disagree; pass one of them")
+        raise InputError(f"--num_samples {num_samples} and --n {n} disagree; pass one of them")
     n = num_samples if num_samples is not None else n if n is not None else 50_000
     if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        raise InputError(f"precision must be fp32 or bf16, got {precision!r}")
     env = setup(device)
     rank, world, dev = env.rank, env.world, env.device
     log = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)

@@ -4,14 +4,13 @@
   torchrun --nproc_per_node=8 launch/train.py --preset sit-xl2-irepa --data.source /data/in256
   python launch/train.py --preset sit-b2-repa --train.batch_size 128 --lr 2e-4
 
-Overrides are dotted (--train.steps 1000) or unique field names (--steps 1000).
+Overrides are dotted (--train.steps 1000) or unique field names (--steps 1000); each is
+converted to its field's type (--train.resume false, --betas 0.9,0.95, --align.encoders '[]')
+or refused with one line naming the key, the value and the type.
 `--list_presets` prints the presets; `--help` every config key with its value in the preset
 (`--help --preset NAME`) and what it does.
 """
 from __future__ import annotations
-
-
-import sys
 
 from irepa.recipes import DEFAULT_PRESET, describe, presets, resolve
 
@@ -26,11 +25,7 @@ def main(preset: str = DEFAULT_PRESET, list_presets: bool = False, **overrides):
             print(name)
         return
     from irepa.train.trainer import train
-    try:
-        cfg = resolve(preset, overrides)
-    except ValueError as e:  # a bad preset, key or value: the message says which; no traceback
-        sys.exit(f"launch/train.py: {e}")
-    train(cfg)
+    train(resolve(preset, overrides))  # a bad preset, key or value: a ConfigError, printed by irepa.cli.run
 
 
 if __name__ == "__main__":

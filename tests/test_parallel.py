@@ -240,7 +240,7 @@ def test_parallel_mode_resolution():
         resolve_mode("none", 2)
     with pytest.raises(ValueError, match="train.parallel"):
         resolve(overrides={"train.parallel": "zero3"})
-    with pytest.raises(ValueError, match="train.compile_mode must be one of"):
+    with pytest.raises(ValueError, match="train.compile_mode: expected one of .default."):
         resolve(overrides={"train.compile_mode": "reduce-overhead"})
     with pytest.raises(ValueError, match="micro_batch_size must be >= 0"):
         resolve(overrides={"train.micro_batch_size": -1})

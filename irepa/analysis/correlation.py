@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from irepa.analysis.spatial import correlation
+from irepa.errors import InputError, InputNotFound
 
 METRIC_COLUMNS = ("lds", "lds_paper", "cds", "srss", "rmsc", "probe_acc")
 
@@ -37,14 +38,14 @@ def read_rows(path: str | Path) -> list[dict]:
     missing file or a table without rows is an error naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"table {path} does not exist")
+        raise InputNotFound(f"table {path} does not exist")
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         rows = [{k: _number(v.strip()) for k, v in zip(header, r + [""] * (len(header) - len(r)))}
                 for r in reader if any(v.strip() for v in r)]
     if not rows:
-        raise ValueError(f"table {path} has no rows (header: {header})")
+        raise InputError(f"table {path} has no rows (header: {header})")
     return rows
 
 
@@ -59,7 +60,7 @@ def _require(rows: Sequence[dict], columns: Sequence[str], source: str) -> None:
     have = list(rows[0]) if rows else []
     missing = [c for c in columns if c not in have]
     if missing:
-        raise ValueError(f"{source} has no column {missing[0]!r} (columns: {have})")
+        raise InputError(f"{source} has no column {missing[0]!r} (columns: {have})")
 
 
 def join_column(rows: Sequence[dict], other: Sequence[dict], column: str,
@@ -70,11 +71,11 @@ def join_column(rows: Sequence[dict], other: Sequence[dict], column: str,
     by_name: dict = {}
     for r in other:
         if r["encoder"] in by_name:
-            raise ValueError(f"{source} lists encoder {r['encoder']!r} twice")
+            raise InputError(f"{source} lists encoder {r['encoder']!r} twice")
         by_name[r["encoder"]] = r
     missing = [r["encoder"] for r in rows if r["encoder"] not in by_name]
     if missing:
-        raise ValueError(f"{source} has no {column} for encoders {missing}")
+        raise InputError(f"{source} has no {column} for encoders {missing}")
     return [{**r, column: by_name[r["encoder"]][column]} for r in rows]
 
 
@@ -89,15 +90,15 @@ def correlate_rows(rows: Sequence[dict], target: str = "gfid",
     columns of the table. r is NaN for a metric with fewer than 3 encoders where both it
     and the target are finite (n says how many)."""
     if not rows or target not in rows[0]:
-        raise ValueError(f"{source} has no {target!r} column (columns: {list(rows[0]) if rows else []})")
+        raise InputError(f"{source} has no {target!r} column (columns: {list(rows[0]) if rows else []})")
     if metrics:
         unknown = [m for m in metrics if m not in rows[0]]
         if unknown:
-            raise ValueError(f"metrics {unknown} are not columns of {source} (columns: {list(rows[0])})")
+            raise InputError(f"metrics {unknown} are not columns of {source} (columns: {list(rows[0])})")
     else:
         metrics = [m for m in METRIC_COLUMNS if m in rows[0]]
         if not metrics:
-            raise ValueError(f"none of the metric columns {list(METRIC_COLUMNS)} is in {source} "
+            raise InputError(f"none of the metric columns {list(METRIC_COLUMNS)} is in {source} "
                              f"(columns: {list(rows[0])})")
     y = [_as_float(r[target]) for r in rows]
     return [{"metric": m, **correlation([_as_float(r[m]) for r in rows], y)} for m in metrics]

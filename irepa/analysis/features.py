@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from irepa.analysis.spatial import grid_mask, mask_filter, nan_mean, spatial_metrics
+from irepa.errors import InputError, InputNotFound
 
 EncoderFn = Callable[[torch.Tensor], torch.Tensor]
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -64,7 +65,7 @@ def _open_rgb(path: Path):
         with Image.open(path) as im:
             im = im.convert("RGB")  # forces the full decode inside the try
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt / truncated / unknown files
-        raise ValueError(f"{path}: cannot read image ({e})") from e
+        raise InputError(f"{path}: cannot read image ({e})") from e
     return im
 
 
@@ -102,7 +103,7 @@ def read_mask(path: Path, resolution: int) -> torch.Tensor:
                 top = 1.0 if a.max() <= 1 else 65535.0 if a.max() > 255 else 255.0
                 a = a > top / 2
     except (OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"{path}: cannot read mask ({e})") from e
+        raise InputError(f"{path}: cannot read mask ({e})") from e
     m = _center_square(Image.fromarray(a.astype(np.uint8) * 255), resolution)
     return torch.from_numpy(np.asarray(m).copy()) > 127
 
@@ -114,7 +115,7 @@ def _image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except (OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from e
+        raise InputError(f"{path}: cannot read image ({e})") from e
 
 
 def _spread(n: int, limit: int | None) -> list[int]:
@@ -139,12 +140,12 @@ def folder_set(root: str | Path, resolution: int = 256, limit: int | None = None
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise InputNotFound(f"image folder {root} does not exist")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 (or None for all images), got {limit}")
+        raise InputError(f"limit must be >= 1 (or None for all images), got {limit}")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
+        raise InputNotFound(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
     files = [files[i] for i in _spread(len(files), limit)]
     rel = [p.relative_to(root) for p in files]
     classes = sorted({r.parts[0] for r in rel if len(r.parts) > 1})
@@ -166,7 +167,7 @@ def folder_set(root: str | Path, resolution: int = 256, limit: int | None = None
                 im, m = _image_size(files[i]), _image_size(mask_files[i])
                 # the mask is cropped like its image; only a different aspect ratio would misalign them
                 if abs(im[0] * m[1] - im[1] * m[0]) > max(im[0] * m[1], im[1] * m[0]) * 0.01:
-                    raise ValueError(f"mask {mask_files[i]} is {m[0]}x{m[1]} but its image {files[i]} is "
+                    raise InputError(f"mask {mask_files[i]} is {m[0]}x{m[1]} but its image {files[i]} is "
                                      f"{im[0]}x{im[1]}: a mask must have its image's aspect ratio")
                 out.append(read_mask(mask_files[i], resolution))
             return torch.stack(out)
@@ -178,7 +179,7 @@ def folder_set(root: str | Path, resolution: int = 256, limit: int | None = None
 def _find_masks(root: Path, rel: Sequence[Path], mroot: Path) -> list[Path]:
     """The mask file of each image (same relative path, any image extension), or an error listing what is missing."""
     if not mroot.is_dir():
-        raise FileNotFoundError(f"mask folder {mroot} does not exist")
+        raise InputNotFound(f"mask folder {mroot} does not exist")
     index: dict[Path, Path] = {}
     for p in sorted(mroot.rglob("*")):
         if p.suffix.lower() in IMAGE_EXTS and p.is_file():
@@ -186,7 +187,7 @@ def _find_masks(root: Path, rel: Sequence[Path], mroot: Path) -> list[Path]:
     found = [index.get(r.with_suffix("")) for r in rel]
     missing = [str(root / r) for r, f in zip(rel, found) if f is None]
     if missing:
-        raise FileNotFoundError(
+        raise InputNotFound(
             f"{len(missing)} of {len(rel)} images have no mask in {mroot} (same relative path, any image "
             f"extension), e.g. {missing[0]} needs {mroot / rel[found.index(None)].with_suffix('.png')}; "
             f"missing: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -223,7 +224,7 @@ def filter_by_mask(images: ImageSet, side: int, min_tokens: int, batch_size: int
         fg = grid_mask(images.load_masks(idx, images.load(idx)), side)
         keep += [i for i, ok in zip(idx, mask_filter(fg, min_tokens).tolist()) if ok]
     if not keep:
-        raise ValueError(f"no image passes the mask filter: none of {images.count} masks has >= {min_tokens} "
+        raise InputError(f"no image passes the mask filter: none of {images.count} masks has >= {min_tokens} "
                          f"foreground and >= {min_tokens} background tokens on the {side}x{side} token grid "
                          f"({side * side} tokens)")
     return subset(images, keep), images.count - len(keep)

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from irepa.errors import InputError, InputNotFound
+
 GRID_PATCH = 16  # pixels of the diffusion model's input per encoder token
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -223,7 +225,7 @@ def resolve_weights(name: str, *, hf_repo: str | None = None, filename: str | No
         if c.exists():
             return c
         if weights is not None and c == Path(weights).expanduser():
-            raise FileNotFoundError(f"{what} {name!r}: weights path {c} does not exist")
+            raise InputNotFound(f"{what} {name!r}: weights path {c} does not exist")
     if hf_repo:
         snap = hf_cache_snapshot(hf_repo)
         tried.append(f"Hugging Face cache of {hf_repo}")
@@ -237,7 +239,7 @@ def resolve_weights(name: str, *, hf_repo: str | None = None, filename: str | No
     if not must_exist:
         return None
     expected = f"the Hugging Face repo {hf_repo!r} (config.json + weights)" if hf_repo else f"the file {filename!r}"
-    raise FileNotFoundError(
+    raise InputNotFound(
         f"{what} {name!r}: no weights on this machine (nothing is downloaded at run time). "
         f"Put {expected} at {root / (name if hf_repo else (filename or name))}, or point "
         f"${env_key(name)} / build(..., weights=PATH) at it"
@@ -282,10 +284,10 @@ def load_checked(module: nn.Module, sd: dict, name: str, path: Path, assign: boo
     sd = {k: v for k, v in sd.items() if k in own}
     missing = [k for k in own if k not in sd]
     if missing:
-        raise ValueError(f"encoder {name!r}: checkpoint {path} lacks {len(missing)} tensors the "
+        raise InputError(f"encoder {name!r}: checkpoint {path} lacks {len(missing)} tensors the "
                          f"model needs, e.g. {missing[:5]}; is it the right file?")
     bad = [k for k in sd if sd[k].shape != own[k].shape]
     if bad:
-        raise ValueError(f"encoder {name!r}: checkpoint {path} has shapes that differ from the model for "
+        raise InputError(f"encoder {name!r}: checkpoint {path} has shapes that differ from the model for "
                          f"{bad[:5]} (e.g. {tuple(sd[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})")
     module.load_state_dict(sd, strict=True, assign=assign)

@@ -32,6 +32,8 @@ from dataclasses import dataclass, replace
 
 from .base import CLIP_MEAN, CLIP_STD, HALF, IMAGENET_MEAN, IMAGENET_STD
 
+from irepa.errors import InputError
+
 # how absolute position embeddings are brought to the token grid
 POS_RULES = {
     "timm": "stored grid -> token grid once, timm's resample_abs_pos_embed (bicubic, antialias)",
@@ -191,5 +193,5 @@ ALIASES = {"vgg16-pool4": "vgg16", "dense-sift": "sift", "hog-dense": "hog",
 def get_spec(name: str) -> EncoderSpec:
     key = ALIASES.get(name, name)
     if key not in REGISTRY:
-        raise ValueError(f"unknown encoder {name!r}; known: {', '.join(REGISTRY)}")
+        raise InputError(f"unknown encoder {name!r}; known: {', '.join(REGISTRY)}")
     return REGISTRY[key]

@@ -27,6 +27,8 @@ import torch
 from .inception import InceptionV3, load_inception
 from .npz import iter_npz_array, npz_array_info, npz_keys
 
+from irepa.errors import InputError, InputNotFound
+
 
 # ---------------------------------------------------------------- Frechet distance
 def _sqrt_psd(m: np.ndarray) -> np.ndarray:
@@ -127,7 +129,7 @@ def activations(net: InceptionV3, batches: Iterable, device="cpu") -> dict[str, 
         for key in out:
             out[key].append(feats[key].double().cpu().numpy())
     if not out["pool"]:
-        raise ValueError("no images to evaluate")
+        raise InputError("no images to evaluate")
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -135,7 +137,7 @@ def check_images(path: str | Path) -> tuple[int, ...]:
     """Shape of the ADM image batch in `path` (uint8 [N, H, W, 3] under arr_0), or an error naming it."""
     shape, dtype = npz_array_info(path, "arr_0")
     if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
-        raise ValueError(f"{path}: 'arr_0' must be uint8 [N, H, W, 3] (ADM format), got {dtype} {shape}")
+        raise InputError(f"{path}: 'arr_0' must be uint8 [N, H, W, 3] (ADM format), got {dtype} {shape}")
     return shape
 
 
@@ -145,7 +147,7 @@ def check_reference(path: str | Path) -> bool:
     if "arr_0" in keys:
         check_images(path)
     elif not {"mu", "sigma"} <= keys:
-        raise ValueError(f"{path}: needs images under 'arr_0' or statistics 'mu'/'sigma' (has {sorted(keys)})")
+        raise InputError(f"{path}: needs images under 'arr_0' or statistics 'mu'/'sigma' (has {sorted(keys)})")
     return "arr_0" in keys
 
 
@@ -165,7 +167,7 @@ class Reference:
 def load_reference(net: InceptionV3 | None, path: str | Path, batch: int = 100, device="cpu") -> Reference:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"reference batch not found: {path}")
+        raise InputNotFound(f"reference batch not found: {path}")
     keys = set(npz_keys(path))
     acts = npz_activations(net, path, batch, device) if "arr_0" in keys and net is not None else None
     with np.load(path) as z:
@@ -175,7 +177,7 @@ def load_reference(net: InceptionV3 | None, path: str | Path, batch: int = 100, 
         elif acts is not None:
             pool, spatial = Stats.of(acts["pool"]), Stats.of(acts["spatial"])
         else:
-            raise ValueError(f"{path}: needs images under 'arr_0' or statistics 'mu'/'sigma' (has {sorted(keys)})")
+            raise InputError(f"{path}: needs images under 'arr_0' or statistics 'mu'/'sigma' (has {sorted(keys)})")
     if spatial is None and acts is not None:
         spatial = Stats.of(acts["spatial"])
     return Reference(pool, spatial, None if acts is None else acts["pool"])

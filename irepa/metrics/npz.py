@@ -14,6 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
+from irepa.errors import InputError, InputKeyError, InputNotFound
+
 
 class NpzArrayWriter:
     """Write arrays to an .npz row block by row block; the file appears only on close (atomic)."""
@@ -53,11 +55,11 @@ def _open_zip(path: str | Path) -> zipfile.ZipFile:
     """The .npz as a zip file, or an error naming the file (not only what zipfile disliked)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"sample batch not found: {path}")
+        raise InputNotFound(f"sample batch not found: {path}")
     try:
         return zipfile.ZipFile(path)
     except zipfile.BadZipFile as e:
-        raise ValueError(f"{path}: not a readable .npz ({e}; truncated, or still being written?)") from None
+        raise InputError(f"{path}: not a readable .npz ({e}; truncated, or still being written?)") from None
 
 
 def npz_keys(path: str | Path) -> list[str]:
@@ -68,7 +70,7 @@ def npz_keys(path: str | Path) -> list[str]:
 def npz_array_info(path: str | Path, name: str = "arr_0") -> tuple[tuple[int, ...], np.dtype]:
     with _open_zip(path) as zf:
         if f"{name}.npy" not in zf.namelist():
-            raise KeyError(f"{path}: no array {name!r} (has {[n[:-4] for n in zf.namelist()]})")
+            raise InputKeyError(f"{path}: no array {name!r} (has {[n[:-4] for n in zf.namelist()]})")
         with zf.open(f"{name}.npy") as f:
             shape, _, dtype = _read_header(f, path, name)
     return shape, dtype
@@ -92,7 +94,7 @@ def iter_npz_array(path: str | Path, name: str = "arr_0", batch: int = 1000) -> 
     path = Path(path)
     with _open_zip(path) as zf:
         if f"{name}.npy" not in zf.namelist():
-            raise KeyError(f"{path}: no array {name!r} (has {npz_keys(path)})")
+            raise InputKeyError(f"{path}: no array {name!r} (has {npz_keys(path)})")
         with zf.open(f"{name}.npy") as f:
             shape, _, dtype = _read_header(f, path, name)
             row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
@@ -101,7 +103,7 @@ def iter_npz_array(path: str | Path, name: str = "arr_0", batch: int = 1000) -> 
                 try:
                     buf = f.read(n * row)
                 except zipfile.BadZipFile as e:  # e.g. a CRC mismatch: the bytes on disk changed
-                    raise ValueError(f"{path}:{name}: corrupt at row {start} ({e})") from None
+                    raise InputError(f"{path}:{name}: corrupt at row {start} ({e})") from None
                 if len(buf) != n * row:
-                    raise ValueError(f"{path}:{name}: truncated at row {start}")
+                    raise InputError(f"{path}:{name}: truncated at row {start}")
                 yield np.frombuffer(buf, dtype=dtype).reshape((n, *shape[1:]))

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from irepa.align import AlignmentHead
+from irepa.errors import InputError, InputKeyError, InputNotFound
 
 from .sit import SIT_SIZES, SiT
 
@@ -42,12 +43,12 @@ _PREFIXES = ("module.", "_orig_mod.", "model.")
 def unwrap_state_dict(obj, which: str = "ema") -> dict[str, torch.Tensor]:
     """The tensor dict inside a checkpoint object: obj[which] if wrapped, else obj itself."""
     if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint holds a {type(obj).__name__}, expected a dict of tensors")
+        raise InputError(f"checkpoint holds a {type(obj).__name__}, expected a dict of tensors")
     if which in obj and isinstance(obj[which], dict):
         obj = obj[which]
     elif any(isinstance(v, dict) for v in obj.values()) and not any(torch.is_tensor(v) for v in obj.values()):
         wrapped = [k for k, v in obj.items() if isinstance(v, dict)]
-        raise KeyError(f"checkpoint is wrapped (keys {wrapped}) but has no {which!r} entry")
+        raise InputKeyError(f"checkpoint is wrapped (keys {wrapped}) but has no {which!r} entry")
     sd = {k: v for k, v in obj.items() if torch.is_tensor(v)}
     for prefix in _PREFIXES:
         if sd and all(k.startswith(prefix) for k in sd):
@@ -62,20 +63,20 @@ def infer_sit_kwargs(sd: dict[str, torch.Tensor], name: str | None = None) -> tu
         emb = sd["y_embedder.embedding_table.weight"]
         final = sd["final_layer.linear.weight"]
     except KeyError as e:
-        raise KeyError(f"not a SiT state dict: missing {e}") from None
+        raise InputKeyError(f"not a SiT state dict: missing {e}") from None
     dim, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
     out_ch = final.shape[0] // (patch * patch)
     if out_ch not in (in_ch, 2 * in_ch):
-        raise ValueError(f"final layer gives {out_ch} channels for {in_ch} input channels")
+        raise InputError(f"final layer gives {out_ch} channels for {in_ch} input channels")
     if name is None:
         hits = [n for n, s in SIT_SIZES.items() if (s.depth, s.dim) == (depth, dim) and n.endswith(f"/{patch}")]
         if not hits:
-            raise ValueError(f"no SiT size with depth {depth}, width {dim}, patch {patch}; pass the model name")
+            raise InputError(f"no SiT size with depth {depth}, width {dim}, patch {patch}; pass the model name")
         name = hits[0]
     s = SIT_SIZES[name]
     if (s.depth, s.dim) != (depth, dim):
-        raise ValueError(f"{name} is depth {s.depth} x width {s.dim}; the checkpoint has {depth} x {dim}")
+        raise InputError(f"{name} is depth {s.depth} x width {s.dim}; the checkpoint has {depth} x {dim}")
     from . import _SIT_ALIGN_DEPTH  # the published alignment depth (not stored in the weights)
     kw = dict(patch_size=patch, in_channels=in_ch, dim=dim, depth=depth, heads=s.heads,
               learn_sigma=out_ch == 2 * in_ch, align_depth=_SIT_ALIGN_DEPTH[name])
@@ -104,7 +105,7 @@ def _head_key(k: str, sd: dict[str, torch.Tensor]) -> str:
             return f"projectors.{idx}.conv.{param}"
         if weight.dim() == 2 and layer in _MLP_LAYERS:
             return f"projectors.{idx}.net.{layer}.{param}"
-    raise ValueError(
+    raise InputError(
         f"{k}: projector layout not recognised; expected REPA's projectors.K.{{0,2,4}}.*, the iREPA "
         f"release's projectors.K.projection_layer.{{0,2,4}}.* (MLP) or projectors.K.projection_layer.* "
         f"(conv, 4-D weight); a single-Linear ('linear') projector has no irepa equivalent "
@@ -199,17 +200,17 @@ def convert_reference(sd: dict[str, torch.Tensor], name: str | None = None, inpu
     if input_size is not None:
         kw["input_size"] = input_size
     if "input_size" not in kw:
-        raise ValueError("the checkpoint has no pos_embed; pass input_size (latent side)")
+        raise InputError("the checkpoint has no pos_embed; pass input_size (latent side)")
     kw.update(overrides)
     model = SiT(**kw)
     model_sd, head_sd = split_reference(sd, head)
     if "pos_embed" in sd:
         ref = sd["pos_embed"].reshape(model.pos_embed.shape).float()
         if not torch.allclose(ref, model.pos_embed, atol=1e-4):
-            raise ValueError("the checkpoint's pos_embed is not the fixed 2-D sin-cos table this SiT uses")
+            raise InputError("the checkpoint's pos_embed is not the fixed 2-D sin-cos table this SiT uses")
     missing, unexpected = model.load_state_dict(model_sd, strict=False)
     if missing or unexpected:
-        raise ValueError(f"reference checkpoint does not fit {size}: missing {missing[:6]}, "
+        raise InputError(f"reference checkpoint does not fit {size}: missing {missing[:6]}, "
                          f"unexpected {unexpected[:6]}")
     info = {"name": size, **kw, "projectors": sorted({k.split(".")[1] for k in head_sd}, key=int),
             "head": head_spec(head_sd), "release": release_kind(sd, train_args)}
@@ -224,12 +225,12 @@ def load_reference_checkpoint(path: str | Path, which: str = "ema", name: str | 
     `reference_head(head_sd, info["head"], info["dim"])` rebuilds the projectors."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise InputNotFound(f"checkpoint not found: {path}")
     try:  # training scripts store their argparse.Namespace next to the weights: plain data, allowed
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickled code or a corrupt file: refuse, never unpickle
-        raise ValueError(f"{path}: cannot load as a plain state dict with weights_only=True ({e})") from e
+        raise InputError(f"{path}: cannot load as a plain state dict with weights_only=True ({e})") from e
     args = obj.get("args") if isinstance(obj, dict) else None
     args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else None
     return convert_reference(unwrap_state_dict(obj, which), name, input_size, head, args, **overrides)

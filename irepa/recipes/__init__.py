@@ -51,7 +51,7 @@ import importlib
 import pkgutil
 from typing import Any
 
-from irepa.config import Config, build_config, describe as describe_config, merge_trees, register_section
+from irepa.config import Config, ConfigError, build_config, describe as describe_config, merge_trees, register_section
 
 from .base import Loss, PartSpec, Recipe
 
@@ -91,7 +91,7 @@ def names() -> list[str]:
 def get(name: str) -> type[Recipe]:
     reg = _registry()
     if name not in reg:
-        raise ValueError(f"unknown recipe {name!r}; known: {sorted(reg)}")
+        raise ConfigError(f"unknown recipe {name!r}; known: {sorted(reg)}")
     return reg[name]
 
 
@@ -101,8 +101,8 @@ def for_config(cfg: Config) -> Recipe:
     family = cfg.model.name.split("-", 1)[0]
     if family not in cls.model_families:
         owners = [n for n, c in _registry().items() if family in c.model_families]
-        raise ValueError(f"recipe {cls.name!r} trains {'/'.join(cls.model_families)} models, but model.name is "
-                         f"{cfg.model.name!r}" + (f" (train.recipe {' or '.join(owners)} trains it)" if owners else ""))
+        raise ConfigError(f"recipe {cls.name!r} trains {'/'.join(cls.model_families)} models, but model.name is "
+                          f"{cfg.model.name!r}" + (f" (train.recipe {' or '.join(owners)} trains it)" if owners else ""))
     return cls(cfg)
 
 
@@ -124,7 +124,7 @@ def resolve(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = Non
     """Preset + overrides -> validated Config whose recipe accepts its model (ValueError naming what is wrong)."""
     table = presets()
     if preset not in table:
-        raise ValueError(f"unknown preset {preset!r}; known: {sorted(table)}")
+        raise ConfigError(f"unknown preset {preset!r}; known: {sorted(table)}")
     tree = table[preset]
     own = get(tree["train"]["recipe"])
     if own.Options is not None:  # the recipe's options: listed by --help, written to config.json, short keys work

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from irepa.align import AlignmentHead, alignment_loss
 from irepa.config import Config
+from irepa.errors import InputError
 from irepa.train.ema import make_ema
 from irepa.train.step import Part
 
@@ -100,11 +101,11 @@ class DataBundle:
         """Alignment targets of a batch (slice): its stored features, or the online encoders' output."""
         if not self.online_encoders:
             if "feats" not in batch:
-                raise ValueError("the batch has no stored features and no online encoders are configured "
+                raise InputError("the batch has no stored features and no online encoders are configured "
                                  "(set data.online_encoders=True)")
             return batch["feats"]
         if "images" not in batch:
-            raise ValueError("data.online_encoders needs the batch's images, and the loader gives none")
+            raise InputError("data.online_encoders needs the batch's images, and the loader gives none")
         return self.online_features(batch["images"])
 
     @torch.no_grad()
@@ -139,17 +140,17 @@ def build_data(cfg: Config, recipe, model: nn.Module, rank: int, world_size: int
 
     local_batch = cfg.train.batch_size // world_size
     if cfg.train.batch_size % world_size:
-        raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world_size} ranks")
+        raise InputError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world_size} ranks")
     path = str(dataset_dir(cfg, recipe.data_kind))
     if cfg.data.source == "digits":
         _prepare_builtin(cfg, path, recipe.data_kind, rank, world_size)
     manifest = data_pkg.read_manifest(path)
     if manifest["resolution"] != cfg.data.resolution:
-        raise ValueError(f"{path}: prepared at {manifest['resolution']} px but data.resolution is "
+        raise InputError(f"{path}: prepared at {manifest['resolution']} px but data.resolution is "
                          f"{cfg.data.resolution}; set --data.resolution {manifest['resolution']}")
     online = cfg.data.online_encoders
     if online and (manifest["resolution"] // 16) ** 2 != model.num_tokens:
-        raise ValueError(f"{path}: online encoders give {(manifest['resolution'] // 16) ** 2} tokens at "
+        raise InputError(f"{path}: online encoders give {(manifest['resolution'] // 16) ** 2} tokens at "
                          f"{manifest['resolution']} px ((res/16)^2), the model has {model.num_tokens}")
     encs = build_encoders(cfg.align.encoders, device) if online else []
     stored = {e["name"]: e["dim"] for e in manifest["encoders"]}
@@ -158,7 +159,7 @@ def build_data(cfg: Config, recipe, model: nn.Module, rank: int, world_size: int
                             num_tokens=model.num_tokens,
                             encoder_dims=None if online else dict(zip(cfg.align.encoders, dims)))
     if manifest.get("num_classes", 0) > cfg.model.num_classes:
-        raise ValueError(f"{path}: {manifest['num_classes']} classes, model.num_classes is {cfg.model.num_classes}")
+        raise InputError(f"{path}: {manifest['num_classes']} classes, model.num_classes is {cfg.model.num_classes}")
     loader = data_pkg.build_loader(path, local_batch, [] if online else cfg.align.encoders, seed=cfg.train.seed,
                                    rank=rank, world_size=world_size, device=device, backend=cfg.data.backend,
                                    images=online)

@@ -273,10 +273,11 @@ class Trainer:
         return [k for k in vals if k not in known]
 
     def _writer(self):
+        """TensorBoard, plus W&B when log.wandb is on (irepa.train.run_log): one object, rank 0 only."""
         if not self.is_main:
             return None
-        from torch.utils.tensorboard import SummaryWriter
-        return SummaryWriter(str(self.run_dir))
+        from irepa.train.run_log import open_run_log
+        return open_run_log(self.cfg, self.run_dir)
 
     # -- checkpoints and samples ---------------------------------------------------------
     def save(self) -> None:
