@@ -576,14 +576,16 @@ def _load_dcp(ckpt: Path, parts: dict) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     state = _dcp_state(parts)
+    for md in sorted((ckpt / "dcp").glob("*.metadata")) + [ckpt / "dcp" / ".metadata"]:
+        if md.is_file():  # refused here with its own error; the reader below admits the same classes
+            safe_load_metadata(md)
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*single process.*")
             dcp.load(state, storage_reader=_SafeReader(ckpt / "dcp"), planner=_SafePlanner())
     except Exception as e:  # DCP's own message names the missing or mismatched key
-        unsafe = _find_cause(e, UnsafeCheckpointError)
-        if unsafe is not None:
-            raise UnsafeCheckpointError(str(unsafe)) from e
+        if "refusing to load" in str(e) or "refusing to unpickle" in str(e):  # DCP re-raises ours as text
+            raise UnsafeCheckpointError(f"{ckpt / 'dcp'}: {e}") from e
         raise CheckpointError(f"{ckpt / 'dcp'}: cannot load into this model ({e})") from e
     for name, part in parts.items():
         weights, opt, ema = part_keys(name)
@@ -594,24 +596,6 @@ def _load_dcp(ckpt: Path, parts: dict) -> None:
 
 
 # -- DCP without code execution ------------------------------------------------------------
-def _find_cause(e: BaseException, cls):
-    """`e` or an exception it wraps (DCP re-raises every rank's failure in a CheckpointException)."""
-    seen = set()
-    stack = [e]
-    while stack:
-        x = stack.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, cls):
-            return x
-        stack += [x.__cause__, x.__context__]
-        failures = getattr(x, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
-        if isinstance(failures, dict):
-            stack += [v[0] if isinstance(v, tuple) else v for v in failures.values()]
-    return None
-
-
 def _metadata_globals() -> dict[tuple[str, str], object]:
     """Every global a DCP .metadata pickle of torch 2.13 refers to: DCP's metadata dataclasses, its
     storage record, torch.Size, dtypes and layouts (by name), pathlib paths. Nothing else loads."""
@@ -653,7 +637,7 @@ def safe_load_metadata(path: Path):
     try:
         with open(path, "rb") as f:
             md = _Restricted(f).load()
-    except UnsafeCheckpointError:
+    except (UnsafeCheckpointError, OSError):  # DCP tries rank-local metadata files when one is missing
         raise
     except Exception as e:
         raise CorruptCheckpointError(f"{path}: cannot read DCP metadata ({type(e).__name__}: {e})") from e
