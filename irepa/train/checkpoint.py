@@ -206,8 +206,9 @@ def save(run_dir: str | Path, step: int, parts: dict, *, trainer_state: dict, rn
             tmp.mkdir()
         except OSError as e:
             err = _write_error(e, tmp)
-    if any(all_gather_object(err)):
-        _failed_write(tmp, all_gather_object(err), rank)
+    errors = all_gather_object(err)
+    if any(errors):
+        _failed_write(tmp, errors, rank)
     writing = tmp
     try:
         if sharded:
@@ -239,8 +240,9 @@ def save(run_dir: str | Path, step: int, parts: dict, *, trainer_state: dict, rn
                 os.fsync(f.fileno())
         except OSError as e:
             err = _write_error(e, tmp / "manifest.json")
-    if any(all_gather_object(err)):
-        _failed_write(tmp, all_gather_object(err), rank)
+    errors = all_gather_object(err)
+    if any(errors):
+        _failed_write(tmp, errors, rank)
     if rank == 0:
         if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
             shutil.rmtree(final)
@@ -262,8 +264,8 @@ def _failed_write(tmp: Path, errors: list, rank: int):
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     errno, why, path = next(e for e in errors if e)
-    raise CheckpointWriteError(errno, f"cannot write {path}: {why}; the partial checkpoint {tmp} was removed, "
-                                      f"the older checkpoints are untouched")
+    msg = f"cannot write {path}: {why}; the partial checkpoint {tmp} was removed, the older checkpoints are untouched"
+    raise CheckpointWriteError(errno, msg) if errno is not None else CheckpointWriteError(msg)
 
 
 def _write_files(tmp: Path, parts: dict) -> dict[str, Path]:
