@@ -274,9 +274,19 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     for key in ("kind", "num_samples", "num_views", "resolution", "fields", "encoders", "files"):
         if key not in m:
             raise ValueError(f"{mp}: manifest lacks {key!r}")
+    _rename_old_hog(m)
     m = Manifest(m)
     m.path = mp
     return m
+
+
+def _rename_old_hog(m: dict) -> None:
+    """Before the encoder names followed the iREPA release, "hog" was our patch HOG (now
+    "hog-patch"; "hog" is the release's dense HOG). Entries written since carry their
+    registry family; an entry named "hog" without one holds patch-HOG features."""
+    for e in m["encoders"]:
+        if e.get("name") == "hog" and "family" not in e:
+            e["name"], e["family"] = "hog-patch", "hog-patch"
 
 
 def check_manifest(manifest: Mapping, latent_shape: Sequence[int] | None = None, num_tokens: int | None = None,

@@ -75,7 +75,7 @@ def rank_block(n: int, rank: int, world_size: int) -> tuple[int, int]:
 # the run
 
 def prepare(source: str, out: str, *, resolution: int = 256, vae: str | None = None,
-            encoders: Sequence[str | nn.Module] = ("hog",), storage: str | Sequence[str] = "bf16",
+            encoders: Sequence[str | nn.Module] = ("hog-patch",), storage: str | Sequence[str] = "bf16",
             kind: str = "latent", store_images: bool = False, formats: Sequence[str] = ("ffcv", "memmap"),
             batch_size: int = 32, device: str = "auto", rank: int | None = None, world_size: int | None = None,
             num_threads: int = 4, full_checksum: bool = False, overwrite: bool = False,
@@ -137,7 +137,8 @@ def prepare(source: str, out: str, *, resolution: int = 256, vae: str | None = N
     enc_info = []
     for e, s in zip(encs, storages):
         y = e(probe)
-        enc_info.append({"name": e.name, "dim": int(y.shape[-1]), "tokens": int(y.shape[1]), "storage": s})
+        enc_info.append({"name": e.name, "family": _encoder_family(e.name), "dim": int(y.shape[-1]),
+                         "tokens": int(y.shape[1]), "storage": s})
         if y.shape[-1] != getattr(e, "dim", y.shape[-1]):
             raise ValueError(f"encoder {e.name}: .dim {e.dim} but it returned {y.shape[-1]} channels")
     fields = fmt.build_fields(kind, resolution, latent_shape, enc_info, store_images)
@@ -174,6 +175,13 @@ def _encoder_name(e) -> str:
         return get_spec(e).name
     except Exception:  # unknown name: compared as given (and refused when it is built)
         return e
+
+
+def _encoder_family(name: str) -> str | None:
+    """The registry family of a registered encoder name (None for a module given directly)."""
+    from irepa.encoders import REGISTRY
+
+    return REGISTRY[name].family if name in REGISTRY else None
 
 
 def _settings_diff(manifest: dict, src, resolution: int, kind: str, vae: str | None, encoders, storages,

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from irepa.grid import save_grid, to_uint8_nhwc
+from irepa.grid import QUANTIZE, save_grid, to_uint8_nhwc
 from irepa.metrics.npz import NpzArrayWriter
 
 
@@ -43,6 +43,8 @@ class SamplePlan:
     interval: tuple[float, float] = (0.0, 1.0)
     """CFG interval in SiT time (t = 1 noise)"""
     latent_shape: tuple[int, ...] = (4, 32, 32)
+    quantize: str = "round"
+    """float images -> uint8: "round" or "truncate" (irepa.grid.QUANTIZE; the recipe's sample_quantize)"""
     extra: dict = field(default_factory=dict)
     """anything else that changes the output (checkpoint, decoder); compared on resume"""
 
@@ -51,6 +53,8 @@ class SamplePlan:
         self.latent_shape = tuple(int(v) for v in self.latent_shape)
         if self.num_samples <= 0 or self.shard_size <= 0 or self.batch_size <= 0:
             raise ValueError("num_samples, shard_size and batch_size must be positive")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
         if self.labels not in ("random", "balanced"):
             raise ValueError(f"labels must be 'random' or 'balanced', got {self.labels!r}")
         from irepa.sampling import check_settings
@@ -129,7 +133,7 @@ def generate_shards(plan: SamplePlan, out_dir: str | Path, sample_batch: SampleB
         for b0 in range(lo, hi, plan.batch_size):
             b1 = min(b0 + plan.batch_size, hi)
             noise = torch.randn((b1 - b0, *plan.latent_shape), generator=g_noise).to(device)
-            images.append(to_uint8_nhwc(sample_batch(noise, labels[b0:b1].to(device), g_sde).cpu()))
+            images.append(to_uint8_nhwc(sample_batch(noise, labels[b0:b1].to(device), g_sde).cpu(), plan.quantize))
         _save_npz_atomic(shard_path(out_dir, i), images=np.concatenate(images), labels=labels[lo:hi].numpy())
         written.append(i)
         log(f"[rank {rank}] shard {i} of {plan.num_shards} done ({hi - lo} images)")

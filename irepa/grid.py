@@ -4,6 +4,10 @@
 or numpy) or uint8 [N, H, W, 3] (an ADM sample batch) and writes one tiled PNG atomically:
 `nrow` images per row (default: a square), 2 px gaps, images smaller than `min_side` pixels
 upscaled by an integer factor (nearest) so that 8 px digits stay visible.
+
+Float images become uint8 by `quantize`: "round" (nearest) or "truncate" (255 x clamped, then
+cast, as the iREPA and REPA-E LDM releases write their FID samples); each recipe names the
+rule its release uses (Recipe.sample_quantize) for launch/sample.py's ADM batches.
 """
 from __future__ import annotations
 
@@ -15,7 +19,19 @@ import numpy as np
 import torch
 
 
-def to_uint8_nhwc(images) -> np.ndarray:
+QUANTIZE = ("round", "truncate")
+
+
+def quantize_unit(x: torch.Tensor, quantize: str = "round") -> torch.Tensor:
+    """Float values in [0, 1] -> uint8 0..255 by `quantize` (QUANTIZE)."""
+    if quantize == "round":
+        return (x * 255).round().clamp(0, 255).to(torch.uint8)
+    if quantize == "truncate":
+        return (x * 255).clamp(0, 255).to(torch.uint8)  # the cast drops the fraction
+    raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+
+
+def to_uint8_nhwc(images, quantize: str = "round") -> np.ndarray:
     """Float [N, C, H, W] in [0, 1] (C = 1 or 3; torch or numpy) or uint8 [N, H, W, 3] -> uint8 [N, H, W, 3]."""
     if isinstance(images, np.ndarray) and images.dtype == np.uint8:
         if images.ndim != 4 or images.shape[-1] != 3:
@@ -25,7 +41,7 @@ def to_uint8_nhwc(images) -> np.ndarray:
     if x.dim() != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"float images must be [N, 1|3, H, W], got {tuple(x.shape)}")
     x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-    return (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    return quantize_unit(x, quantize).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def make_grid(images, nrow: int | None = None, pad: int = 2, min_side: int = 64) -> np.ndarray:

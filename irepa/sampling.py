@@ -147,8 +147,13 @@ def sample(velocity_fn: VelocityFn, noise: torch.Tensor, labels: torch.Tensor | 
     the last step (t = 0), so it costs 2 steps - 1 evaluations.
     `generator` drives the SDE noise (on the noise's device).
     `interval_rule`: "sit" for SiT-style models, "jit" for JiT models (`guidance_schedule`).
+    The SiT release guides only when cfg > 1 (ldm/samplers.py@99ad4ac: `cfg_scale > 1.0`), so
+    under the "sit" rule a cfg below 1 samples unguided; the JiT release guides whenever
+    cfg != 1 (jit/denoiser.py@99ad4ac).
     """
     check_settings(method, steps, interval, interval_rule)
+    if interval_rule == "sit" and cfg < 1.0:
+        cfg = 1.0
     if labels is not None and labels.shape[0] != noise.shape[0]:
         raise ValueError(f"labels [{labels.shape[0]}] and noise [{noise.shape[0]}] disagree on the batch size")
 

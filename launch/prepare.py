@@ -1,6 +1,6 @@
 """Prepare a dataset once: crop, VAE latents (or pixels), encoder tokens for both flips.
 
-  python launch/prepare.py digits data/digits-hog --resolution 128 --encoders hog
+  python launch/prepare.py digits data/digits-hog-patch --resolution 128 --encoders hog-patch
   torchrun --nproc_per_node=8 launch/prepare.py /datasets/imagenet/train data/in256-dinov2 \\
       --vae /models/sd-vae-ft-mse --encoders dinov2-vit-b --storage bf16 --batch_size 64
   python launch/prepare.py /datasets/imagenet/train data/in256-px --kind pixels --encoders '[]'
@@ -16,7 +16,7 @@ from irepa.data.prepare import prepare
 from irepa.dist import env, rank_world, setup, teardown
 
 
-def main(source: str, out: str, resolution: int = 256, vae: str | None = None, encoders=("hog",),
+def main(source: str, out: str, resolution: int = 256, vae: str | None = None, encoders=("hog-patch",),
          storage="bf16", kind: str = "latent", store_images: bool = False, formats=("ffcv", "memmap"),
          batch_size: int = 32, device: str = "auto", num_threads: int = 4, full_checksum: bool = False,
          overwrite: bool = False) -> None:

@@ -40,6 +40,10 @@ projectors, no args, e.g. the SiT release) needs one of the two flags.
 
 Model calls run in fp32 unless --precision bf16; the time grid and the state are float64
 (irepa.sampling).
+
+--quantize auto (default) turns decoded images into uint8 as the recipe's release writes its
+FID samples (Recipe.sample_quantize): SiT, REPA-E truncate (clamp(255 x).to(uint8), iREPA
+ldm/generate.py), JiT and MeanFlow round; --quantize round|truncate forces one.
 """
 from __future__ import annotations
 
@@ -153,7 +157,7 @@ def main(model: str, out: str, num_samples: int | None = None, batch: int = 64, 
          shard_size: int = 1000, model_name: str | None = None, vae: str | None = None,
          latent_stats: str | None = None, latent_scale: float | None = None, precision: str = "fp32",
          noise_scale: float = 1.0, grid: int = 64, keep_shards: bool = False, device: str = "auto",
-         n: int | None = None):
+         n: int | None = None, quantize: str = "auto"):
     """MODEL: run folder, checkpoint folder or reference .pt. OUT: output folder (resumable).
 
     --num_samples N (default 50,000; --n is an alias, but torchrun refuses --n as ambiguous).
@@ -176,6 +180,7 @@ def main(model: str, out: str, num_samples: int | None = None, batch: int = 64, 
     plan = gen.SamplePlan(num_samples=n, num_classes=info["num_classes"], labels=labels, seed=seed,
                           shard_size=shard_size, batch_size=batch, method=method, steps=steps, cfg=cfg,
                           interval=_interval(interval), latent_shape=(channels, net.input_size, net.input_size),
+                          quantize=recipe.sample_quantize if quantize == "auto" else quantize,
                           extra={"model": info["source"], "which": which, "decoder": decoder_desc,
                                  "noise_scale": noise_scale, **guidance})
     out_dir = Path(out)

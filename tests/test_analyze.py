@@ -172,13 +172,13 @@ def test_with_real_encoder(tmp_path):
     encoders = pytest.importorskip("irepa.encoders")
     if not hasattr(encoders, "build"):
         pytest.skip("irepa.encoders.build is not available yet")
-    hog = encoders.build("hog")
+    hog = encoders.build("hog-patch")
     data = analysis.digits_set(256, limit=24)
-    rows, _ = analysis.measure_encoders({"hog": hog}, data, batch_size=12)
+    rows, _ = analysis.measure_encoders({"hog-patch": hog}, data, batch_size=12)
     r = rows[0]
     assert r["tokens"] == 256 and r["dim"] == hog.dim
     assert all(math.isfinite(r[k]) for k in ("lds", "lds_paper", "cds", "rmsc", "probe_acc"))
-    png = cli.spatialnorm(image=0, encoders="hog", out=str(tmp_path))
+    png = cli.spatialnorm(image=0, encoders="hog-patch", out=str(tmp_path))
     assert _png_ok(png)
     with pytest.raises(ValueError, match="tiny"):
         cli._build_encoders("hog:big", "cpu")

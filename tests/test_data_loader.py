@@ -17,7 +17,7 @@ needs_ffcv = pytest.mark.skipif(not ffcv_available(), reason="ffcv is not import
 def hog():
     from irepa.encoders import build
 
-    return build("hog")
+    return build("hog-patch")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_matches_tensor_loader(digits):
     lat, feat = torch.from_numpy(mm["latent"]), fmt.decode_bf16(torch.from_numpy(mm["feat_0"]))
     ref = TensorLoader(lat[0::2, 0], torch.from_numpy(mm["label"][0::2]), [feat[0::2]], B, seed=5,
                        x_std=lat[0::2, 1], flip_feats=[feat[1::2]])
-    ours = build_loader(digits, B, ["hog"], seed=5, backend="memmap", latent_norm="none")
+    ours = build_loader(digits, B, ["hog-patch"], seed=5, backend="memmap", latent_norm="none")
     n = ref.batches_per_epoch + 3  # into the second epoch
     for a, b in zip(take(ref, n), take(ours, n)):
         assert torch.equal(a["y"], b["y"]) and torch.equal(a["feats"][0], b["feats"][0])
@@ -59,8 +59,8 @@ def test_matches_tensor_loader(digits):
 
 def test_latent_normalization(digits):
     m = read_manifest(digits)
-    b = take(build_loader(digits, 512, ["hog"], backend="memmap"), 1)[0]
-    raw = take(build_loader(digits, 512, ["hog"], backend="memmap", latent_norm="none"), 1)[0]
+    b = take(build_loader(digits, 512, ["hog-patch"], backend="memmap"), 1)[0]
+    raw = take(build_loader(digits, 512, ["hog-patch"], backend="memmap", latent_norm="none"), 1)[0]
     mu, sd = m["latent"]["channel_mean"][0], m["latent"]["channel_std"][0]
     torch.testing.assert_close(b["x"], (raw["x"] - mu) / sd)
     assert abs(b["x"].mean().item()) < 0.2 and abs(b["x"].std().item() - 1) < 0.2
@@ -68,14 +68,14 @@ def test_latent_normalization(digits):
 
 @pytest.mark.parametrize("backend", ["memmap", pytest.param("ffcv", marks=needs_ffcv)])
 def test_resume_gives_identical_batches(digits, backend):
-    first = build_loader(digits, B, ["hog"], seed=1, backend=backend)
+    first = build_loader(digits, B, ["hog-patch"], seed=1, backend=backend)
     bpe = first.batches_per_epoch
     it = iter(first)
     seen = [next(it) for _ in range(bpe - 2)]
     state = first.state_dict()
     rest = [next(it) for _ in range(4)]  # crosses into epoch 1
     assert first.state_dict() == {"epoch": 1, "index": 2}
-    again = build_loader(digits, B, ["hog"], seed=1, backend=backend)
+    again = build_loader(digits, B, ["hog-patch"], seed=1, backend=backend)
     again.load_state_dict(state)
     for a, b in zip(rest, take(again, 4)):
         assert_same(a, b)
@@ -87,7 +87,7 @@ def test_resume_gives_identical_batches(digits, backend):
 
 def test_ranks_cover_disjoint_samples(digits):
     n = read_manifest(digits)["num_samples"]
-    loaders = [build_loader(digits, B, ["hog"], seed=2, rank=r, world_size=2, backend="memmap") for r in range(2)]
+    loaders = [build_loader(digits, B, ["hog-patch"], seed=2, rank=r, world_size=2, backend="memmap") for r in range(2)]
     for epoch in range(2):
         samples = [set((ld.records(epoch) // 2).tolist()) for ld in loaders]
         assert not samples[0] & samples[1]
@@ -102,8 +102,8 @@ def test_ranks_cover_disjoint_samples(digits):
 @needs_ffcv
 def test_ffcv_matches_memmap(digits):
     threads = torch.get_num_threads()
-    a = build_loader(digits, B, ["hog"], seed=4, backend="ffcv")
-    b = build_loader(digits, B, ["hog"], seed=4, backend="memmap")
+    a = build_loader(digits, B, ["hog-patch"], seed=4, backend="ffcv")
+    b = build_loader(digits, B, ["hog-patch"], seed=4, backend="memmap")
     n = a.batches_per_epoch + 2
     for x, y in zip(take(a, n), take(b, n)):
         assert_same(x, y)
@@ -118,3 +118,25 @@ def test_fp8_fidelity_on_hog_digits():
     assert fid["mean"] > 0.998 and fid["min"] > 0.99, fid
     bits, scale = fmt.encode_fp8(torch.randn(3, 5, 7))
     assert bits.dtype == np.uint8 and bits.shape == (3, 5, 7) and scale.shape == (3, 5)
+
+
+def test_manifest_before_the_hog_rename_reads_as_hog_patch(digits, tmp_path):
+    """A dataset prepared when "hog" named our patch HOG (its manifest entry has no registry
+    family) loads as "hog-patch"; asking it for "hog" (now the release's dense HOG) is refused
+    instead of handing back patch-HOG features under the other name."""
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(digits, old)
+    m = json.loads((old / fmt.MANIFEST).read_text())
+    assert m["encoders"][0]["name"] == "hog-patch" and m["encoders"][0]["family"] == "hog-patch"
+    m["encoders"][0]["name"] = "hog"
+    del m["encoders"][0]["family"]
+    (old / fmt.MANIFEST).write_text(json.dumps(m))
+    assert [e["name"] for e in read_manifest(old)["encoders"]] == ["hog-patch"]
+    a = take(build_loader(str(old), B, ["hog-patch"], seed=1, backend="memmap"), 1)[0]
+    b = take(build_loader(digits, B, ["hog-patch"], seed=1, backend="memmap"), 1)[0]
+    assert_same(a, b)
+    with pytest.raises(ValueError, match="encoder 'hog' is not stored"):
+        build_loader(str(old), B, ["hog"], seed=1, backend="memmap")

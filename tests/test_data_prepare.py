@@ -36,7 +36,7 @@ def encoder() -> nn.Module:
     try:
         from irepa.encoders import build
 
-        return build("hog")
+        return build("hog-patch")
     except Exception:  # encoders package not there yet
         return PatchProbe()
 
@@ -88,7 +88,7 @@ def test_round_trip_and_flips(prepared, folder, vae_dir):
     path, enc = prepared
     m = read_manifest(path)
     assert m["num_samples"] == len(SIZES) and m["num_classes"] == 2 and m["latent"]["shape"] == [4, 16, 16]
-    assert m["encoders"] == [{"name": enc.name, "dim": enc.dim, "tokens": 4, "storage": "bf16"}]
+    assert m["encoders"] == [{"name": enc.name, "family": "hog-patch", "dim": enc.dim, "tokens": 4, "storage": "bf16"}]
     assert len(m["latent"]["channel_mean"]) == 4 and all(s > 0 for s in m["latent"]["channel_std"])
     check_manifest(m, latent_shape=(4, 16, 16), num_tokens=4, encoder_dims={enc.name: enc.dim})
     arrays = _arrays(path)

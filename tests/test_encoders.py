@@ -26,7 +26,7 @@ README_NAMES = [
     "spatialpe-vit-b", "spatialpe-vit-l", "spatialpe-vit-g",
     "sam2-vit-s", "sam2-vit-b", "sam2-vit-l",
 ]
-CLASSICAL = ["hog", "hog-dense", "sift", "sift-upright", "vgg16"]
+CLASSICAL = ["hog", "hog-patch", "sift", "sift-upright", "vgg16"]
 RADIO = ["c-radio-v2-vit-b", "c-radio-v2-vit-l", "c-radio-v2-vit-h", "c-radio-v2-vit-g",
          "c-radio-v3-vit-b", "c-radio-v3-vit-l", "c-radio-v3-vit-h", "c-radio-v3-vit-g", "c-radio-v4-vit-h"]
 # the other choice where the release's looks like a mistake (registry.VARIANTS)
@@ -38,7 +38,7 @@ ALL_NAMES = README_NAMES + RADIO + CLASSICAL + VARIANT_NAMES
 REAL_DIMS = {
     "dinov2-vit-b": 768, "dinov2-vit-l": 1024, "dinov2-vit-g": 1536, "dinov3-vit-7b16": 4096,
     "webssl-vit-dino2b_full2b_224": 2688, "clip-vit-L": 1024, "jepa-vit-h": 1280, "siglip-vit-so400m": 1152,
-    "pe-vit-g": 1536, "siglip2-vit-so400m": 1152, "sam2-vit-s": 768, "sam2-vit-l": 1152, "hog": 128, "sift": 128, "vgg16": 512,
+    "pe-vit-g": 1536, "siglip2-vit-so400m": 1152, "sam2-vit-s": 768, "sam2-vit-l": 1152, "hog": 128, "hog-patch": 128, "sift": 128, "vgg16": 512,
     "c-radio-v2-vit-b": 768, "c-radio-v3-vit-l": 1024, "c-radio-v3-vit-h": 1280, "c-radio-v3-vit-g": 1536,
 }
 RES_AT_256 = {"dinov2-vit-b": 224, "dinov3-vit-b16": 256, "clip-vit-L": 224, "siglip-vit-b": 256,
@@ -78,7 +78,7 @@ def test_every_encoder_builds_and_keeps_the_grid(name):
 
 
 @pytest.mark.parametrize("name", ["dino-vit-b", "dinov2-vit-b", "dinov3-vit-b16", "clip-vit-L", "siglip-vit-so400m",
-                                  "jepa-vit-h", "mae-vit-l", "mocov3-vit-b", "pe-vit-l", "sam2-vit-s", "hog", "vgg16",
+                                  "jepa-vit-h", "mae-vit-l", "mocov3-vit-b", "pe-vit-l", "sam2-vit-s", "hog-patch", "vgg16",
                                   "c-radio-v3-vit-b", "c-radio-v4-vit-h"])
 def test_512px_gives_1024_tokens(name):
     enc = _tiny(name)

@@ -52,7 +52,7 @@ def _bin_disagreements(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     may round a gradient that lies exactly on a bin edge (45 degrees is common in 8-bit
     images) to either side, depending on the CPU's vector math library.
     """
-    hog = encoders.build("hog").double()
+    hog = encoders.build("hog-patch").double()
     g_row, g_col = _skimage_gradients(gray)
     ours = hog.orientation_bins(torch.from_numpy(g_row)[None], torch.from_numpy(g_col)[None])[0].numpy()
     differ = (ours != _numpy_bins(g_row, g_col)) & (np.hypot(g_row, g_col) > 0)
@@ -70,7 +70,7 @@ def test_hog_accumulation_matches_skimage_exactly(image):
     votes, block layout and L2-Hys) on a real image; no token is exempt."""
     img = _astronaut() if image == "astronaut" else _camera_rgb()
     gray = _gray(img)
-    hog = encoders.build("hog").double()
+    hog = encoders.build("hog-patch").double()
     g_row, g_col = central_gradients(torch.from_numpy(gray)[None])
     ref_row, ref_col = _skimage_gradients(gray)
     assert torch.equal(g_row[0], torch.from_numpy(ref_row)) and torch.equal(g_col[0], torch.from_numpy(ref_col))
@@ -95,7 +95,7 @@ def test_hog_matches_skimage_float64(image):
     """End to end against scikit-image: every token matches, except tokens holding a pixel
     whose bin is an atan2 tie (test_hog_orientation_bins_differ_only_on_exact_edges)."""
     img = _astronaut() if image == "astronaut" else _camera_rgb()
-    out = encoders.build("hog").double()(img)
+    out = encoders.build("hog-patch").double()(img)
     assert out.shape == (1, 1024, 128)  # 512 px -> 32x32 tokens
     gray = _gray(img)
     per_token = (out - _skimage_hog_tokens(gray)).abs().amax(-1)[0]
@@ -106,7 +106,7 @@ def test_hog_matches_skimage_float64(image):
 
 def test_hog_float32_close_to_skimage():
     img = _astronaut()
-    out = encoders.build("hog")(img.float()).double()
+    out = encoders.build("hog-patch")(img.float()).double()
     ref = _skimage_hog_tokens(_gray(img))
     per_token = (out - ref).abs().amax(-1)
     # fp32 gray values move some gradients that sit on a bin edge into the neighbour bin
@@ -115,8 +115,8 @@ def test_hog_float32_close_to_skimage():
 
 
 def test_hog_contract_128px_digits_size():
-    hog = encoders.build("hog")
-    assert hog.dim == 128 and hog.name == "hog" and not hog.training
+    hog = encoders.build("hog-patch")
+    assert hog.dim == 128 and hog.name == "hog-patch" and not hog.training
     x = torch.rand(3, 3, 128, 128)
     y = hog(x)
     assert y.shape == (3, 64, 128) and y.dtype == torch.float32
@@ -126,7 +126,7 @@ def test_hog_contract_128px_digits_size():
 
 
 def test_bad_input_names_the_problem():
-    hog = encoders.build("hog")
+    hog = encoders.build("hog-patch")
     with pytest.raises(ValueError, match="multiple of 16"):
         hog(torch.rand(1, 3, 120, 128))
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):

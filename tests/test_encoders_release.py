@@ -341,7 +341,7 @@ def test_siglip2_so400m_is_the_patch16_256_checkpoint():
 
 @pytest.mark.parametrize("res", [256, 512])
 def test_dense_hog_is_the_release_scikit_image_hog(res):
-    """hog-dense = the release's HOGVisionEncoder (g{res/16}_d128): scikit-image
+    """hog = the release's HOGVisionEncoder (g{res/16}_d128): scikit-image
     hog(orientations=8, pixels_per_cell=(2, 2), cells_per_block=(4, 4), L2-Hys) of the
     float32 BT.709 gray image, every block L2-normalized, bilinear (plain) to the grid.
     Side by side with the release: max rel 1.1e-7 (256) / 8.3e-8 (512)."""
@@ -354,16 +354,17 @@ def test_dense_hog_is_the_release_scikit_image_hog(res):
     b = torch.from_numpy(blocks.reshape(blocks.shape[0], blocks.shape[1], 128).astype(np.float32))
     b = F.normalize(b, dim=-1).permute(2, 0, 1)[None]
     ref = _resize_ref(b, (res // 16, res // 16), "bilinear").float().flatten(2).transpose(1, 2)
-    out = encoders.build("hog-dense")(x)
+    out = encoders.build("hog")(x)
+    torch.testing.assert_close(encoders.build("hog-dense")(x), out, atol=0, rtol=0)  # the old name: an alias
     assert out.shape == (1, (res // 16) ** 2, 128)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
-def test_hog_default_is_unchanged_and_not_the_release_hog():
-    """"hog" (the digits default, 4 px cells, one block per patch) keeps its tokens;
-    the release's HOG is "hog-dense"."""
+def test_patch_hog_is_not_the_release_hog():
+    """"hog-patch" (ours, the digits presets' target: 4 px cells, one block per patch) is
+    another feature than the release's "hog"."""
     x = _image(256)
-    a, b = encoders.build("hog")(x), encoders.build("hog-dense")(x)
+    a, b = encoders.build("hog-patch")(x), encoders.build("hog")(x)
     assert a.shape == b.shape and (a - b).abs().max() > 0.1
 
 

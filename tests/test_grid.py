@@ -25,3 +25,16 @@ def test_bad_layouts_are_named():
         to_uint8_nhwc(torch.rand(2, 2, 4, 4))
     with pytest.raises(ValueError, match=r"\[N, H, W, 3\]"):
         to_uint8_nhwc(np.zeros((2, 3, 4, 4), np.uint8))
+
+
+def test_quantize_rules():
+    """"round" is the nearest uint8 (JiT's np.round(clip(255 x))); "truncate" drops the
+    fraction of clamp(255 x, 0, 255) as iREPA's ldm/generate.py@99ad4ac does."""
+    from irepa.grid import quantize_unit
+    x = torch.tensor([-0.1, 0.0, 0.4 / 255, 0.6 / 255, 1.5 / 255, 254.7 / 255, 1.0, 1.2])
+    assert quantize_unit(x, "round").tolist() == [0, 0, 0, 1, 2, 255, 255, 255]
+    assert quantize_unit(x, "truncate").tolist() == [0, 0, 0, 0, 1, 254, 255, 255]
+    img = x[None, None, None, :].expand(1, 3, 1, -1)
+    assert to_uint8_nhwc(img, "truncate")[0, 0, :, 0].tolist() == [0, 0, 0, 0, 1, 254, 255, 255]
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        quantize_unit(x, "floor")

@@ -33,13 +33,13 @@ def test_export_and_prepare_use_the_fixed_batchnorm(tmp_path):
     # the REPA-E layout file loads back into the same VAE
     again = load_sdvae(out / "sdvae-f8d4.pt", config="tiny")
     assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), again.state_dict().values()))
-    data = prepare("digits", str(tmp_path / "data"), resolution=32, vae=str(out), encoders=["hog"],
+    data = prepare("digits", str(tmp_path / "data"), resolution=32, vae=str(out), encoders=["hog-patch"],
                    formats=("memmap",), progress=False, device="cpu", batch_size=256)
     man = json.loads((tmp_path / "data" / "manifest.json").read_text())
     assert man["latent"]["stats_from"].startswith("vae")
     assert man["latent"]["channel_mean"] == stats["mean"] and man["latent"]["channel_std"] == stats["std"]
     from irepa.data import build_loader
-    loader = build_loader(data, 8, ["hog"], seed=0, backend="memmap", device="cpu")
+    loader = build_loader(data, 8, ["hog-patch"], seed=0, backend="memmap", device="cpu")
     lat = np.load(tmp_path / "data" / "memmap" / "latent.npy", mmap_mode="r")
     z = torch.from_numpy(np.array(lat[:16, 0]))
     # the loader's normalization (z - shift) / scale is the latent BatchNorm in eval

@@ -183,7 +183,7 @@ def test_sample_export_and_latent_only_training(tmp_path, cache):
     torch.testing.assert_close(torch.tensor(stats["mean"]).float(), ema["latent_norm.bn.running_mean"])
     torch.testing.assert_close(torch.tensor(stats["std"]).float() ** 2 - 1e-4, ema["latent_norm.bn.running_var"],
                                rtol=1e-4, atol=1e-6)
-    data = prepare("digits", str(tmp_path / "latents"), resolution=32, vae=out, encoders=["hog"], formats=("memmap",),
+    data = prepare("digits", str(tmp_path / "latents"), resolution=32, vae=out, encoders=["hog-patch"], formats=("memmap",),
                    progress=False, device="cpu", batch_size=512)
     cfg = recipes.resolve("digits-sit-irepa", {"data.source": data, "data.resolution": 32, "model.input_size": 4,
                                                "model.in_channels": 4, "train.steps": 2, "train.batch_size": 8,

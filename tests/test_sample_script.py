@@ -325,3 +325,23 @@ def test_released_checkpoints_decode_with_their_release_latent_scaling(tmp_path)
     with pytest.raises(ValueError, match="does not show which release.*--latent_stats .*--latent_scale 0.18215"):
         decoder(bare_pt)
     assert decoder(bare_pt, scale=0.18215)[1].endswith("scale:0.18215")
+
+
+def test_samples_are_quantized_as_the_recipes_release_writes_them(run_dir, tmp_path):
+    """A SiT run's ADM batch truncates (iREPA ldm/generate.py@99ad4ac: clamp(255 x).to(uint8)),
+    recorded in plan.json; --quantize round gives the nearest value from the same decoded
+    images (same seeds), so every pixel is equal or one above."""
+    from irepa.recipes import get
+    assert (get("sit").sample_quantize, get("repae").sample_quantize) == ("truncate", "truncate")
+    assert (get("jit").sample_quantize, get("meanflow").sample_quantize) == ("round", "round")
+    sample = _load_launch("sample")
+    kw = dict(n=4, batch=4, method="euler", steps=2, device="cpu")
+    got = {}
+    for q in ("auto", "round"):
+        out = tmp_path / q
+        sample.main(str(run_dir), str(out), quantize=q, **kw)
+        assert json.loads((out / "plan.json").read_text())["quantize"] == ("truncate" if q == "auto" else q)
+        with np.load(out / "samples.npz") as z:
+            got[q] = z["arr_0"].astype(int)
+    d = got["round"] - got["auto"]
+    assert d.min() == 0 and d.max() == 1 and (d == 1).any()

@@ -93,6 +93,21 @@ def test_cfg_applied_only_inside_interval():
         sample(v, noise, labels, "euler", 2, cfg=2.0)
 
 
+def test_cfg_below_one_guides_only_under_the_jit_rule():
+    """SiT release: guided only when cfg_scale > 1.0 (ldm/samplers.py@99ad4ac), so cfg 0.5 is
+    unguided; JiT release: guided whenever cfg != 1 (jit/denoiser.py@99ad4ac)."""
+    null = 5
+
+    def v(x, t, y):
+        return torch.where((y == null).view(-1, 1), torch.zeros_like(x), torch.ones_like(x)) * 1.0
+
+    noise, labels = torch.zeros(2, 1), torch.tensor([0, 1])
+    sit = sample(v, noise, labels, "euler", 4, 0.5, (0.0, 1.0), null_class=null, interval_rule="sit")
+    jit = sample(v, noise, labels, "euler", 4, 0.5, (0.0, 1.0), null_class=null, interval_rule="jit")
+    torch.testing.assert_close(sit, torch.full_like(sit, -1.0))  # v = 1 over t 1 -> 0
+    torch.testing.assert_close(jit, torch.full_like(jit, -0.5))  # 0 + 0.5 (1 - 0) inside the whole interval
+
+
 def test_model_velocity_fn_and_errors():
     class M2(torch.nn.Module):
         in_channels = 2

@@ -111,7 +111,7 @@ def test_prepared_data_must_fit_the_model(tmp_path):
     with pytest.raises(ValueError, match=r"stored latent shape \(1, 8, 8\) \(prepared at 64 px\) != model input "
                                          r"shape \(1, 16, 16\)"):
         Trainer(_cfg(tmp_path, "mismatch", **{"model.input_size": 16}))
-    prepared = str(Path(_CACHE["dir"]) / "digits-latent-64px-hog")
+    prepared = str(Path(_CACHE["dir"]) / "digits-latent-64px-hog-patch")
     with pytest.raises(ValueError, match="prepared at 64 px but data.resolution is 128"):
         Trainer(_cfg(tmp_path, "res", **{"data.source": prepared, "data.resolution": 128}))
 

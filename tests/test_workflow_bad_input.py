@@ -30,7 +30,7 @@ def _folder(root, n=6, corrupt_last=False):
 
 
 def _kw(**over):
-    return {**dict(resolution=RES, kind="pixels", encoders=["hog"], formats=("memmap",), batch_size=2,
+    return {**dict(resolution=RES, kind="pixels", encoders=["hog-patch"], formats=("memmap",), batch_size=2,
                    progress=False, num_threads=1), **over}
 
 
@@ -49,7 +49,7 @@ def test_complete_output_with_other_settings_is_refused(prepared):
     src, out = prepared
     before = _snapshot(Path(out))
     assert prepare(str(src), out, **_kw()) == out  # the same request: a no-op
-    for over, what in [({"resolution": 48}, "resolution: 32 -> 48"), ({"storage": "fp8"}, "('hog', 'fp8')"),
+    for over, what in [({"resolution": 48}, "resolution: 32 -> 48"), ({"storage": "fp8"}, "('hog-patch', 'fp8')"),
                        ({"encoders": ["sift"]}, "sift"), ({"formats": ("memmap", "ffcv")}, "formats")]:
         with pytest.raises(ValueError, match="already holds a prepared dataset") as e:
             prepare(str(src), out, **_kw(**over))
@@ -73,7 +73,7 @@ def test_model_mismatch_names_the_prepared_folder(prepared):
 def test_loader_for_a_missing_format_says_which_backend_to_use(prepared):
     _, out = prepared
     with pytest.raises(ValueError, match="prepared without the ffcv format.*--data.backend"):
-        FFCVLoader(out, 2, ["hog"])  # refused before ffcv itself is needed
+        FFCVLoader(out, 2, ["hog-patch"])  # refused before ffcv itself is needed
 
 
 def test_corrupt_image_stops_with_its_path_and_a_way_on(tmp_path):

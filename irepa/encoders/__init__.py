@@ -26,10 +26,10 @@ def names() -> list[str]:
 
 
 def _build_module(spec: EncoderSpec, tiny: bool, weights) -> Encoder:
-    if spec.family == "hog":
+    if spec.family == "hog-patch":
         from .classical import HOG
         return HOG(spec.name)
-    if spec.family == "hog-dense":
+    if spec.family == "hog":
         from .classical import DenseHOG
         return DenseHOG(spec.name)
     if spec.family == "sift":

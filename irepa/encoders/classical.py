@@ -8,16 +8,15 @@ HOG and SIFT are weight free and written as batched tensor ops (GPU and torch.co
 friendly); they compute in fp32 (fp64 if the encoder is moved to float64, which the
 tests use to compare against scikit-image bit for bit).
 
-- HOG per 16 px patch = one block of 4x4 cells of 4 px with 8 unsigned orientation bins,
+- Patch HOG ("hog-patch", ours, the digits presets' target) per 16 px patch = one block of 4x4 cells of 4 px with 8 unsigned orientation bins,
   L2-Hys block normalization; this is exactly scikit-image's
   hog(gray, orientations=8, pixels_per_cell=(4, 4), cells_per_block=(4, 4),
   block_norm="L2-Hys") taken at every 4th block (the non-overlapping ones).
-- Dense HOG ("hog-dense", the iREPA release's HOGVisionEncoder with its default
+- Dense HOG ("hog", alias "hog-dense": the iREPA release's HOGVisionEncoder with its default
   g16_d128): scikit-image's hog(gray, orientations=8, pixels_per_cell=(2, 2),
   cells_per_block=(4, 4), block_norm="L2-Hys") at every block (stride one 2 px cell,
   (H/2 - 3)^2 blocks of 128), each block L2-normalized again, then the block map resized
   bilinearly (no antialias) to the H/16 x W/16 grid; gray = 0.2126 R + 0.7152 G + 0.0722 B.
-  ("hog" above is not the release's: it is the digits default and stays as it is.)
 - Upright dense SIFT ("sift-upright"; the release's "sift" is kornia's, sift.py) per 16 px
   patch (Lowe's descriptor, upright, no scale space): 4x4 spatial
   bins x 8 signed orientations, Gaussian window sigma = 8 px, trilinear (bilinear in
@@ -86,7 +85,7 @@ class _WeightFree(Encoder):
 class HOG(_WeightFree):
     """Histogram of oriented gradients, one L2-Hys block per 16 px patch: [B, T, 128]."""
 
-    def __init__(self, name: str = "hog", cell: int = 4, orientations: int = 8,
+    def __init__(self, name: str = "hog-patch", cell: int = 4, orientations: int = 8,
                  clip: float = 0.2, eps: float = 1e-5):
         super().__init__(name)
         if GRID_PATCH % cell:
@@ -136,7 +135,7 @@ class DenseHOG(HOG):
     then float32 for the final L2 normalization and the bilinear resize.
     """
 
-    def __init__(self, name: str = "hog-dense"):
+    def __init__(self, name: str = "hog"):
         super().__init__(name, cell=2)
         self.block_cells = 4
         self.dim = self.block_cells * self.block_cells * self.orientations

@@ -48,7 +48,7 @@ POS_RULES = {
 @dataclass(frozen=True)
 class EncoderSpec:
     name: str
-    family: str            # builder: a transformers family (hf.FAMILIES), "mocov3", "pe", "radio", "hog", "hog-dense", "sift", "vgg16"
+    family: str            # builder: a transformers family (hf.FAMILIES), "mocov3", "pe", "radio", "hog", "hog-patch", "sift", "vgg16"
     dim: int               # token width E of the real model
     patch: int             # encoder input pixels per token (input = grid * patch)
     source: str | None     # Hugging Face repo id, or a checkpoint file name, or None (weight free)
@@ -70,7 +70,7 @@ class EncoderSpec:
 
     @property
     def needs_weights(self) -> bool:
-        return self.family not in ("hog", "hog-dense", "sift", "sift-upright")
+        return self.family not in ("hog", "hog-patch", "sift", "sift-upright")
 
     @property
     def normalization(self) -> str:
@@ -151,10 +151,10 @@ _SPECS = [
     _s("c-radio-v3-vit-g", "radio", 1536, 16, "nvidia/C-RADIOv3-g", **_RADIO, arch="v3-g"),
     _s("c-radio-v4-vit-h", "radio", 1280, 16, "nvidia/C-RADIOv4-H", **_RADIO, arch="v4-h",
        note="not in the release; 3 cls + 7 registers dropped"),
-    _s("hog", "hog", 128, 16, None, None, None,
-       note="4 px cells, one block per patch (digits default; not the release's HOG: hog-dense)"),
-    _s("hog-dense", "hog-dense", 128, 16, None, None, None, interpolation="bilinear",
+    _s("hog", "hog", 128, 16, None, None, None, interpolation="bilinear",
        note="the release's HOG: 2 px cells, every block, bilinear to the grid"),
+    _s("hog-patch", "hog-patch", 128, 16, None, None, None,
+       note="own: 4 px cells, one block per patch (the digits presets' target), not in the release"),
     _s("sift", "sift", 128, 16, None, None, None, interpolation="bilinear",
        note="the release's SIFT: kornia, dominant orientation, 41 px patches"),
     _s("sift-upright", "sift-upright", 128, 16, None, None, None, note="own upright dense SIFT, not in the release"),
@@ -184,7 +184,7 @@ def _with_variants(specs: list[EncoderSpec]) -> list[EncoderSpec]:
 
 
 REGISTRY: dict[str, EncoderSpec] = {s.name: s for s in _with_variants(_SPECS)}
-ALIASES = {"vgg16-pool4": "vgg16", "dense-sift": "sift",
+ALIASES = {"vgg16-pool4": "vgg16", "dense-sift": "sift", "hog-dense": "hog",
            **{f"cradio-vit-{k}": f"c-radio-v3-vit-{k}" for k in ("b", "l", "h", "g")}}
 
 

@@ -221,18 +221,22 @@ def _cached_net(weights, device) -> InceptionV3:
 
 @torch.no_grad()
 def online_fid(sample_fn: Callable[[int], torch.Tensor], ref_stats: Stats, n: int = 5000, batch: int = 250,
-               weights: str | Path | None = None, device="cpu", net: InceptionV3 | None = None) -> float:
+               weights: str | Path | None = None, device="cpu", net: InceptionV3 | None = None,
+               quantize: str = "round") -> float:
     """FID of `n` fresh samples against `ref_stats` (a small-N, biased-upward training monitor).
 
     sample_fn(b) -> b images, float [b, 3, H, W] in [0, 1] or uint8 [b, H, W, 3]. Call it on
     every rank with a rank-dependent seed and reduce, or on rank 0 only; it does not sync.
+    Float images become 0..255 by `quantize` (irepa.grid.quantize_unit: the recipe's sample_quantize).
     """
+    from irepa.grid import quantize_unit
+
     net = net or _cached_net(weights, device)
     pools, done = [], 0
     while done < n:
         imgs = sample_fn(min(batch, n - done))
         if imgs.dtype != torch.uint8:
-            imgs = imgs.float().clamp(0, 1).mul(255).round()
+            imgs = quantize_unit(imgs.float(), quantize).float()
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
             pools.append(net(imgs.to(device))["pool"].double().cpu().numpy())
         done += imgs.shape[0]

@@ -62,6 +62,9 @@ class Recipe:
     """preset name -> config tree (irepa.config sections); train.recipe is set by the registry"""
     Options: ClassVar[type | None] = None
     """a dataclass of the recipe's own options: config section `name` (cfg.<name>, --<name>.<key>)"""
+    sample_quantize: ClassVar[str] = "round"
+    """how launch/sample.py turns decoded images in [0, 1] into the uint8 FID batch, as the
+    recipe's release writes its samples: "round" or "truncate" (irepa.grid.quantize_unit)"""
     interval_rule: ClassVar[str] = "sit"
     """where CFG is on, as the recipe's release decides it (irepa.sampling.guidance_schedule)"""
 

@@ -66,7 +66,7 @@ def _presets() -> dict[str, dict]:
     out["digits-jit-irepa"] = {
         "model": {"name": "JiT-T/16", "input_size": 128, "in_channels": 3, "num_classes": 10,
                   "class_dropout_prob": 0.1, "align_depth": 2, "attn_backend": "sdpa"},
-        "align": {"encoders": ["hog"], "projector": "conv", "gamma": 0.8, "weight": 0.5},
+        "align": {"encoders": ["hog-patch"], "projector": "conv", "gamma": 0.8, "weight": 0.5},
         "data": {"source": "digits", "resolution": 128, "backend": "memmap"},
         "optim": {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.0, "grad_clip": None,
                   "warmup_steps": 50},
@@ -83,6 +83,7 @@ class JiTRecipe(Recipe):
     model_families = ("JiT",)
     data_kind = "pixels"
     presets = _presets()
+    sample_quantize = "round"  # JiT engine_jit.py@99ad4ac: np.round(clip(255 x, 0, 255))
     interval_rule = "jit"  # the JiT release's open CFG interval, decided at every model call
 
     P_MEAN, P_STD = -0.8, 0.8

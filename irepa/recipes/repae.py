@@ -107,7 +107,7 @@ def _presets() -> dict[str, dict]:
     out["digits-repae-irepa"] = {
         "model": {"name": "SiT-T/2", "input_size": 4, "in_channels": 4, "num_classes": 10, "align_depth": 2,
                   "attn_backend": "sdpa"},
-        "align": {"encoders": ["hog"], "projector": "conv", "gamma": 0.6, "weight": 0.5},
+        "align": {"encoders": ["hog-patch"], "projector": "conv", "gamma": 0.6, "weight": 0.5},
         "data": {"source": "digits", "resolution": 32, "backend": "memmap"},
         "optim": {"lr": 1e-3, "betas": (0.9, 0.999), "grad_clip": 1.0, "warmup_steps": 20},
         "train": {"steps": 300, "batch_size": 32, "ema_decays": [0.99], "log_every": 25, "ckpt_every": 150,

@@ -38,7 +38,7 @@ def _presets() -> dict[str, dict]:
     out["digits-sit-irepa"] = {
         "model": {"name": "SiT-T/2", "input_size": 16, "in_channels": 1, "num_classes": 10,
                   "align_depth": 2, "attn_backend": "sdpa"},
-        "align": {"encoders": ["hog"], "projector": "conv", "gamma": 0.6, "weight": 1.0},
+        "align": {"encoders": ["hog-patch"], "projector": "conv", "gamma": 0.6, "weight": 1.0},
         "data": {"source": "digits", "resolution": 128, "backend": "memmap"},
         "optim": {"lr": 1e-3, "betas": (0.9, 0.999), "grad_clip": 1.0, "warmup_steps": 50},
         "train": {"steps": 400, "batch_size": 64, "ema_decays": [0.99], "log_every": 40,
@@ -56,6 +56,8 @@ class SiTRecipe(Recipe):
     model_families = ("SiT",)
     data_kind = "latent"
     presets = _presets()
+    # iREPA ldm/generate.py@99ad4ac (and REPA-E generate.py@3ad8046): clamp(255 x, 0, 255).to(uint8)
+    sample_quantize = "truncate"
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
