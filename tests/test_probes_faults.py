@@ -296,13 +296,22 @@ def test_corrupt_only_checkpoint_is_refused_with_the_ways_on(two_ckpts, tmp_path
 
 
 # -- item 7: data verification -----------------------------------------------------------------
+def _prepared(tmp_path: Path) -> Path:
+    """The session's prepared digits of the TINY config (prepared here if no test did yet)."""
+    from irepa.recipes import for_config
+    from irepa.train.build import dataset_dir
+    cfg = _cfg(tmp_path, "prep", **{"train.steps": 1})
+    path = Path(dataset_dir(cfg, for_config(cfg).data_kind))
+    if not (path / "manifest.json").is_file():
+        Trainer(cfg)
+    return path
+
+
 def _corrupt_dataset(tmp_path: Path, record: int | None = None) -> tuple[Path, int]:
     """A copy of the prepared digits with a NaN in one latent record; the manifest digest rewritten to
     match, as when the bad value was there at preparation (or in bytes outside the sampled blocks)."""
     from data import format as fmt
-    src = Path(_CACHE["dir"]) / "digits-latent-64px-hog"
-    if not src.is_dir():
-        Trainer(_cfg(tmp_path, "prep", **{"train.steps": 1}))  # prepares the cache
+    src = _prepared(tmp_path)
     dst = tmp_path / "ds"
     shutil.copytree(src, dst)
     a = np.load(dst / "memmap/latent.npy", mmap_mode="r+")
@@ -327,10 +336,8 @@ def test_full_data_verification_names_the_bad_record(tmp_path):
 
 def test_first_nonfinite_loss_checks_its_batch_and_names_the_record(tmp_path):
     """The NaN record sits in step 2's batch: the error names step 2, the file and the record."""
-    src = Path(_CACHE["dir"]) / "digits-latent-64px-hog"
+    src = _prepared(tmp_path)
     over = {"train.steps": 4, "train.log_every": 4, "train.ckpt_every": 4, "data.backend": "memmap"}
-    if not src.is_dir():
-        Trainer(_cfg(tmp_path, "prep", **{"train.steps": 1}))
     probe = Trainer(_cfg(tmp_path, "probe", **over, **{"data.source": str(src)}))
     rec = int(probe.data.loader.records(0, 1)[5])  # 6th sample of the 2nd batch
     ds, _ = _corrupt_dataset(tmp_path, rec)
