@@ -127,6 +127,14 @@ class _PreparedLoader:
         flips = epoch_flips(self.seed, epoch, self.n)[order]
         return (2 * order + flips.long()).numpy()[start_batch * self.batch_size:]
 
+    def check_batch(self, epoch: int, index: int) -> str | None:
+        """The stored data of batch `index` of `epoch` (this rank's), read again from the dataset
+        files: '<file> record R ...: non-finite value in <field>' for each bad record, or None when it
+        is finite (or cannot be read: no memmap copy)."""
+        rec = self.records(epoch, index)[:self.batch_size]
+        bad = fmt.bad_records(self.root, self.manifest, rec, fields=self.fields)
+        return "; ".join(bad) if bad else None
+
     def __iter__(self) -> Iterator[dict]:
         gen = self._generation
         while True:

@@ -91,10 +91,15 @@ class DataConfig:
     """run the encoders in the train step on streamed images instead of stored features"""
     cache_dir: str | None = None
     """where the built-in dataset is prepared once; None = <train.out_dir>/datasets"""
+    verify: str = "sampled"
+    """check of the prepared files at startup: sampled (sizes + sampled digests) | full (every byte against
+    full digests where prepare recorded them, and every record scanned for non-finite values) | none"""
 
     def __post_init__(self):
         if self.resolution % 16:
             raise ValueError(f"data.resolution must be a multiple of 16 (encoder patch grid), got {self.resolution}")
+        if self.verify not in ("sampled", "full", "none"):
+            raise ValueError(f"data.verify must be sampled, full or none, got {self.verify!r}")
 
 
 @dataclass

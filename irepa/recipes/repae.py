@@ -221,7 +221,12 @@ class RepaERecipe(SiTRecipe):
                                     f"export it with launch/export_vae.py and pass --vae EXPORTED)")
         from safetensors.torch import load_file
         ae = VAEAutoencode(build_sdvae(self.options.vae))
-        ae.load_state_dict(load_file(str(path)))
+        sd = load_file(str(path))
+        bad = next((k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise ValueError(f"{path}: non-finite weights (NaN or inf in {bad!r}); the run diverged before this "
+                             f"checkpoint was written, use an older one")
+        ae.load_state_dict(sd)
         return ae.vae.to(device).eval()
 
 

@@ -162,7 +162,7 @@ def build_data(cfg: Config, recipe, model: nn.Module, rank: int, world_size: int
         raise InputError(f"{path}: {manifest['num_classes']} classes, model.num_classes is {cfg.model.num_classes}")
     loader = data_pkg.build_loader(path, local_batch, [] if online else cfg.align.encoders, seed=cfg.train.seed,
                                    rank=rank, world_size=world_size, device=device, backend=cfg.data.backend,
-                                   images=online)
+                                   images=online, verify=cfg.data.verify)
     return DataBundle(loader, dims, manifest, decode=recipe.decoder(manifest, device), online_encoders=encs)
 
 

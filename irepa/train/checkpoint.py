@@ -18,6 +18,16 @@ sha256 of every file (hashed by the rank that wrote it). A folder without it is 
 a size or hash mismatch, or a file safetensors cannot parse, is a CheckpointError naming the
 file; older checkpoints are pruned only after a newer one is complete. `load` fills live parts
 from either layout. `python -m irepa.train.export RUN` turns a sharded checkpoint into single files.
+
+Never written, never loaded: a checkpoint with a non-finite weight, EMA or optimizer value
+(`save` checks every tensor it is given first: NonFiniteError). Pruning keeps the checkpoint
+just written and deletes only older steps. A failed write (disk full) removes the partial
+step-N.tmp/ and names the file it was writing (CheckpointWriteError). `load_newest` resumes
+from the newest checkpoint that verifies and holds finite values: a corrupt or non-finite newer
+one is renamed step-N.corrupt / step-N.nonfinite (kept, never loaded) with a log line. Sharded
+checkpoints are read without executing anything: DCP's `.metadata` pickle goes through an
+unpickler that admits only DCP's metadata classes, and its byte items load with
+`weights_only=True` (UnsafeCheckpointError otherwise).
 """
 from __future__ import annotations
 
@@ -45,6 +55,27 @@ _PART_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 class CheckpointError(UserError, RuntimeError):
     pass
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The checkpoint's own content is damaged (manifest, sizes, hashes, unreadable files, trainer
+    state): an older complete checkpoint may stand in for it. Not raised for a model that does not fit."""
+
+
+class NonFiniteCheckpointError(CorruptCheckpointError):
+    """A stored weight, EMA or optimizer value is NaN or infinite."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file would run code or construct objects other than checkpoint metadata when loaded."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """Training produced a non-finite value (loss, gradient, weight); nothing of it is saved."""
+
+
+class CheckpointWriteError(UserError, OSError):
+    """Writing a checkpoint failed (e.g. disk full); the partial folder was removed."""
 
 
 # -- names --------------------------------------------------------------------------------
@@ -94,47 +125,147 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str
     return {"state": state, "param_groups": json.loads(meta["param_groups"])}
 
 
+# -- finiteness -----------------------------------------------------------------------------
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _named_state(parts: dict):
+    """(label, tensor) of everything `save` stores of the parts: weights, EMA, optimizer state."""
+    for name, part in parts.items():
+        weights, opt, ema = part_keys(name)
+        for k, v in part.module.state_dict().items():
+            yield f"{weights}: {k}", v
+        for i, sd in enumerate(part.ema.state_dicts() if part.ema else []):
+            for k, v in sd.items():
+                yield f"{_ema_key(ema, i)}: {k}", v
+        for idx, st in part.optimizer.state_dict()["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    yield f"{opt}: state.{idx}.{k}", v
+
+
+def first_nonfinite(named) -> str | None:
+    """Label of the first floating tensor of `named` ((label, tensor) pairs) holding NaN or inf, or
+    None. One device reduction per tensor and a single host sync; DTensors are checked by their
+    local shard (collect the answers of all ranks for the whole picture)."""
+    labels, flags = [], []
+    for label, t in named:
+        t = _local(t)
+        if t.is_floating_point() and t.numel():
+            labels.append(label)
+            flags.append(torch.isfinite(t).all())
+    if not flags:
+        return None
+    ok = torch.stack([f.to(flags[0].device) for f in flags]).cpu()
+    if bool(ok.all()):
+        return None
+    return labels[int((~ok).nonzero()[0])]
+
+
+def parts_nonfinite(parts: dict) -> str | None:
+    """The first non-finite stored value of the parts on any rank ("rank R: label"), or None (collective)."""
+    bad = first_nonfinite(_named_state(parts))
+    found = [(r, b) for r, b in enumerate(all_gather_object(bad)) if b]
+    if not found:
+        return None
+    r, b = found[0]
+    return b if rank_world()[1] == 1 else f"rank {r}: {b}"
+
+
 # -- saving -------------------------------------------------------------------------------
+def _write_error(e: BaseException, path: Path) -> tuple:
+    errno = getattr(e, "errno", None)
+    return errno, (getattr(e, "strerror", None) or str(e) or type(e).__name__), str(path)
+
+
 def save(run_dir: str | Path, step: int, parts: dict, *, trainer_state: dict, rng: dict[str, torch.Tensor],
          keep: int = 2) -> Path:
-    """Write checkpoints/step-N (collective: every rank calls it); prune to the newest `keep`."""
+    """Write checkpoints/step-N (collective: every rank calls it); prune to the newest `keep`.
+
+    Refuses (NonFiniteError, nothing written) when any stored value is NaN or infinite; a failed
+    write removes step-N.tmp/ and raises CheckpointWriteError naming the file."""
     rank, world = rank_world()
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step-{step:07d}", root / f"step-{step:07d}.tmp"
+    bad = parts_nonfinite(parts)
+    if bad is not None:
+        raise NonFiniteError(f"not writing {final}: non-finite value in {bad}")
     sharded = any(_is_sharded(p) for p in parts.values())
     state = {**trainer_state, "step": step, "parts": {n: {"ema": len(p.ema.decays) if p.ema else 0}
                                                       for n, p in parts.items()}}
     if sharded:
         state["sharded"] = True
+    err, hashes = None, {}
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    barrier()
-    if sharded:
-        files = _write_dcp(tmp, parts, rank)
-    else:
-        files = _write_files(tmp, parts) if rank == 0 else {}
-    if rank == 0:
-        save_file(_cpu(rng), str(tmp / "trainer.safetensors"), metadata={"format": "pt", "state": json.dumps(state)})
-        files["trainer.safetensors"] = tmp / "trainer.safetensors"
-    hashes = {name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for name, p in files.items()}
-    hashes = {k: v for part in all_gather_object(hashes) for k, v in part.items()}
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            err = _write_error(e, tmp)
+    errors = all_gather_object(err)
+    if any(errors):
+        _failed_write(tmp, errors, rank)
+    writing = tmp
+    try:
+        if sharded:
+            writing = tmp / "dcp"
+            files = _write_dcp(tmp, parts, rank)
+        else:
+            files = _write_files(tmp, parts) if rank == 0 else {}
+        if rank == 0:
+            writing = tmp / "trainer.safetensors"
+            save_file(_cpu(rng), str(writing), metadata={"format": "pt", "state": json.dumps(state)})
+            files["trainer.safetensors"] = writing
+        hashes = {name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for name, p in files.items()}
+    except _FileWriteError as e:
+        err = _write_error(e.__cause__, e.path)
+    except Exception as e:  # OSError from our files; DCP wraps its writers' errors in CheckpointException
+        err = _write_error(e, writing)
+    gathered = all_gather_object((hashes, err))
+    if any(e for _, e in gathered):
+        _failed_write(tmp, [e for _, e in gathered], rank)
+    hashes = {k: v for part, _ in gathered for k, v in part.items()}
     if rank == 0:
         manifest = {"format_version": FORMAT_VERSION, "step": step, "files": dict(sorted(hashes.items()))}
         if sharded:
             manifest.update(sharded=True, world_size=world)
-        with open(tmp / "manifest.json", "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp / "manifest.json", "w") as f:
+                json.dump(manifest, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            err = _write_error(e, tmp / "manifest.json")
+    errors = all_gather_object(err)
+    if any(errors):
+        _failed_write(tmp, errors, rank)
+    if rank == 0:
         if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _prune(root, keep)
+        _prune(root, keep, final)
     barrier()
     return final
+
+
+class _FileWriteError(Exception):
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.path = path
+
+
+def _failed_write(tmp: Path, errors: list, rank: int):
+    """Remove the partial checkpoint (rank 0) and raise the first rank's error on every rank."""
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    errno, why, path = next(e for e in errors if e)
+    msg = f"cannot write {path}: {why}; the partial checkpoint {tmp} was removed, the older checkpoints are untouched"
+    raise CheckpointWriteError(errno, msg) if errno is not None else CheckpointWriteError(msg)
 
 
 def _write_files(tmp: Path, parts: dict) -> dict[str, Path]:
@@ -142,7 +273,10 @@ def _write_files(tmp: Path, parts: dict) -> dict[str, Path]:
 
     def write(name, tensors, meta=None):
         path = tmp / f"{name}.safetensors"
-        save_file(_cpu(tensors), str(path), metadata={"format": "pt", **(meta or {})})
+        try:
+            save_file(_cpu(tensors), str(path), metadata={"format": "pt", **(meta or {})})
+        except Exception as e:
+            raise _FileWriteError(path) from e
         out[path.name] = path
 
     for name, part in parts.items():
@@ -181,9 +315,14 @@ def _write_dcp(tmp: Path, parts: dict, rank: int) -> dict[str, Path]:
     return mine
 
 
-def _prune(root: Path, keep: int) -> None:
-    for path in complete_checkpoints(root.parent)[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
+def _prune(root: Path, keep: int, newest: Path) -> None:
+    """Keep `newest` (just written) and the keep - 1 newest checkpoints of lower step; a folder of a
+    higher step (not this run's history) is never pruned. keep 0: prune nothing."""
+    if keep > 0:
+        step = _step(newest)
+        older = [p for p in complete_checkpoints(root.parent) if _step(p) < step]
+        for path in older[:max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(path, ignore_errors=True)
     for stale in root.glob("step-*.tmp*"):  # leftovers of a killed writer
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -195,7 +334,11 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     out = [p for p in root.iterdir() if _STEP_RE.match(p.name) and (p / "manifest.json").is_file()]
-    return sorted(out, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+    return sorted(out, key=_step)
+
+
+def _step(ckpt: Path) -> int:
+    return int(_STEP_RE.match(ckpt.name).group(1))
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -209,21 +352,29 @@ def read_manifest(ckpt: str | Path) -> dict:
     if not mpath.is_file():
         raise CheckpointError(f"{ckpt}: no manifest.json, the checkpoint is incomplete (writer was interrupted?)")
     try:
-        return json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{mpath}: corrupt manifest ({e})") from e
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(f"{mpath}: corrupt manifest, not valid JSON ({e})") from e
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values()):
+        raise CorruptCheckpointError(f"{mpath}: corrupt manifest, no 'files' table of bytes and sha256")
+    if any(Path(n).is_absolute() or ".." in Path(n).parts for n in files):
+        raise CorruptCheckpointError(f"{mpath}: corrupt manifest, a file name leaves the checkpoint folder")
+    return manifest
 
 
 def _check_files(ckpt: Path, manifest: dict, names: list[str]) -> None:
     for name in names:
         path, info = ckpt / name, manifest["files"][name]
         if not path.is_file():
-            raise CheckpointError(f"{path}: missing file listed in {ckpt / 'manifest.json'}")
+            raise CorruptCheckpointError(f"{path}: missing file listed in {ckpt / 'manifest.json'}")
         size = path.stat().st_size
         if size != info["bytes"]:
-            raise CheckpointError(f"{path}: truncated or altered ({size} bytes, manifest says {info['bytes']})")
+            raise CorruptCheckpointError(f"{path}: truncated or altered ({size} bytes, manifest says {info['bytes']})")
         if _sha256(path) != info["sha256"]:
-            raise CheckpointError(f"{path}: corrupt (sha256 does not match {ckpt / 'manifest.json'})")
+            raise CorruptCheckpointError(f"{path}: corrupt (sha256 does not match {ckpt / 'manifest.json'})")
 
 
 def verify_checkpoint(ckpt: str | Path, collective: bool = False) -> dict:
@@ -234,7 +385,7 @@ def verify_checkpoint(ckpt: str | Path, collective: bool = False) -> dict:
     rank, world = rank_world() if collective else (0, 1)
     err = None
     try:
-        _check_files(ckpt, manifest, sorted(manifest.get("files", {}))[rank::world])
+        _check_files(ckpt, manifest, sorted(manifest["files"])[rank::world])
     except CheckpointError as e:
         if world == 1:
             raise
@@ -242,7 +393,7 @@ def verify_checkpoint(ckpt: str | Path, collective: bool = False) -> dict:
     if world > 1:
         err = next((e for e in all_gather_object(err) if e), None)
         if err:
-            raise CheckpointError(err)
+            raise CorruptCheckpointError(err)
     return manifest
 
 
@@ -250,7 +401,16 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from e
+        raise CorruptCheckpointError(f"{path}: cannot read safetensors file ({e})") from e
+
+
+def require_finite(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """`tensors` (read from `path`), or NonFiniteCheckpointError naming the file and the first bad key."""
+    bad = first_nonfinite(tensors.items())
+    if bad is not None:
+        raise NonFiniteCheckpointError(f"{path}: non-finite weights (NaN or inf in {bad!r}); the run diverged "
+                                       f"before this checkpoint was written, use an older one")
+    return tensors
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -258,16 +418,54 @@ def _metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), "pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot read safetensors header ({e})") from e
+        raise CorruptCheckpointError(f"{path}: cannot read safetensors header ({e})") from e
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_trainer_state(path: Path, tr, rng: dict) -> None:
+    """What resume reads of the trainer state, checked before it is used (CorruptCheckpointError)."""
+    def bad(what):
+        raise CorruptCheckpointError(f"{path}: invalid trainer state ({what})")
+
+    if not isinstance(tr, dict):
+        bad(f"a JSON {type(tr).__name__}, not an object")
+    if not _is_int(tr.get("step")):
+        bad(f"'step' is {tr.get('step')!r}")
+    data = tr.get("data")
+    if not isinstance(data, dict):
+        bad(f"'data' is {data!r}")
+    positions = [data] if "epoch" in data else list(data.values())
+    if not positions or "epoch" not in data and "0" not in data:
+        bad("'data' holds no loader position (epoch/index, or one per rank from '0')")
+    for pos in positions:
+        if not (isinstance(pos, dict) and _is_int(pos.get("epoch")) and _is_int(pos.get("index"))):
+            bad(f"loader position {pos!r} is not {{'epoch': int, 'index': int}}")
+    parts = tr.get("parts", {})
+    if not isinstance(parts, dict) or not all(isinstance(p, dict) and _is_int(p.get("ema")) for p in parts.values()):
+        bad(f"'parts' is {parts!r}")
+    if not isinstance(tr.get("loss_scale", {}) or {}, dict):
+        bad(f"'loss_scale' is {tr.get('loss_scale')!r}")
+    cpu = rng.get("cpu")
+    if cpu is None or cpu.dtype != torch.uint8 or cpu.dim() != 1:
+        bad("no 'cpu' RNG state (uint8 vector)")
 
 
 def read_trainer_state(ckpt: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(trainer state, RNG tensors) of a checkpoint of either layout."""
+    """(trainer state, RNG tensors) of a checkpoint of either layout, checked (CorruptCheckpointError)."""
     path = Path(ckpt) / "trainer.safetensors"
     meta = _metadata(path)
     if "state" not in meta:
-        raise CheckpointError(f"{path}: no trainer state in the metadata")
-    return json.loads(meta["state"]), read_tensors(path)
+        raise CorruptCheckpointError(f"{path}: no trainer state in the metadata")
+    try:
+        tr = json.loads(meta["state"])
+    except json.JSONDecodeError as e:
+        raise CorruptCheckpointError(f"{path}: invalid trainer state (not JSON: {e})") from e
+    rng = read_tensors(path)
+    _check_trainer_state(path, tr, rng)
+    return tr, rng
 
 
 def _ema_counts(ckpt: Path, tr: dict, manifest: dict) -> dict[str, int]:
@@ -297,7 +495,44 @@ def load(ckpt: str | Path, parts: dict, verify: bool = True) -> tuple[dict, dict
     else:
         for name, part in parts.items():
             _load_part_files(ckpt, name, part)
+    bad = parts_nonfinite(parts)
+    if bad is not None:
+        raise NonFiniteCheckpointError(f"{ckpt}: non-finite value in {bad}; the run diverged before this "
+                                       f"checkpoint was written")
     return tr, rng
+
+
+def load_newest(run_dir: str | Path, parts: dict, log=print) -> tuple[Path, dict, dict[str, torch.Tensor]] | None:
+    """Fill `parts` from the newest complete checkpoint of `run_dir` that verifies and holds finite
+    values (collective). A newer damaged one (CorruptCheckpointError: manifest, hashes, unreadable
+    files, trainer state, non-finite values) is skipped with a log line and, once an older one has
+    loaded, renamed step-N.corrupt / step-N.nonfinite (kept, never loaded again). When none is left
+    the first error is raised with the ways on. Returns (checkpoint, trainer state, RNG) or None."""
+    rank, _ = rank_world()
+    skipped: list[tuple[Path, CorruptCheckpointError]] = []
+    for ckpt in reversed(complete_checkpoints(run_dir)):
+        try:
+            tr, rng = load(ckpt, parts)
+        except CorruptCheckpointError as e:
+            log(f"skipping checkpoint {ckpt}: {e}")
+            skipped.append((ckpt, e))
+            continue
+        for bad, e in skipped:
+            kind = "nonfinite" if isinstance(e, NonFiniteCheckpointError) else "corrupt"
+            aside = bad.with_name(f"{bad.name}.{kind}")
+            if rank == 0:
+                if aside.exists():
+                    shutil.rmtree(aside)
+                os.replace(bad, aside)
+            log(f"moved the damaged checkpoint {bad} to {aside} (kept, never loaded); resuming from {ckpt}")
+        barrier()
+        return ckpt, tr, rng
+    if skipped:
+        ckpt, e = skipped[0]
+        raise type(e)(f"{e}. No older complete checkpoint in {Path(run_dir) / 'checkpoints'} to resume from: "
+                      f"repair or remove {ckpt}, or start afresh with --train.resume false (moves this run "
+                      f"aside to {Path(run_dir)}/previous-<time>/)") from e
+    return None
 
 
 def read_part(ckpt: str | Path, name: str = MAIN, n_ema: int | None = None) -> dict:
@@ -343,11 +578,16 @@ def _load_dcp(ckpt: Path, parts: dict) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     state = _dcp_state(parts)
+    for md in sorted((ckpt / "dcp").glob("*.metadata")) + [ckpt / "dcp" / ".metadata"]:
+        if md.is_file():  # refused here with its own error; the reader below admits the same classes
+            safe_load_metadata(md)
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*single process.*")
-            dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
+            dcp.load(state, storage_reader=_SafeReader(ckpt / "dcp"), planner=_SafePlanner())
     except Exception as e:  # DCP's own message names the missing or mismatched key
+        if "refusing to load" in str(e) or "refusing to unpickle" in str(e):  # DCP re-raises ours as text
+            raise UnsafeCheckpointError(f"{ckpt / 'dcp'}: {e}") from e
         raise CheckpointError(f"{ckpt / 'dcp'}: cannot load into this model ({e})") from e
     for name, part in parts.items():
         weights, opt, ema = part_keys(name)
@@ -355,3 +595,101 @@ def _load_dcp(ckpt: Path, parts: dict) -> None:
         set_optimizer_state_dict(part.module, part.optimizer, state[opt], options=_options())
         if part.ema:
             part.ema.load_state_dicts([state[ema][str(i)] for i in range(len(part.ema.decays))])
+
+
+# -- DCP without code execution ------------------------------------------------------------
+def _metadata_globals() -> dict[tuple[str, str], object]:
+    """Every global a DCP .metadata pickle of torch 2.13 refers to: DCP's metadata dataclasses, its
+    storage record, torch.Size, dtypes and layouts (by name), pathlib paths. Nothing else loads."""
+    import pathlib
+
+    import torch.distributed.checkpoint.filesystem as fs
+    import torch.distributed.checkpoint.metadata as md
+    import torch.serialization
+    allowed = {("pathlib", n): getattr(pathlib, n) for n in ("PosixPath", "PurePosixPath", "WindowsPath",
+                                                              "PureWindowsPath", "Path")}
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+    for n in ("Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties", "TensorStorageMetadata",
+              "BytesStorageMetadata", "StorageMeta", "_MEM_FORMAT_ENCODING"):
+        if hasattr(md, n):
+            allowed[("torch.distributed.checkpoint.metadata", n)] = getattr(md, n)
+    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = fs._StorageInfo
+    for n, v in vars(torch).items():
+        if isinstance(v, torch.dtype):
+            allowed[("torch", n)] = v
+    return allowed
+
+
+def safe_load_metadata(path: Path):
+    """DCP's .metadata file, unpickled with only `_metadata_globals()` admitted (UnsafeCheckpointError)."""
+    import pickle
+
+    allowed = _metadata_globals()
+
+    class _Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in allowed:
+                raise UnsafeCheckpointError(
+                    f"{path}: refers to {module}.{name}, which is not checkpoint metadata; refusing to load it "
+                    f"(a pickle can run code: this file was not written by torch.distributed.checkpoint)")
+            return allowed[(module, name)]
+
+    from torch.distributed.checkpoint.metadata import Metadata
+    try:
+        with open(path, "rb") as f:
+            md = _Restricted(f).load()
+    except (UnsafeCheckpointError, OSError):  # DCP tries rank-local metadata files when one is missing
+        raise
+    except Exception as e:
+        raise CorruptCheckpointError(f"{path}: cannot read DCP metadata ({type(e).__name__}: {e})") from e
+    if not isinstance(md, Metadata):
+        raise UnsafeCheckpointError(f"{path}: holds a {type(md).__name__}, not DCP Metadata")
+    return md
+
+
+def _reader_class():
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        """FileSystemReader whose metadata goes through safe_load_metadata (tensors already load
+        with weights_only=True in torch's reader)."""
+
+        def read_metadata(self, *args, **kwargs):
+            md = safe_load_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return SafeReader
+
+
+def _SafeReader(path: Path):
+    return _reader_class()(str(path))
+
+
+def _SafePlanner():
+    import io
+
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.planner import ReadItem
+
+    class SafePlanner(DefaultLoadPlanner):
+        """DefaultLoadPlanner whose non-tensor items (param groups, steps) load with weights_only=True
+        (torch 2.13's own load_bytes unpickles them with weights_only=False)."""
+
+        def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+            try:
+                obj = torch.load(value, weights_only=True)
+            except Exception as e:
+                raise UnsafeCheckpointError(f"DCP item {read_item.dest_index.fqn!r} is not plain data "
+                                            f"({type(e).__name__}); refusing to unpickle it") from e
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafePlanner()

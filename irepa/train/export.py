@@ -8,7 +8,8 @@ weights, EMA and optimizer state and the trainer state as safetensors, irepa.tra
 so `load_for_inference(OUT)` gives the full EMA model and a single-process run pointed at it
 (`--out_dir PARENT --run_name NAME`) resumes from it. Runs in one process on CPU:
 torch.distributed.checkpoint reassembles every shard into full tensors, whatever world size
-wrote them. Encoder weights are not needed.
+wrote them (DCP metadata through irepa.train.checkpoint's restricted unpickler: nothing in
+the folder can run code). Encoder weights are not needed. Both refuse non-finite weights.
 """
 from __future__ import annotations
 
@@ -52,7 +53,10 @@ def export(path: str | Path, out: str | Path | None = None) -> Path:
     cfg = run_config(ckpt)
     shutil.copyfile(run_dir / "config.json", out / "config.json")
     if not checkpoint.read_manifest(ckpt).get("sharded"):  # already one file per part: verify and copy
-        checkpoint.verify_checkpoint(ckpt)
+        manifest = checkpoint.verify_checkpoint(ckpt)
+        for name in manifest["files"]:
+            if name.endswith(".safetensors") and name != "trainer.safetensors":
+                checkpoint.require_finite(checkpoint.read_tensors(ckpt / name), ckpt / name)
         dst = out / "checkpoints" / ckpt.name
         if dst.exists():
             shutil.rmtree(dst)
@@ -82,7 +86,7 @@ def load_for_inference(path: str | Path, which: str = "ema", device: str | torch
                               f"python -m irepa.train.export {ckpt.parent.parent}")
     checkpoint.verify_checkpoint(ckpt)
     fname = {"ema": "ema.safetensors", "model": "model.safetensors"}.get(which, f"{which}.safetensors")
-    sd = checkpoint.read_tensors(ckpt / fname)
+    sd = checkpoint.require_finite(checkpoint.read_tensors(ckpt / fname), ckpt / fname)
     if which == "model":  # the trained tree holds model.* and head.*
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
     model = recipes.for_config(cfg).build_model(fused=False)

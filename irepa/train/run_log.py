@@ -54,9 +54,10 @@ class RunLog:
 
 
 class TensorBoardSink:
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(str(log_dir))
+        # a resumed run hides the events logged after its checkpoint: they are logged again
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
     def add_scalar(self, tag, value, step):
         self.writer.add_scalar(tag, value, step)
@@ -98,10 +99,11 @@ class WandbSink:
         self.run.finish()
 
 
-def open_run_log(cfg: Config, run_dir: Path) -> RunLog:
-    """The run's log: TensorBoard events in `run_dir`, plus W&B when cfg.log.wandb (rank 0 only)."""
+def open_run_log(cfg: Config, run_dir: Path, resume_step: int = 0) -> RunLog:
+    """The run's log: TensorBoard events in `run_dir`, plus W&B when cfg.log.wandb (rank 0 only).
+    resume_step N > 0: TensorBoard hides the events after step N (purge_step N + 1)."""
     sinks: list[Sink] = []
     if cfg.log.wandb:  # first: a missing wandb fails before any event file is opened
         sinks.append(WandbSink(cfg, Path(run_dir)))
-    sinks.insert(0, TensorBoardSink(Path(run_dir)))
+    sinks.insert(0, TensorBoardSink(Path(run_dir), resume_step + 1 if resume_step else None))
     return RunLog(sinks)

@@ -67,6 +67,9 @@ class TrainStep:
         self.micro_batch, self.amp_dtype, self.scaler = micro_batch, amp_dtype, scaler
         self.align_weight, self.warmup_steps = align_weight, warmup_steps
         self.seed, self.rank, self.device = seed, rank, device
+        self.grad_norms: dict[str, torch.Tensor] = {}
+        """each part's gradient norm of the last step (by part name; 0 for an fp16 step the loss scaler
+        skipped), on the device: the trainer's finite check reads them without a sync"""
 
     # -- pieces ---------------------------------------------------------------------------
     def generator(self, step: int) -> torch.Generator:
@@ -106,6 +109,8 @@ class TrainStep:
             group["lr"] = self.lr(part, step)
         if ok:
             part.optimizer.step()
+        name = next((n for n, p in self.parts.items() if p is part), "?")
+        self.grad_norms[name] = grad_norm if ok else torch.zeros_like(grad_norm)
         if update_scale:
             self.scaler.update(ok)
         part.optimizer.zero_grad(set_to_none=True)

@@ -5,6 +5,13 @@ decodes; the step itself is irepa.train.step.TrainStep (or the recipe's replacem
 randomness comes from a generator seeded by (seed, rank, step), so a resumed run repeats an
 uninterrupted one exactly. The hot loop does not synchronize with the device except on log
 and checkpoint steps.
+
+Run folder: a fresh start (train.resume false) in a folder that holds another run moves that
+run aside into previous-<time>/ first; a resume from step N drops metrics.jsonl rows of steps
+after N (they are logged again). Non-finite values: every step notes, on the device, whether
+its loss and each part's gradient norm are finite; the log / checkpoint steps read that note,
+and the first non-finite step is reported by number (with a check of that step's batch in the
+dataset files); checkpoint.save refuses non-finite state.
 """
 from __future__ import annotations
 
@@ -75,7 +82,12 @@ class Trainer:
         self.step_fn = self.recipe.make_step(self.default_step)
         self.step = 0
         self._stop_signal: int | None = None
-        self._finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+        """first step (1-based, as metrics.jsonl counts) whose loss or a gradient norm was non-finite; -1: none"""
+        self._bad_what: torch.Tensor | None = None
+        self._bad_names: list[str] = []
+        if cfg.data.verify == "full":
+            self._verify_data_full()
         self._prepare_run_dir()
         self._fid_ref = None
         if cfg.train.fid_every and self.is_main:  # fail before step 0 on a missing reference or weights
@@ -137,17 +149,40 @@ class Trainer:
                         for k, v in new[s].items() if old.get(s, {}).get(k) != v]
                 if diff:
                     raise ValueError(f"{cfg_path}: this run folder was made with a different model/align/data "
-                                     f"config ({'; '.join(diff)}); use another train.run_name or train.resume=False")
+                                     f"config ({'; '.join(diff)}); use another train.run_name, or "
+                                     f"--train.resume false to move that run aside into "
+                                     f"{self.run_dir}/previous-<time>/ and start afresh here")
+            if not self.cfg.train.resume:
+                self._move_previous_run()
             tmp = cfg_path.with_suffix(".json.tmp")
             tmp.write_text(self.cfg.to_json())
             os.replace(tmp, cfg_path)
         barrier()
 
-    def _maybe_resume(self) -> None:
-        latest = checkpoint.latest_checkpoint(self.run_dir) if self.cfg.train.resume else None
-        if latest is None:
+    def _move_previous_run(self) -> None:
+        """A fresh start in a folder holding another run: move everything of it (config.json,
+        checkpoints, metrics.jsonl, TensorBoard events, samples, exports) into previous-<time>/."""
+        old = [p for p in self.run_dir.iterdir() if not p.name.startswith("previous-")]
+        if not old:
             return
-        tr, rng = checkpoint.load(latest, self.parts)  # either layout, any world size
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.run_dir / f"previous-{stamp}"
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.run_dir / f"previous-{stamp}-{n}"
+        aside.mkdir()
+        for p in old:
+            os.replace(p, aside / p.name)
+        self._log(f"train.resume false: moved the run that was in {self.run_dir} ({', '.join(sorted(p.name for p in old))}) "
+                  f"to {aside}; starting afresh")
+
+    def _maybe_resume(self) -> None:
+        found = checkpoint.load_newest(self.run_dir, self.parts, log=self._log) if self.cfg.train.resume else None
+        if found is None:
+            self._drop_logged_steps_after(0)
+            return
+        latest, tr, rng = found  # either layout, any world size
         self.step = int(tr["step"])
         self.scaler.load_state_dict(tr.get("loss_scale"))
         data = tr["data"]
@@ -155,7 +190,35 @@ class Trainer:
             data = data.get(str(self.rank), data["0"])
         self.data.loader.load_state_dict(data)
         torch.set_rng_state(rng["cpu"])
+        self._drop_logged_steps_after(self.step)
         self._log(f"resumed from {latest} at step {self.step}")
+
+    def _drop_logged_steps_after(self, step: int) -> None:
+        """metrics.jsonl keeps the rows of steps <= `step`: the steps after it are run (and logged) again."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.is_main or not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                if int(json.loads(line).get("step", 0)) <= step:
+                    keep.append(line)
+            except (ValueError, AttributeError, TypeError):
+                pass  # a line cut by a kill: dropped
+        if len(keep) != len(lines):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, path)
+            self._log(f"{path}: dropped {len(lines) - len(keep)} rows after step {step} (they are logged again)")
+
+    def _verify_data_full(self) -> None:
+        """data.verify full: every byte against a full digest where prepare recorded one (the loader
+        did that), and every record of the dataset scanned for non-finite values and bad labels."""
+        from irepa import data as data_pkg
+        loader = self.data.loader
+        done = data_pkg.scan_dataset(loader.root, loader.manifest, fields=loader.fields) if self.is_main else None
+        self._log(f"data.verify full: {done}")
 
     def _log(self, msg: str) -> None:
         if self.is_main:
@@ -170,8 +233,20 @@ class Trainer:
 
     def train_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         out = self.step_fn(batch, step)
-        self._finite &= torch.isfinite(out["loss"])
+        self._note_finite(out["loss"], step + 1)
         return out
+
+    def _note_finite(self, loss: torch.Tensor, step: int) -> None:
+        """Device-side note of the first step whose loss or gradient norm (of every part: the fused
+        norm over all its gradients) is non-finite; a handful of scalar ops, no host sync."""
+        norms = self.default_step.grad_norms
+        self._bad_names = ["loss", *(f"gradient of {n}" for n in norms)]
+        vals = torch.stack([loss.detach().float().reshape(()), *(v.detach().float().reshape(()) for v in norms.values())])
+        bad = ~torch.isfinite(vals)
+        new = bad.any() & (self._first_bad < 0)
+        self._first_bad = torch.where(new, step, self._first_bad)
+        self._bad_what = bad if self._bad_what is None or self._bad_what.shape != bad.shape else \
+            torch.where(new, bad, self._bad_what)
 
     # -- loop ----------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -234,10 +309,43 @@ class Trainer:
         return out + (f", MFU {100 * last['mfu']:.1f}%" if "mfu" in last else ", MFU n/a (no peak for this device)")
 
     def _check_finite(self) -> None:
-        if not bool(self._finite):
-            raise FloatingPointError(
-                f"non-finite loss before step {self.step} in {self.run_dir}; no checkpoint written for it. "
-                f"Last good checkpoint: {checkpoint.latest_checkpoint(self.run_dir)}")
+        """Raise NonFiniteError naming the first non-finite step (collective: every rank agrees)."""
+        first = int(self._first_bad)
+        what = [n for n, b in zip(self._bad_names, self._bad_what.tolist()) if b] if first > 0 else []
+        if self.world > 1:
+            seen = [(f, w) for f, w in all_gather_object((first, what)) if f > 0]
+            first, what = min(seen) if seen else (-1, [])
+        if first <= 0:
+            return
+        data = self._check_batch(first)
+        if self.world > 1:  # each rank read its own share of the batch
+            found = all_gather_object(data)
+            data = next((d for d in found if "data is bad" in d), found[0])
+        raise checkpoint.NonFiniteError(
+            f"non-finite {' and '.join(what) or 'value'} at step {first} in {self.run_dir} "
+            f"(metrics.jsonl numbering){data}; no checkpoint was written after it. "
+            f"Last good checkpoint: {checkpoint.latest_checkpoint(self.run_dir)}")
+
+    def _check_batch(self, step: int) -> str:
+        """The dataset records of step `step`'s batch (this rank's), checked for non-finite values
+        in the files: '; the data is bad: FILE record R ...' or '; its batch's data is finite'."""
+        loader = self.data.loader
+        check = getattr(loader, "check_batch", None)
+        if check is None:
+            return ""
+        pos = loader.state_dict()
+        consumed = pos["epoch"] * loader.batches_per_epoch + pos["index"]
+        number = consumed - 1 - (self.step - step)  # batches are consumed one per step
+        if number < 0:
+            return ""
+        epoch, index = divmod(number, loader.batches_per_epoch)
+        try:
+            bad = check(epoch, index)
+        except Exception as e:  # the check is a diagnosis; it must not hide the error it explains
+            return f"; its batch could not be checked ({type(e).__name__}: {e})"
+        if bad is None:
+            return f"; its batch (epoch {epoch}, batch {index}) holds finite data"
+        return f"; the data is bad: {bad}"
 
     def _log_metrics(self, writer, sums, n, dt, wait) -> dict:
         if self.world > 1:
@@ -277,7 +385,7 @@ class Trainer:
         if not self.is_main:
             return None
         from irepa.train.run_log import open_run_log
-        return open_run_log(self.cfg, self.run_dir)
+        return open_run_log(self.cfg, self.run_dir, self.step)
 
     # -- checkpoints and samples ---------------------------------------------------------
     def save(self) -> None:
@@ -340,7 +448,8 @@ class Trainer:
             return self._sample_images(model, torch.randint(n_cls, (b,), generator=g, device=self.device), g)
 
         t = self.cfg.train
-        fid = online_fid(sample_fn, self._fid_ref, n=t.fid_samples, weights=t.fid_weights, device=self.device)
+        fid = online_fid(sample_fn, self._fid_ref, n=t.fid_samples, weights=t.fid_weights, device=self.device,
+                         quantize=self.recipe.sample_quantize)  # as launch/sample.py writes the recipe's samples
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, "fid_online": fid, "fid_samples": t.fid_samples}) + "\n")
         if writer is not None:
