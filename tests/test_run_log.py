@@ -49,8 +49,8 @@ def test_wandb_sink_gets_what_tensorboard_gets(tmp_path, digits_cache, monkeypat
     real_tb = run_log.TensorBoardSink
 
     class TB(real_tb, _Recorder):
-        def __init__(self, log_dir):
-            real_tb.__init__(self, log_dir)
+        def __init__(self, log_dir, purge_step=None):
+            real_tb.__init__(self, log_dir, purge_step)
             _Recorder.__init__(self)
             seen["tb"] = self
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from irepa import recipes
 from irepa.config import Config
 from irepa.dist import all_gather_object, barrier, setup, teardown
+from irepa.errors import InputError
 from irepa.train import checkpoint, memory, parallelize
 from irepa.train.build import AlignedDiffusion, adamw, base_lr, build_data, build_head, extra_parts
 from irepa.train.ema import ShardedEMA, make_ema
@@ -92,7 +93,7 @@ class Trainer:
         self._fid_ref = None
         if cfg.train.fid_every and self.is_main:  # fail before step 0 on a missing reference or weights
             if self.data.decode is None:
-                raise ValueError("train.fid_every needs a decoder for samples (the dataset's VAE folder)")
+                raise InputError("train.fid_every needs a decoder for samples (the dataset's VAE folder)")
             from irepa.metrics.fid import reference_stats
             self._fid_ref = reference_stats(cfg.train.fid_ref, weights=cfg.train.fid_weights, device=self.device)
         self._maybe_resume()
@@ -126,7 +127,7 @@ class Trainer:
         local = t.batch_size // self.world
         if t.micro_batch_size:
             if local % t.micro_batch_size:
-                raise ValueError(f"train.micro_batch_size={t.micro_batch_size} must divide the per-rank batch "
+                raise InputError(f"train.micro_batch_size={t.micro_batch_size} must divide the per-rank batch "
                                  f"{local} (batch_size {t.batch_size} over {self.world} ranks)")
             return t.micro_batch_size
         budget = None if t.memory_budget_gib is None else int(t.memory_budget_gib * 2**30)
@@ -148,7 +149,7 @@ class Trainer:
                 diff = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}" for s in ("model", "align", "data")
                         for k, v in new[s].items() if old.get(s, {}).get(k) != v]
                 if diff:
-                    raise ValueError(f"{cfg_path}: this run folder was made with a different model/align/data "
+                    raise InputError(f"{cfg_path}: this run folder was made with a different model/align/data "
                                      f"config ({'; '.join(diff)}); use another train.run_name, or "
                                      f"--train.resume false to move that run aside into "
                                      f"{self.run_dir}/previous-<time>/ and start afresh here")
