@@ -16,6 +16,8 @@ from irepa.compare.runner import Comparison, check_spec
 from irepa.compare.spec import CompareSpec, Recipe, digits_default
 from irepa.train import checkpoint as ckpt_io
 
+from interrupts import Crash, Interrupt, crash
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"model.name": "SiT-Tiny/2", "model.input_size": 8, "data.resolution": 64, "train.batch_size": 16,
         "train.log_every": 1, "train.ckpt_every": 100, "train.ema_decays": [0.9], "optim.warmup_steps": 3}
@@ -54,30 +56,6 @@ def test_segmented_training_is_bit_identical_to_one_run(tmp_path, cache):
     assert logged == [1, 2, 3, 4, 5, 6]  # each step trained once: the segments resumed, none restarted
 
 
-class _Interrupt:
-    """A trainer's loader, with `action()` run before batch `at` of this segment is handed out."""
-
-    def __init__(self, loader, at: int, action):
-        self.loader, self.at, self.action = loader, at, action
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i == self.at:
-                self.action()
-            yield batch
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
-
-
-class _Crash(Exception):
-    pass
-
-
-def _crash():
-    raise _Crash("killed")
-
-
 def _interrupt(monkeypatch, run: str, steps: int, at: int, action):
     """Make the training segment of `run` that ends at `steps` meet `action` before its batch `at`."""
     from irepa.train import trainer as trainer_mod
@@ -85,7 +63,7 @@ def _interrupt(monkeypatch, run: str, steps: int, at: int, action):
     def train(cfg):
         tr = trainer_mod.Trainer(cfg)
         if cfg.train.run_name == run and cfg.train.steps == steps:
-            tr.data.loader = _Interrupt(tr.data.loader, at, action)
+            tr.data.loader = Interrupt(tr.data.loader, at, action)
         return tr.train()
     monkeypatch.setattr(trainer_mod, "train", train)
 
@@ -126,8 +104,8 @@ def test_interrupted_comparison_resumes_to_the_same_csv(tmp_path, cache, monkeyp
     assert eval_path(out, none, 0, 2).is_file() and not eval_path(out, none, 0, 4).exists()
     assert backend.latest_step(out / "runs" / "none-s0") == 3
     with monkeypatch.context() as m:
-        _interrupt(m, "irepa-s0", 4, 1, _crash)
-        with pytest.raises(_Crash):
+        _interrupt(m, "irepa-s0", 4, 1, crash)
+        with pytest.raises(Crash):
             _compare(out, cache)
     assert eval_path(out, none, 0, 4).is_file() and eval_path(out, irepa, 0, 2).is_file()
     assert not eval_path(out, irepa, 0, 4).exists() and not (out / "results.csv").exists()

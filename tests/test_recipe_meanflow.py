@@ -18,6 +18,8 @@ from irepa.recipes.meanflow import MeanFlowRecipe
 from irepa.train import checkpoint
 from irepa.train.trainer import Trainer
 
+from interrupts import Crash, Interrupt, crash
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"model.name": "SiT-Tiny/2", "model.input_size": 8, "data.resolution": 64, "train.batch_size": 8,
         "train.log_every": 1, "train.ckpt_every": 3, "train.sample_steps": 1, "train.ema_decays": [0.9],
@@ -90,23 +92,7 @@ def test_resume_after_a_crash_matches_uninterrupted(tmp_path):
     Trainer(_cfg(tmp_path, "full", **{"train.steps": 6})).train()
     tr = Trainer(_cfg(tmp_path, "killed", **{"train.steps": 6}))
 
-    class Crash(Exception):
-        pass
-
-    class Interrupt:  # the trainer's loader, dying before batch 5: the run is killed during step 5
-        def __init__(self, loader):
-            self.loader = loader
-
-        def __iter__(self):
-            for i, batch in enumerate(self.loader):
-                if i == 4:
-                    raise Crash("killed")
-                yield batch
-
-        def __getattr__(self, name):
-            return getattr(self.loader, name)
-
-    tr.data.loader = Interrupt(tr.data.loader)
+    tr.data.loader = Interrupt(tr.data.loader, 4, crash)  # dies before batch 5: the run is killed during step 5
     with pytest.raises(Crash):
         tr.train()
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "killed")] == ["step-0000003"]

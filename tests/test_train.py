@@ -20,6 +20,8 @@ from irepa.recipes import resolve
 from irepa.train import checkpoint
 from irepa.train.trainer import Trainer
 
+from interrupts import Crash, Interrupt, crash
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"model.name": "SiT-Tiny/2", "model.input_size": 8, "data.resolution": 64, "train.batch_size": 16,
         "train.log_every": 1, "train.ckpt_every": 3, "train.sample_steps": 4, "train.ema_decays": [0.9],
@@ -43,30 +45,6 @@ def _cfg(out_dir, name, preset="digits-sit-irepa", **over):
                             "data.cache_dir": _CACHE["dir"], **over})
 
 
-class _Interrupt:
-    """The trainer's loader, with `action()` run before batch `at` (0-based) is handed out."""
-
-    def __init__(self, loader, at: int, action):
-        self.loader, self.at, self.action = loader, at, action
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i == self.at:
-                self.action()
-            yield batch
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
-
-
-class _Crash(Exception):
-    pass
-
-
-def _crash():
-    raise _Crash("killed")
-
-
 def losses(run_dir: Path) -> dict[int, tuple]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -78,8 +56,8 @@ def losses(run_dir: Path) -> dict[int, tuple]:
 def test_resume_after_a_crash_matches_uninterrupted(tmp_path):
     Trainer(_cfg(tmp_path, "full", **{"train.steps": 8})).train()
     tr = Trainer(_cfg(tmp_path, "killed", **{"train.steps": 8}))
-    tr.data.loader = _Interrupt(tr.data.loader, 5, _crash)  # dies during step 6: nothing saved after step 3
-    with pytest.raises(_Crash):
+    tr.data.loader = Interrupt(tr.data.loader, 5, crash)  # dies during step 6: nothing saved after step 3
+    with pytest.raises(Crash):
         tr.train()
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "killed")] == ["step-0000003"]
     resumed = Trainer(_cfg(tmp_path, "killed", **{"train.steps": 8}))
@@ -98,7 +76,7 @@ def test_resume_after_a_crash_matches_uninterrupted(tmp_path):
 def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     tr = Trainer(_cfg(tmp_path, "term", **{"train.steps": 50}))
-    tr.data.loader = _Interrupt(tr.data.loader, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    tr.data.loader = Interrupt(tr.data.loader, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
     last = tr.train()  # returns normally after the step the signal arrived in
     assert last["step"] == 4 and signal.getsignal(signal.SIGTERM) is before  # the handler is put back
     ckpt = checkpoint.latest_checkpoint(tmp_path / "term")
