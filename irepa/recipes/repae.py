@@ -37,6 +37,7 @@ from irepa.autoencoder.losses import VAELossConfig, discriminator_loss, generato
 from irepa.autoencoder.lpips import build_lpips
 from irepa.autoencoder.sdvae import REPAE_VAE_FILE, Posterior, VAEAutoencode, build_sdvae, load_sdvae, resolve_vae
 from irepa.config import merge_trees
+from irepa.errors import InputError, InputNotFound
 
 from .base import Loss, PartSpec
 from .sit import SiTRecipe
@@ -217,14 +218,14 @@ class RepaERecipe(SiTRecipe):
         ckpt = getattr(self, "checkpoint", None)
         path = Path(ckpt) / "vae.safetensors" if ckpt else None
         if path is None or not path.is_file():
-            raise FileNotFoundError(f"REPA-E decoding needs the run's VAE: {path} not found (a sharded checkpoint? "
+            raise InputNotFound(f"REPA-E decoding needs the run's VAE: {path} not found (a sharded checkpoint? "
                                     f"export it with launch/export_vae.py and pass --vae EXPORTED)")
         from safetensors.torch import load_file
         ae = VAEAutoencode(build_sdvae(self.options.vae))
         sd = load_file(str(path))
         bad = next((k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
         if bad is not None:
-            raise ValueError(f"{path}: non-finite weights (NaN or inf in {bad!r}); the run diverged before this "
+            raise InputError(f"{path}: non-finite weights (NaN or inf in {bad!r}); the run diverged before this "
                              f"checkpoint was written, use an older one")
         ae.load_state_dict(sd)
         return ae.vae.to(device).eval()
