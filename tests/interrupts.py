@@ -1,12 +1,21 @@
 """Faults injected into a trainer through its loader (the production loop has no test hook).
 
-    tr.data.loader = Interrupt(tr.data.loader, 5, crash)   # dies before batch 5 is handed out
+    tr.data.loader = Interrupt(tr.data.loader, 5, crash)          # dies before batch 5 is handed out
+    tr.data.loader = Interrupt(tr.data.loader, 2, nan_into("x"))  # batch 2 (step 3) holds a NaN latent
+
+Run as a script (under torchrun), it trains with a NaN put into one rank's batch, for the
+multi-rank fault tests; each rank prints `[rank R] <error>` on stdout before it exits with it:
+
+    torchrun --nproc_per_node=2 tests/interrupts.py --nan_rank 1 --nan_at 2 --nan_key x [config overrides]
 """
 from __future__ import annotations
 
+from irepa.recipes import DEFAULT_PRESET
+
 
 class Interrupt:
-    """A trainer's loader, with `action()` run before batch `at` (0-based) is handed out."""
+    """A trainer's loader, with `action()` run before batch `at` (0-based) is handed out; an action
+    made by `nan_into` (edits_batch) instead returns the batch that is handed out in its place."""
 
     def __init__(self, loader, at: int, action):
         self.loader, self.at, self.action = loader, at, action
@@ -14,7 +23,10 @@ class Interrupt:
     def __iter__(self):
         for i, batch in enumerate(self.loader):
             if i == self.at:
-                self.action()
+                if getattr(self.action, "edits_batch", False):
+                    batch = self.action(batch)
+                else:
+                    self.action()
             yield batch
 
     def __getattr__(self, name):
@@ -27,3 +39,36 @@ class Crash(Exception):
 
 def crash():
     raise Crash("killed")
+
+
+def nan_into(key: str):
+    """An action that hands out the batch with a NaN in the first element of batch[key] (a copy)."""
+    def edit(batch: dict) -> dict:
+        t = batch[key].clone()
+        t.view(-1)[0] = float("nan")
+        return {**batch, key: t}
+
+    edit.edits_batch = True
+    return edit
+
+
+def _train_with_nan(nan_rank: int, nan_at: int, nan_key: str, preset: str = DEFAULT_PRESET, **overrides):
+    from irepa.recipes import resolve
+    from irepa.train.trainer import Trainer
+    trainer = Trainer(resolve(preset, overrides))
+    if trainer.rank == nan_rank:
+        trainer.data.loader = Interrupt(trainer.data.loader, nan_at, nan_into(nan_key))
+    try:
+        trainer.train()
+    except Exception as e:
+        print(f"[rank {trainer.rank}] {type(e).__name__}: {e}", flush=True)
+        raise
+
+
+if __name__ == "__main__":
+    from irepa.cli import run
+    from irepa.dist import teardown
+    try:
+        run(_train_with_nan, "interrupts.py")
+    finally:
+        teardown()

@@ -47,11 +47,17 @@ def _data_cache(tmp_path_factory):
     TINY.pop("data.cache_dir")
 
 
-def _torchrun(out_dir: Path, name: str, **extra) -> list[dict]:
+def _launch(out_dir: Path, name: str, script: str = "launch/train.py", args: tuple = (), timeout: int = 600,
+            **extra) -> subprocess.CompletedProcess:
+    """`script` under torchrun on WORLD CPU ranks (gloo) with the TINY config and `extra` overrides."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           str(ROOT / "launch/train.py"), *_cli({**TINY, "train.steps": STEPS, "train.out_dir": str(out_dir),
-                                                  "train.run_name": name, **extra})]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+           str(ROOT / script), *args, *_cli({**TINY, "train.steps": STEPS, "train.out_dir": str(out_dir),
+                                              "train.run_name": name, **extra})]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _torchrun(out_dir: Path, name: str, **extra) -> list[dict]:
+    proc = _launch(out_dir, name, **extra)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in (out_dir / name / "metrics.jsonl").read_text().splitlines()]
 

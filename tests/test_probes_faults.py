@@ -10,7 +10,9 @@ the steps after a resume. What a test compares against is said in its docstring.
 import errno
 import hashlib
 import json
+import math
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -155,6 +157,36 @@ def test_nonfinite_gradient_is_reported_at_its_step_and_never_saved(tmp_path):
         tr.train()
     assert checkpoint.complete_checkpoints(tmp_path / "nan") == []
     assert not list((tmp_path / "nan" / "checkpoints").glob("*")) if (tmp_path / "nan/checkpoints").exists() else True
+
+
+def test_nan_on_one_rank_stops_every_rank_at_its_step(tmp_path, digits_cache):
+    """2 ranks (torchrun, gloo, FSDP; tests/test_parallel.py's tiny run): rank 1's batch of step 3
+    holds a NaN latent (tests/interrupts.py), logs every 4 steps, checkpoints every 2. Both ranks
+    must stop at the step-4 checkpoint with the same error, naming step 3, the loss (non-finite on
+    rank 1 only) and the gradient (non-finite on both after the reduce); nothing of step 3 or later
+    is written; step 2's checkpoint verifies against its manifest and one process resumes from it
+    and trains to step 4 with finite weights and loss."""
+    from test_parallel import WORLD, _cfg as parallel_cfg, _launch
+    cache = {"data.cache_dir": digits_cache}
+    proc = _launch(tmp_path, "nan", script="tests/interrupts.py", timeout=300,
+                   args=("--nan_rank", "1", "--nan_at", "2", "--nan_key", "x"), **cache, **{"train.log_every": 4})
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    said = sorted(line for line in proc.stdout.splitlines() if line.startswith("[rank "))
+    assert [line[:8] for line in said] == [f"[rank {r}]" for r in range(WORLD)], proc.stdout + proc.stderr[-3000:]
+    messages = {line[9:] for line in said}
+    assert len(messages) == 1, said  # every rank raises the same error
+    run = tmp_path / "nan"
+    assert re.fullmatch(rf"NonFiniteError: non-finite loss and gradient of model at step 3 in {re.escape(str(run))} "
+                        r".*; no checkpoint was written after it\. Last good checkpoint: "
+                        rf"{re.escape(str(run / 'checkpoints/step-0000002'))}", messages.pop())
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002"]  # no step-4, no .tmp
+    assert not (run / "metrics.jsonl").exists() or _steps(run) == []
+    checkpoint.verify_checkpoint(run / "checkpoints/step-0000002")
+    tr = Trainer(parallel_cfg(tmp_path, "nan", **cache))
+    assert tr.step == 2 and all(torch.isfinite(p).all() for p in tr.params)
+    last = tr.train()
+    assert last["step"] == 4 and math.isfinite(last["loss"])
+    assert [p.name for p in checkpoint.complete_checkpoints(run)] == ["step-0000002", "step-0000004"]
 
 
 def test_save_refuses_nonfinite_weights_and_ema():

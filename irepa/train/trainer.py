@@ -313,9 +313,11 @@ class Trainer:
         """Raise NonFiniteError naming the first non-finite step (collective: every rank agrees)."""
         first = int(self._first_bad)
         what = [n for n, b in zip(self._bad_names, self._bad_what.tolist()) if b] if first > 0 else []
-        if self.world > 1:
+        if self.world > 1:  # the earliest step of any rank, and what any rank found non-finite at it
             seen = [(f, w) for f, w in all_gather_object((first, what)) if f > 0]
-            first, what = min(seen) if seen else (-1, [])
+            first = min(f for f, _ in seen) if seen else -1
+            found = {n for f, w in seen if f == first for n in w}
+            what = [n for n in self._bad_names if n in found]
         if first <= 0:
             return
         data = self._check_batch(first)
