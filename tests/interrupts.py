@@ -10,6 +10,8 @@ multi-rank fault tests; each rank prints `[rank R] <error>` on stdout before it 
 """
 from __future__ import annotations
 
+import os
+
 from irepa.recipes import DEFAULT_PRESET
 
 
@@ -61,7 +63,8 @@ def _train_with_nan(nan_rank: int, nan_at: int, nan_key: str, preset: str = DEFA
     try:
         trainer.train()
     except Exception as e:
-        print(f"[rank {trainer.rank}] {type(e).__name__}: {e}", flush=True)
+        line = f"[rank {trainer.rank}] {type(e).__name__}: {e}\n"
+        os.write(1, line.encode())  # one write: the ranks share stdout, and a pipe keeps a short write whole
         raise
 
 
