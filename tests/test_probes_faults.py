@@ -165,7 +165,9 @@ def test_nan_on_one_rank_stops_every_rank_at_its_step(tmp_path, digits_cache):
     must stop at the step-4 checkpoint with the same error, naming step 3, the loss (non-finite on
     rank 1 only) and the gradient (non-finite on both after the reduce); nothing of step 3 or later
     is written; step 2's checkpoint verifies against its manifest and one process resumes from it
-    and trains to step 4 with finite weights and loss."""
+    and trains to step 4 with finite weights and loss. On f06bd2e the ranks agreed but the error
+    named only the gradient: the ranks' findings were merged by min over (step, names), which kept
+    rank 0's list and dropped rank 1's non-finite loss."""
     from test_parallel import WORLD, _cfg as parallel_cfg, _launch
     cache = {"data.cache_dir": digits_cache}
     proc = _launch(tmp_path, "nan", script="tests/interrupts.py", timeout=300,
