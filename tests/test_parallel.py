@@ -67,15 +67,15 @@ def _cfg(out_dir: Path, name: str, **extra):
                               **extra})
 
 
-def _replay(out_dir: Path) -> tuple[list[dict], dict]:
-    """Single process, the 2-rank run by hand; returns per-step logs and a snapshot after step 2."""
+def replay_steps(tr, steps: int, after_step=None) -> list[dict]:
+    """A 2-rank run by hand in one process: each rank's batch and per-rank draws, gradients
+    averaged over the ranks, one optimizer step and EMA update; per-step logs (loss, grad_norm).
+    after_step(step) runs after each step (snapshots)."""
     from irepa.train.build import build_data
-    from irepa.train.trainer import Trainer
 
-    tr = Trainer(_cfg(out_dir, "replay"))
     loaders = [iter(build_data(tr.cfg, tr.recipe, tr.net.model, r, WORLD, "cpu").loader) for r in range(WORLD)]
-    logs, snap = [], {}
-    for step in range(STEPS):
+    logs = []
+    for step in range(steps):
         losses = []
         for r in range(WORLD):
             tr.default_step.rank = r  # the per-rank generator of the train step
@@ -93,10 +93,24 @@ def _replay(out_dir: Path) -> tuple[list[dict], dict]:
         tr.optimizer.zero_grad(set_to_none=True)
         tr.ema.update(tr.net.model)
         logs.append({"loss": sum(losses) / WORLD, "grad_norm": float(gnorm)})
+        if after_step is not None:
+            after_step(step)
+    return logs
+
+
+def _replay(out_dir: Path) -> tuple[list[dict], dict]:
+    """Single process, the 2-rank run by hand; returns per-step logs and a snapshot after step 2."""
+    from irepa.train.trainer import Trainer
+
+    tr = Trainer(_cfg(out_dir, "replay"))
+    snap = {}
+
+    def snapshot(step):
         if step + 1 == 2:
-            snap = {"model": {k: v.clone() for k, v in tr.net.state_dict().items()},
-                    "ema": {k: v.clone() for k, v in tr.ema.state_dicts()[0].items()},
-                    "opt": [s["exp_avg_sq"].clone() for s in tr.optimizer.state_dict()["state"].values()]}
+            snap.update({"model": {k: v.clone() for k, v in tr.net.state_dict().items()},
+                         "ema": {k: v.clone() for k, v in tr.ema.state_dicts()[0].items()},
+                         "opt": [s["exp_avg_sq"].clone() for s in tr.optimizer.state_dict()["state"].values()]})
+    logs = replay_steps(tr, STEPS, snapshot)
     final = {"model": tr.net.state_dict(), "ema": tr.ema.state_dicts()[0]}
     return logs, {"step2": snap, "final": final}
 

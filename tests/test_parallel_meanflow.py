@@ -11,27 +11,21 @@ they would not if a rank's gradients were left unsynchronized.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from irepa.recipes import resolve
 
+from test_parallel import WORLD, _env, replay_steps
+
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, BATCH, WORLD = 2, 8, 2
+STEPS, BATCH = 2, 8
 TINY = {"model.name": "SiT-Tiny/2", "model.input_size": 4, "data.resolution": 32, "train.batch_size": BATCH,
         "train.precision": "fp32", "train.log_every": 1, "train.ckpt_every": 2, "train.sample_steps": 1,
         "train.ema_decays": [0.9], "optim.warmup_steps": 0, "train.device": "cpu", "train.steps": STEPS}
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
-    return env
 
 
 def _cfg(out_dir: Path, name: str, cache: str, **extra):
@@ -52,30 +46,9 @@ def _torchrun(out_dir: Path, name: str, cache: str, **extra) -> list[dict]:
 
 
 def _replay(out_dir: Path, cache: str) -> list[dict]:
-    from irepa.train.build import build_data
     from irepa.train.trainer import Trainer
 
-    tr = Trainer(_cfg(out_dir, "replay", cache))
-    loaders = [iter(build_data(tr.cfg, tr.recipe, tr.net.model, r, WORLD, "cpu").loader) for r in range(WORLD)]
-    logs = []
-    for step in range(STEPS):
-        losses = []
-        for r in range(WORLD):
-            tr.default_step.rank = r
-            gen, batch = tr._generator(step), next(loaders[r])
-            draws = tr.recipe.draw(batch, gen)
-            denoise, align, _ = tr.net(batch, draws, batch["feats"])
-            loss = denoise + tr.cfg.align.weight * align
-            (loss / WORLD).backward()
-            losses.append(float(loss.detach()))
-        tr.default_step.rank = 0
-        gnorm = torch.nn.utils.clip_grad_norm_(tr.params, tr.cfg.optim.grad_clip)
-        for g in tr.optimizer.param_groups:
-            g["lr"] = tr._lr(step)
-        tr.optimizer.step()
-        tr.optimizer.zero_grad(set_to_none=True)
-        logs.append({"loss": sum(losses) / WORLD, "grad_norm": float(gnorm)})
-    return logs
+    return replay_steps(Trainer(_cfg(out_dir, "replay", cache)), STEPS)
 
 
 @pytest.fixture(scope="module")
