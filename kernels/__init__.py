@@ -6,10 +6,11 @@ Both are torch.library custom ops (they survive torch.compile(fullgraph=True)); 
 tensors use the eager references unless TRITON_INTERPRET=1. Without triton installed the
 import still works and both names are the eager references.
 
-Imported under any other name (the top-level `kernels` that transformers probes for the
-Hugging Face kernels library finds this folder when the repo root is on sys.path), the
-package defines nothing: registering the custom ops a second time from a second copy of
-the modules would silently replace the implementations irepa.kernels serves.
+Imported as the top-level `kernels` (the checkout's root on sys.path, as under
+`python -m pytest` there), this folder steps aside for the package that owns the name,
+Hugging Face's `kernels` that transformers and diffusers import, or fails as if it were not
+there (irepa/shadowing.py). Nothing here runs under that name: registering the custom ops a
+second time from a second copy of the modules would replace the ones irepa.kernels serves.
 """
 __all__ = ["fused_alignment_loss", "fused_adaln"]
 
@@ -26,4 +27,6 @@ if __name__ == "irepa.kernels":
         from irepa.align import alignment_loss as fused_alignment_loss
         from irepa.adaln import modulate_norm_ref as fused_adaln
 else:
-    __all__ = []
+    from irepa.shadowing import yield_name
+
+    yield_name(__name__, __file__)

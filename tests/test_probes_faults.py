@@ -345,7 +345,7 @@ def _prepared(tmp_path: Path) -> Path:
 def _corrupt_dataset(tmp_path: Path, record: int | None = None) -> tuple[Path, int]:
     """A copy of the prepared digits with a NaN in one latent record; the manifest digest rewritten to
     match, as when the bad value was there at preparation (or in bytes outside the sampled blocks)."""
-    from data import format as fmt
+    from irepa.data import format as fmt
     src = _prepared(tmp_path)
     dst = tmp_path / "ds"
     shutil.copytree(src, dst)

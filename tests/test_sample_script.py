@@ -318,8 +318,10 @@ def test_released_checkpoints_decode_with_their_release_latent_scaling(tmp_path)
                 decoder(pt, scale=scale)
         decode, desc = decoder(pt, str(stats_path))
         assert desc.endswith(f"stats:{stats_path}")
+        # the reference runs the decoder's own VAE module: diffusers 0.42's loading and .to() leave it a
+        # few ulp apart from the module saved above, and what is compared here is the latent scaling
         with torch.no_grad():
-            want = ((vae.decode(z / st["latents_scale"] + st["latents_bias"]).sample + 1) / 2).clamp(0, 1)
+            want = ((decode.codec.vae.decode(z / st["latents_scale"] + st["latents_bias"]).sample + 1) / 2).clamp(0, 1)
         torch.testing.assert_close(decode(z), want, rtol=0, atol=0)
     assert decoder(repa_pt)[1].endswith("scale:0.18215")
     with pytest.raises(ValueError, match="does not show which release.*--latent_stats .*--latent_scale 0.18215"):
