@@ -209,10 +209,10 @@ def test_full_checksum_dataset_passes_both_verifications(folder, tmp_path):
     """Issue 25 item 3: prepared with full_checksum, the default sampled check refused it as corrupt."""
     kw = dict(resolution=RES, kind="pixels", encoders=[], formats=("memmap",), batch_size=4, progress=False)
     out = prepare(str(folder), str(tmp_path / "ds"), full_checksum=True, **kw)
-    m = read_manifest(out)
-    assert all(r["digest"].startswith("sampled:") and r["full_digest"].startswith("full:") for r in m["files"].values())
     for verify in ("sampled", "full"):
         assert next(iter(build_loader(out, 2, [], backend="memmap", verify=verify)))["y"].shape == (2,)
+    m = read_manifest(out)
+    assert all(r["digest"].startswith("sampled:") and r["full_digest"].startswith("full:") for r in m["files"].values())
     assert "every byte" in fmt.scan_dataset(out, m)
     label = tmp_path / "ds" / fmt.MEMMAP_DIR / "label.npy"
     data = label.read_bytes()
