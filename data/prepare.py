@@ -31,10 +31,10 @@ to RGB ("converted_to_rgb") and those smaller than the crop ("small_images": ups
 center crop does, or skipped); rank 0 prints the same in short.
 
 Under torchrun each rank is one process (`torch.distributed` initialized by the caller); an
-error on one rank ends every rank with its message (irepa.dist.on_every_rank), after the other
-ranks finished their blocks (kept for the rerun). Without torchrun, ranks may also be separate
-invocations with rank/world_size given: rank 0 then checks the files alone, and waits for the
-others' progress files before it finalizes.
+error on one rank ends every rank with its message (irepa.dist.on_every_rank): the failing rank
+leaves a `failed-<rank>` marker, the others stop at their next batch (their rows kept for the
+rerun). Without torchrun, ranks may also be separate invocations with rank/world_size given:
+rank 0 then checks the files alone, and waits for the others' progress files before it finalizes.
 """
 from __future__ import annotations
 
@@ -62,6 +62,7 @@ from .sources import open_source
 
 FORMATS = ("ffcv", "memmap")
 PLAN = "plan.json"
+FAILED = "failed-*"  # a rank's encoding pass failed (torchrun): the others stop at their next batch
 BOOKKEEPING = ("progress-*.json", CONFIG, PLAN)  # deleted once the dataset is renamed into place
 
 
@@ -252,9 +253,9 @@ def prepare(source: str, out: str, *, resolution: int = 256, vae: str | None = N
 
     plan = _setup_partial(partial, config, src, rank, world_size, overwrite, strict, num_threads, progress, d,
                           wait_timeout)
-    run = functools.partial(_run_rank, partial, src, plan["kept"], codec, encs, enc_info, fields, rank, world_size,
-                            batch_size, dev, num_threads, max_batches, progress, strict)
-    finished = on_every_rank(run)
+    encode = functools.partial(_run_rank, partial, src, plan["kept"], codec, encs, enc_info, fields, rank, world_size,
+                               batch_size, dev, num_threads, max_batches, progress, strict)
+    finished = _encode_on_every_rank(encode, partial, rank, d)
     ranks = lambda: [_progress(partial, r) for r in range(world_size)]  # noqa: E731
     all_done = lambda: all(p["finished"] for p in ranks())  # noqa: E731
     if d:
@@ -333,6 +334,9 @@ def _setup_partial(partial: Path, config: dict, src, rank: int, world_size: int,
     if json.loads(cfg_path.read_text()) != config:
         raise ValueError(f"rank {rank}: settings differ from {cfg_path} written by rank 0")
     plan = json.loads((partial / PLAN).read_text())
+    if strict and plan["skipped"]:  # resuming a run that skipped files
+        raise _strict_error(src, plan["skipped"][0], f"the unfinished run in {partial} skips it; --overwrite "
+                                                     f"starts over")
     dropped = np.asarray(sorted(s["index"] for s in plan["skipped"]), dtype=np.int64)
     plan["kept"] = np.setdiff1d(np.arange(config["num_listed"]), dropped)
     return plan
@@ -347,6 +351,8 @@ def _check_partial(partial: Path, config: dict, overwrite: bool) -> None:
     if overwrite:
         shutil.rmtree(partial)
         return
+    for marker in partial.glob(FAILED):  # from a failed run: this one starts without failures
+        marker.unlink()
     old = json.loads((partial / CONFIG).read_text())
     if old != config:
         diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
@@ -373,9 +379,7 @@ def _plan(src, config: dict, rank: int, world_size: int, strict: bool, num_threa
             bar.close()
     plan = {**file_scan.merge(all_gather_object(mine)), "small_images": config["small_images"]}
     if strict and plan["skipped"]:
-        s = plan["skipped"][0]
-        raise InputError(f"{src.path(s['index'])}: {s['reason']} (--strict stops at the first unusable file; "
-                         f"without it such files are skipped and listed in the manifest)")
+        raise _strict_error(src, plan["skipped"][0], "without it such files are skipped and listed in the manifest")
     used = np.bincount(np.delete(src.labels, [s["index"] for s in plan["skipped"]]), minlength=len(src.classes))
     if (used == 0).any():
         c = int(np.flatnonzero(used == 0)[0])
@@ -383,6 +387,11 @@ def _plan(src, config: dict, rank: int, world_size: int, strict: bool, num_threa
         raise InputError(f"{src.root / src.classes[c]}: no usable image in this class folder (first: {first['path']}: "
                          f"{first['reason']}); fix or remove its files, or remove the folder")
     return plan
+
+
+def _strict_error(src, skipped: dict, how_on: str) -> InputError:
+    return InputError(f"{src.path(skipped['index'])}: {skipped['reason']} (--strict stops at the first unusable "
+                      f"file; {how_on})")
 
 
 def _create_partial(partial: Path, config: dict, plan: dict) -> None:
@@ -403,8 +412,25 @@ def _create_partial(partial: Path, config: dict, plan: dict) -> None:
 # ---------------------------------------------------------------------------------------
 # the encoding pass of one rank
 
+def _encode_on_every_rank(encode, partial: Path, rank: int, d: bool) -> bool:
+    """encode(stop=...) (a _run_rank) under on_every_rank. Under torchrun a failing rank leaves a marker
+    that stops the others at their next batch, rather than when their blocks are done."""
+    stop = (lambda: any(partial.glob(FAILED))) if d else (lambda: False)  # noqa: E731
+
+    def run():
+        try:
+            return encode(stop=stop)
+        except Exception:
+            if d:
+                (partial / FAILED.replace("*", str(rank))).touch()
+            raise
+    return on_every_rank(run)
+
+
 def _run_rank(partial, src, kept, codec, encs, enc_info, fields, rank, world_size, batch_size, dev, num_threads,
-              max_batches, progress, strict) -> bool:
+              max_batches, progress, strict, stop) -> bool:
+    """Encode this rank's block from where its progress file says; -> finished (False: stopped early,
+    by max_batches or because `stop()`, another rank having failed)."""
     lo, hi = rank_block(len(kept), rank, world_size)
     state = _progress(partial, rank)
     start = lo + state["done"]
@@ -422,7 +448,7 @@ def _run_rank(partial, src, kept, codec, encs, enc_info, fields, rank, world_siz
     nxt = ahead.submit(load, starts[0]) if starts else None
     try:
         for b, s in enumerate(starts):
-            if max_batches is not None and b >= max_batches:
+            if (max_batches is not None and b >= max_batches) or stop():
                 return False
             loaded = nxt.result()
             nxt = ahead.submit(load, starts[b + 1]) if b + 1 < len(starts) else None
@@ -430,8 +456,7 @@ def _run_rank(partial, src, kept, codec, encs, enc_info, fields, rank, world_siz
             failed = [{"index": int(i), "path": src.paths[i], "reason": why}
                       for i, (crop, why) in zip(kept[s:e], loaded) if crop is None]
             if failed and strict:
-                raise InputError(f"{src.path(failed[0]['index'])}: {failed[0]['reason']} (--strict stops at the "
-                                 f"first unusable file; samples done so far are kept in {partial} for the rerun)")
+                raise _strict_error(src, failed[0], f"samples done so far are kept in {partial} for the rerun")
             good = [j for j, (crop, _) in enumerate(loaded) if crop is not None]
             w = lo + state["written"]
             if good:

@@ -50,7 +50,11 @@ def check_image(path: Path) -> tuple[str | None, str | None, tuple[int, int] | N
         return "not an image file PIL can read", None, None
     except Image.DecompressionBombError as e:
         return f"too large to decode safely ({e})", None, None
-    except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for truncated or corrupt data
+    except OSError as e:
+        if e.errno is not None:  # the system's refusal (permissions, I/O error), not the data's
+            return f"cannot be read ({e.strerror})", None, None
+        return f"truncated or corrupt ({e})", None, None
+    except (SyntaxError, ValueError) as e:  # what PIL raises for malformed headers or chunks
         return f"truncated or corrupt ({e})", None, None
     return None, mode, size
 
@@ -73,10 +77,10 @@ def scan(src, lo: int, hi: int, small_images: str, strict: bool, num_threads: in
         for a in range(lo, hi, CHUNK):
             idx = range(a, min(a + CHUNK, hi))
             for i, (reason, mode, size) in zip(idx, pool.map(check_image, map(src.path, idx))):
-                small = size is not None and min(size) < R
+                small = reason is None and min(size) < R
                 if small:
                     out["small"].append([i, *size])
-                if reason is None and small and small_images == "skip":
+                if small and small_images == "skip":
                     reason = (f"smaller than the {R} px crop ({size[0]}x{size[1]}); --small_images upscale "
                               f"keeps it, upscaled")
                 if reason is not None:

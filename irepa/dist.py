@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -53,12 +54,13 @@ def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.devi
     return dev
 
 
-def setup(device: str = "auto", backend: str | None = None) -> Setup:
-    """Read the ranks, pick the device and, with several ranks, start the process group."""
+def setup(device: str = "auto", backend: str | None = None, timeout: timedelta | None = None) -> Setup:
+    """Read the ranks, pick the device and, with several ranks, start the process group.
+    timeout: how long a collective waits for the slowest rank (torch's default: 10 min NCCL, 30 min gloo)."""
     rank, local, world = env()
     dev = pick_device(device, local)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"))
+        dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"), timeout=timeout)
     return Setup(rank, local, world, dev)
 
 

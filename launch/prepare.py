@@ -17,6 +17,8 @@ irepa.data.prepare, data/format.py.
 """
 from __future__ import annotations
 
+from datetime import timedelta
+
 from irepa.data.prepare import prepare
 from irepa.dist import env, rank_world, setup, teardown
 
@@ -34,8 +36,9 @@ def main(source: str, out: str, resolution: int = 256, vae: str | None = None, e
     FFCV is installed, else memmap). --small_images: upscale | skip images smaller than
     --resolution. --strict: stop at the first unusable image file instead of skipping it.
     """
-    if env()[2] > 1:  # under torchrun: one shard per rank; the group only synchronizes them
-        setup(device, backend="gloo")
+    if env()[2] > 1:  # under torchrun: one shard per rank; the group only synchronizes them, and a rank
+        # may wait at it for hours (rank 0 writing the FFCV file of ImageNet), so no 30-minute timeout
+        setup(device, backend="gloo", timeout=timedelta(days=2))
     encoders = [encoders] if isinstance(encoders, str) else list(encoders)
     storage = storage if isinstance(storage, str) else list(storage)
     try:

@@ -133,6 +133,10 @@ def test_small_images_skip_and_strict(tmp_path):
         prepare(str(src), str(tmp_path / "strict"), **_kw(strict=True))
     assert str(e.value).startswith(f"{src / 'a' / 'link.jpg'}: broken symbolic link")  # the first in listing order
     assert not (tmp_path / "strict.partial").exists()
+    assert prepare(str(src), str(tmp_path / "resumed"), max_batches=1, **_kw()) is None  # a plan that skips files
+    with pytest.raises(UserError, match=r"link.jpg: broken symbolic link .*the unfinished run in .*resumed.partial "
+                                        r"skips it"):
+        prepare(str(src), str(tmp_path / "resumed"), **_kw(strict=True))
     for name in BAD:
         (src / "a" / name).unlink()
     with pytest.raises(UserError, match=r"small.png: smaller than the 16 px crop \(10x10\)"):
@@ -215,6 +219,22 @@ def test_overwrite_replaces_a_prepared_dataset_and_an_empty_out_is_used(tmp_path
     assert read_manifest(out)["resolution"] == 32 and not list(tmp_path.glob("ds.*"))
 
 
+def test_a_folder_that_appears_at_out_meanwhile_is_kept_and_so_is_the_dataset(tmp_path, monkeypatch):
+    """OUT is checked again at the final rename: what appeared there is not replaced, even with --overwrite,
+    and the finished dataset waits in OUT.partial."""
+    src = _folder(tmp_path / "imgs", bad=False)
+    out = tmp_path / "ds"
+    assert prepare(str(src), str(out), max_batches=1, **_kw()) is None
+    _folder(out / "imgs", bad=False)  # appears while the run is interrupted
+    before = _snapshot(out)
+    # the rerun's first check of OUT refuses it already; without that check the final rename is reached
+    monkeypatch.setattr(sys.modules["irepa.data.prepare"], "check_out", lambda *a: False, raising=False)
+    with pytest.raises(UserError, match=rf"{out}: appeared while preparing \(not a dataset made by prepare\); the "
+                                        rf"finished dataset is kept in {out}.partial"):
+        prepare(str(src), str(out), **_kw(overwrite=True))
+    assert _snapshot(out) == before and fmt.made_by_prepare(f"{out}.partial")
+
+
 # -- items 9 and 13: the command line's mistakes are one line, before any work ----------------------------
 
 def _script_main():
@@ -278,3 +298,10 @@ def test_torchrun_skips_bad_files_and_an_error_on_one_rank_ends_both_with_one_li
         sum(line.startswith(msg) for line in out.splitlines()) == 1, out  # printed by rank 0 only
     assert f"traceback : {msg}" in out, out  # both ranks' error files, in torchrun's summary
     assert "data/prepare.py\", line" not in out and "Connection closed" not in out, out
+    assert (tmp_path / "strict.partial" / "failed-1").exists()  # what stops rank 0 at its next batch
+    # the same request without --strict continues the unfinished run (here as separate invocations)
+    kw = _kw(world_size=2, wait_timeout=1)
+    assert prepare(str(src), str(tmp_path / "strict"), rank=1, **kw) is None
+    assert prepare(str(src), str(tmp_path / "strict"), rank=0, **kw) == str(tmp_path / "strict")
+    assert [s["path"] for s in _check_records(str(tmp_path / "strict"), src)["skipped"]] == ["b/rgb2x.jpg"]
+    assert not list((tmp_path / "strict").glob("failed-*"))
