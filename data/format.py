@@ -21,6 +21,12 @@ Fields (names are the same in both backends):
                uint8 [T, E]            encoder k, fp8 e4m3 bit patterns (storage "fp8")
     scale_<k>  float32 [T]             per-token fp8 scale (storage "fp8" only)
 FFCV's NDArrayField refuses float16/bfloat16, hence the integer bit patterns.
+
+What became of the source's files (data/prepare.py): "source" {"count": files listed, "used",
+"moved": [sample, listing position] of samples out of listing order}, "skipped" [{"path",
+"reason"}], "converted_to_rgb" {mode: count}, "small_images" {"policy", "upscaled" or "skipped",
+"smallest"}. "files" holds each data file's size and sampled digest, and its full digest
+("full_digest") when prepared with full_checksum.
 """
 from __future__ import annotations
 
