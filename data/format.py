@@ -21,10 +21,17 @@ Fields (names are the same in both backends):
                uint8 [T, E]            encoder k, fp8 e4m3 bit patterns (storage "fp8")
     scale_<k>  float32 [T]             per-token fp8 scale (storage "fp8" only)
 FFCV's NDArrayField refuses float16/bfloat16, hence the integer bit patterns.
+
+What became of the source's files (data/prepare.py): "source" {"count": files listed, "used",
+"moved": [sample, listing position] of samples out of listing order}, "skipped" [{"path",
+"reason"}], "converted_to_rgb" {mode: count}, "small_images" {"policy", "upscaled" or "skipped",
+"smallest"}. "files" holds each data file's size and sampled digest, and its full digest
+("full_digest") when prepared with full_checksum.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -41,6 +48,7 @@ MANIFEST = "manifest.json"
 FFCV_FILE = "data.beton"
 MEMMAP_DIR = "memmap"
 NUM_VIEWS = 2
+TOOL = "irepa.data.prepare"  # the manifest's "tool": only a folder it names may be replaced (--overwrite)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 STORAGES = ("bf16", "fp8")
 
@@ -149,7 +157,28 @@ def file_digest(path: str | os.PathLike, full: bool = False, blocks: int = 64, b
 
 
 def record_files(root: Path, names: Sequence[str], full: bool = False) -> dict:
-    return {n: {"bytes": os.path.getsize(root / n), "digest": file_digest(root / n, full=full)} for n in names}
+    """Manifest "files" entries: size and sampled digest of each file, and with full=True also the
+    digest of every byte ("full_digest"), so either check of verify_files can run."""
+    out = {}
+    for n in names:
+        out[n] = {"bytes": os.path.getsize(root / n), "digest": file_digest(root / n)}
+        if full:
+            out[n]["full_digest"] = file_digest(root / n, full=True)
+    return out
+
+
+def _expected_digest(rec: Mapping, verify: str) -> tuple[str, bool]:
+    """(recorded digest, computed over every byte?) for a verify mode. Manifests written before
+    "full_digest" existed hold the full digest under "digest"; it is checked in full whatever the mode."""
+    if rec["digest"].startswith("full:"):
+        return rec["digest"], True
+    if verify == "full" and "full_digest" in rec:
+        return rec["full_digest"], True
+    return rec["digest"], False
+
+
+def has_full_digests(manifest: Mapping) -> bool:
+    return all(_expected_digest(r, "full")[1] for r in manifest["files"].values())
 
 
 def verify_files(root: str | os.PathLike, manifest: Mapping, names: Sequence[str], verify: str = "sampled") -> None:
@@ -168,8 +197,8 @@ def verify_files(root: str | os.PathLike, manifest: Mapping, names: Sequence[str
         if size != rec["bytes"]:
             raise ValueError(f"{p}: {size} bytes on disk, the manifest records {rec['bytes']} "
                              f"(truncated or not the file this manifest describes)")
-        full = verify == "full" and rec["digest"].startswith("full:")
-        if file_digest(p, full=full) != rec["digest"]:
+        digest, full = _expected_digest(rec, verify)
+        if file_digest(p, full=full) != digest:
             raise ValueError(f"{p}: content digest does not match the manifest "
                              f"(corrupt, or a file from another preparation)")
 
@@ -220,8 +249,7 @@ def bad_records(root: str | os.PathLike, manifest: Mapping, records: Sequence[in
 def scan_dataset(root: str | os.PathLike, manifest: Mapping, fields: Sequence[str] | None = None) -> str:
     """Full content check of a prepared dataset (data.verify full): every record's values; raises
     ValueError naming the file and the first bad records. Returns what was checked, for the log."""
-    full = all(r["digest"].startswith("full:") for r in manifest["files"].values())
-    digests = ("every byte against the manifest's full digests" if full else
+    digests = ("every byte against the manifest's full digests" if has_full_digests(manifest) else
                "sizes and sampled digests only (prepare with --full_checksum to record full digests)")
     bad = bad_records(root, manifest, fields=fields)
     if bad is None:
@@ -241,6 +269,36 @@ def write_json_atomic(path: Path, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def made_by_prepare(folder: str | os.PathLike) -> bool:
+    """Does `folder` hold a complete dataset written by irepa.data.prepare (its manifest says so)?"""
+    try:
+        m = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("format") == FORMAT and m.get("tool") == TOOL
+
+
+def shrink_npy(path: str | os.PathLike, rows: int) -> None:
+    """Cut an .npy file to its first `rows` rows in place: the header is rewritten at its old
+    length (numpy pads it so the first dimension can change) and the file truncated."""
+    with open(path, "r+b") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        offset = f.tell()
+        if fortran or rows > shape[0]:
+            raise ValueError(f"{path}: cannot shrink a {shape} array to {rows} rows")
+        header = io.BytesIO()
+        write = np.lib.format.write_array_header_1_0 if version == (1, 0) else np.lib.format.write_array_header_2_0
+        write(header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                       "shape": (rows, *shape[1:])})
+        if header.tell() != offset:
+            raise ValueError(f"{path}: the new header takes {header.tell()} bytes, the old {offset}")
+        f.seek(0)
+        f.write(header.getvalue())
+        f.truncate(offset + rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
 
 
 class Manifest(dict):

@@ -84,14 +84,16 @@ class _PreparedLoader:
         for name in encoders:
             if name not in stored:
                 raise InputError(f"{self.root}: encoder {name!r} is not stored (stored: {stored or 'none'}); "
-                                 f"prepare with it, or load with images=True and run it online")
+                                 f"prepare with it (--encoders), or run it online (--data.online_encoders true, "
+                                 f"on data prepared with --store_images true)")
             self.enc_ids.append(stored.index(name))
         self.enc_storage = [m["encoders"][k]["storage"] for k in self.enc_ids]
         self.kind, self.want_images = m["kind"], images
         need = {"label", "latent" if self.kind == "latent" else "pixels"}
         if images and self.kind == "latent":
             if "images" not in m["fields"]:
-                raise InputError(f"{self.root}: images=True but no images were stored (prepare with store_images=True)")
+                raise InputError(f"{self.root}: the images are asked for (online encoders) but none were stored "
+                                 f"(prepare with --store_images true)")
             need.add("images")
         for k, s in zip(self.enc_ids, self.enc_storage):
             need |= {f"feat_{k}"} | ({f"scale_{k}"} if s == "fp8" else set())

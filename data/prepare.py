@@ -1,27 +1,46 @@
 """Prepare a dataset once: crop -> VAE posterior (or pixels) -> encoder tokens, both flips.
 
-Layout and field meanings: data/format.py. The run is built to survive interruption:
+Layout and field meanings: data/format.py. What OUT may be (and what --overwrite may
+replace): data/out_folder.py, checked with every option before any work. The run survives
+interruption and bad image files:
 
-- everything is written under `<out>.partial/`: preallocated .npy memmaps (one per field,
-  all records), `config.json` (what is being prepared, so a rerun with other settings or
-  another source listing is refused instead of mixing data), `progress-<rank>.json`;
-- rank r of W owns a contiguous block of samples and writes its rows in place; after
-  each batch its memmaps are flushed and then its progress file is replaced atomically,
-  so a killed run loses at most the batch in flight and a rerun continues from there;
-- when every rank is done, rank 0 computes the latent channel statistics, writes the
-  FFCV file (from the memmaps), records sizes and digests, writes manifest.json last and
-  renames `<out>.partial` to `<out>`. A folder named `<out>` is therefore always complete.
+- everything is written under `<out>.partial/`: `config.json` (what is being prepared, so a
+  rerun with other settings or another source listing is refused instead of mixing data),
+  `plan.json` (the files left out, and why), preallocated .npy memmaps (one per field, all
+  records), `progress-<rank>.json`;
+- before anything is encoded, every listed file is checked (data/scan.py: about one open per
+  file). Under torchrun each rank checks a block of the listing and the results are gathered,
+  so every rank holds the same plan. Unusable files are left out of it: the samples are the
+  other files in listing order, and the memmaps have exactly their rows. strict=True stops at
+  the first unusable file instead, before anything is written. A plan is fixed once written: a
+  rerun resumes it (a file repaired meanwhile stays out until --overwrite starts over);
+- rank r of W owns a contiguous block of the samples and writes its rows in place. A file
+  that passed the check and still fails to decode (rare: a corrupt JPEG body) is skipped there:
+  its rank writes the next sample in its row, so its block ends with one empty row per such
+  file. After each batch the memmaps are flushed and then the progress file (samples done,
+  rows written, files skipped) is replaced atomically, so a killed run loses at most the batch
+  in flight and a rerun continues from there;
+- when every rank is done, rank 0 moves the last samples into the empty rows and cuts the
+  memmaps there (data/finalize.py: a few rows move, nothing is rewritten), computes the latent
+  channel statistics, writes the FFCV file (from the memmaps), records sizes and digests, writes
+  manifest.json last and renames `<out>.partial` to `<out>`. A folder named `<out>` is
+  therefore complete, and each of its records is an image's.
 
-Under torchrun each rank is one process (`torch.distributed` initialized by the caller);
-without it, ranks may also be separate invocations with rank/world_size given: rank 0
-then waits for the others' progress files before it finalizes.
+The manifest lists each skipped file with its reason ("skipped"), counts the images converted
+to RGB ("converted_to_rgb") and those smaller than the crop ("small_images": upscaled as ADM's
+center crop does, or skipped); rank 0 prints the same in short.
+
+Under torchrun each rank is one process (`torch.distributed` initialized by the caller); an
+error on one rank ends every rank with its message (irepa.dist.on_every_rank): the failing rank
+leaves a `failed-<rank>` marker, the others stop at their next batch (their rows kept for the
+rerun). Without torchrun, ranks may also be separate invocations with rank/world_size given:
+rank 0 then checks the files alone, and waits for the others' progress files before it finalizes.
 """
 from __future__ import annotations
 
 import functools
 import json
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,11 +51,20 @@ import torch
 import torch.nn as nn
 
 from irepa.codec import DIGITS_CODEC, open_codec
-from irepa.dist import barrier, pick_device, rank_world
+from irepa.dist import all_gather_object, on_every_rank, pick_device, rank_world
 from irepa.errors import InputError
 
 from . import format as fmt
+from . import scan as file_scan
+from .finalize import finalize, rank_block, summary
+from .out_folder import CONFIG, check_out
 from .sources import open_source
+
+FORMATS = ("ffcv", "memmap")
+PLAN = "plan.json"
+FAILED = "failed-*"  # a rank's encoding pass failed (torchrun): the others stop at their next batch
+BOOKKEEPING = ("progress-*.json", CONFIG, PLAN)  # deleted once the dataset is renamed into place
+
 
 def build_encoder(enc: str | nn.Module) -> nn.Module:
     if isinstance(enc, nn.Module):
@@ -64,75 +92,91 @@ def _wait_for(pred, what: str, timeout: float, poll: float = 2.0) -> None:
 
 def _progress(partial: Path, r: int) -> dict:
     p = partial / f"progress-{r}.json"
-    return json.loads(p.read_text()) if p.exists() else {"done": 0, "finished": False}
+    return json.loads(p.read_text()) if p.exists() else {"done": 0, "written": 0, "skipped": [], "finished": False}
 
 
-def rank_block(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Samples [lo, hi) owned by `rank`: contiguous, sizes differ by at most one."""
-    return n * rank // world_size, n * (rank + 1) // world_size
+def _say(msg: str, rank: int) -> None:
+    if rank == 0:
+        print(f"prepare: {msg}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------
-# the run
+# options, checked before any work
 
-def prepare(source: str, out: str, *, resolution: int = 256, vae: str | None = None,
-            encoders: Sequence[str | nn.Module] = ("hog-patch",), storage: str | Sequence[str] = "bf16",
-            kind: str = "latent", store_images: bool = False, formats: Sequence[str] = ("ffcv", "memmap"),
-            batch_size: int = 32, device: str = "auto", rank: int | None = None, world_size: int | None = None,
-            num_threads: int = 4, full_checksum: bool = False, overwrite: bool = False,
-            max_batches: int | None = None, wait_timeout: float = 24 * 3600.0, progress: bool = True) -> str | None:
-    """Prepare `source` ("digits" or an image folder) into the folder `out`.
+def _check_formats(formats) -> None:
+    if formats is None:
+        return
+    formats = [formats] if isinstance(formats, str) else list(formats)
+    if not formats or set(formats) - set(FORMATS):
+        raise InputError(f"--formats {','.join(map(str, formats)) or '(none)'}: choose from ffcv, memmap "
+                         f"(one or both)")
 
-    vae: a local diffusers AutoencoderKL folder, or "digits-codec" (default for digits);
-    unused for kind "pixels". encoders: names for `irepa.encoders.build` or modules with
-    .name/.dim. storage: "bf16" or "fp8", one for all encoders or one each.
-    formats: any of "ffcv", "memmap". max_batches: stop after that many batches in this
-    call, leaving a resumable partial run (used to test resumption).
-    Returns `out` once the dataset is complete, else None (stopped early, or a rank other
-    than 0 outside torch.distributed). A complete `out` is left as it is when it was made
-    from the same request, and refused (naming what differs) otherwise, unless overwrite=True.
-    """
-    d = _collective()
-    group_rank, group_world = rank_world()
-    rank = group_rank if (rank is None and d) else (rank or 0)
-    world_size = group_world if (world_size is None and d) else (world_size or 1)
+
+def resolve_formats(formats: str | Sequence[str] | None, rank: int = 0) -> tuple[str, ...]:
+    """The formats to write: as asked, or with None what this machine can write: FFCV and memmap
+    where ffcv imports, memmap alone otherwise (said in one line)."""
+    from .loader import ffcv_available
+
+    if formats is None:
+        if ffcv_available():
+            return FORMATS
+        _say("FFCV is not installed here, so only the memmap format is written (the loaders read it "
+             "everywhere; IREPA_WITH_FFCV=1 bash launch/install.sh adds FFCV)", rank)
+        return ("memmap",)
+    _check_formats(formats)
     formats = tuple([formats] if isinstance(formats, str) else formats)
-    if not formats or set(formats) - {"ffcv", "memmap"}:
-        raise ValueError(f"formats must be a non-empty subset of ('ffcv', 'memmap'), got {formats}")
-    if "ffcv" in formats:  # checked now, not when the FFCV file is written after the whole encoding pass
-        from .loader import ffcv_available
+    if "ffcv" in formats and not ffcv_available():  # now, not when the FFCV file is due after all the encoding
+        raise InputError("--formats includes ffcv but ffcv cannot be imported here (IREPA_WITH_FFCV=1 bash "
+                         "launch/install.sh builds it); prepare with --formats memmap")
+    return formats
 
-        if not ffcv_available():
-            raise ImportError("formats include 'ffcv' but ffcv cannot be imported here (see README: "
-                              "IREPA_WITH_FFCV=1 bash launch/install.sh); prepare with --formats memmap")
-    out_p, partial = Path(out), Path(str(out) + ".partial")
-    package = Path(__file__).resolve().parent
-    if package == out_p.resolve() or package in out_p.resolve().parents:
-        raise InputError(f"{out}: inside the irepa.data source package ({package}); prepared datasets live outside "
-                         f"the source tree (e.g. /data/<name>)")
+
+def _check_options(kind: str, resolution, batch_size, storages: list, small_images: str) -> None:
     if kind not in ("latent", "pixels"):
-        raise InputError(f"kind must be 'latent' or 'pixels', got {kind!r}")
-    vae = (vae or (DIGITS_CODEC if source == "digits" else None)) if kind == "latent" else None
-    if kind == "latent" and not vae:
-        raise InputError("kind 'latent' needs vae= (a local AutoencoderKL folder, or 'digits-codec')")
-    storages = [storage] * len(encoders) if isinstance(storage, str) else list(storage)
-    if len(storages) != len(encoders):
-        raise InputError(f"{len(storages)} storage entries for {len(encoders)} encoders")
-    src = open_source(source, resolution)
-    if (out_p / fmt.MANIFEST).exists() and not overwrite:
-        # already complete: preparing again is a no-op, but only for the same request
-        diff = _settings_diff(fmt.read_manifest(out_p), src, resolution, kind, vae, encoders, storages,
-                              store_images, formats)
-        if diff:
-            raise InputError(f"{out_p} already holds a prepared dataset with other settings ({'; '.join(diff)}); "
-                             f"choose another output folder, or pass --overwrite (overwrite=True) to replace it")
-        return str(out_p)
-    dev = pick_device(device)
+        raise InputError(f"--kind {kind}: choose latent or pixels")
+    if not isinstance(resolution, int) or resolution < 1:
+        raise InputError(f"--resolution {resolution}: a positive number of pixels")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"--batch_size {batch_size}: at least 1 image per batch")
+    bad = [s for s in storages if s not in fmt.STORAGES]
+    if bad:
+        raise InputError(f"--storage {bad[0]}: choose from {', '.join(fmt.STORAGES)} (one for all encoders, "
+                         f"or one each)")
+    if small_images not in file_scan.SMALL_IMAGES:
+        raise InputError(f"--small_images {small_images}: choose from {', '.join(file_scan.SMALL_IMAGES)}")
 
-    codec = None if kind == "pixels" else open_codec(vae, dev, resolution)
-    encs = [build_encoder(e).to(dev).eval() for e in encoders]
 
-    # shapes from one dry run, so the memmaps can be preallocated
+def _probe(codec, encs, storages, resolution: int, dev) -> tuple[list | None, list[dict]]:
+    """Latent shape and encoder entries from one dry run at `resolution` (so the memmaps can be
+    preallocated); a resolution the VAE or an encoder cannot take is refused with the smallest
+    one that works."""
+    try:
+        return _probe_at(codec, encs, storages, resolution, dev)
+    except torch.OutOfMemoryError:
+        raise
+    except (ValueError, RuntimeError) as e:
+        if isinstance(e, InputError):
+            raise
+        err = e
+    works = next((r for r in range(8, 513, 8) if r != resolution and _probe_works(codec, encs, storages, r, dev)),
+                 None)
+    if works is None:  # no size works: not the resolution's fault
+        raise err
+    raise InputError(f"--resolution {resolution}: {err}; the smallest resolution these encoders and VAE take "
+                     f"is {works}") from None
+
+
+def _probe_works(codec, encs, storages, resolution: int, dev) -> bool:
+    try:
+        _probe_at(codec, encs, storages, resolution, dev)
+    except torch.OutOfMemoryError:
+        raise
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+def _probe_at(codec, encs, storages, resolution: int, dev) -> tuple[list | None, list[dict]]:
     probe = torch.zeros(1, 3, resolution, resolution, device=dev)
     latent_shape = list(codec.encode(probe)[0].shape[1:]) if codec is not None else None
     enc_info = []
@@ -141,29 +185,91 @@ def prepare(source: str, out: str, *, resolution: int = 256, vae: str | None = N
         enc_info.append({"name": e.name, "family": _encoder_family(e.name), "dim": int(y.shape[-1]),
                          "tokens": int(y.shape[1]), "storage": s})
         if y.shape[-1] != getattr(e, "dim", y.shape[-1]):
-            raise ValueError(f"encoder {e.name}: .dim {e.dim} but it returned {y.shape[-1]} channels")
-    fields = fmt.build_fields(kind, resolution, latent_shape, enc_info, store_images)
-    n = len(src)
-    config = {"source": src.description, "listing_sha256": src.listing_hash, "num_samples": n,
-              "resolution": resolution, "kind": kind, "vae": codec.name if codec is not None else None,
-              "encoders": enc_info, "fields": fields, "formats": list(formats), "world_size": world_size}
+            raise TypeError(f"encoder {e.name}: .dim {e.dim} but it returned {y.shape[-1]} channels")
+    return latent_shape, enc_info
 
-    _setup_partial(partial, config, fields, n, rank, overwrite, d, wait_timeout)
-    finished = _run_rank(partial, src, codec, encs, enc_info, fields, rank, world_size, batch_size, dev,
-                         num_threads, max_batches, progress)
-    all_done = lambda: all(_progress(partial, r)["finished"] for r in range(world_size))  # noqa: E731
+
+# ---------------------------------------------------------------------------------------
+# the run
+
+def prepare(source: str, out: str, *, resolution: int = 256, vae: str | None = None,
+            encoders: Sequence[str | nn.Module] = ("hog-patch",), storage: str | Sequence[str] = "bf16",
+            kind: str = "latent", store_images: bool = False, formats: Sequence[str] | None = None,
+            batch_size: int = 32, device: str = "auto", rank: int | None = None, world_size: int | None = None,
+            num_threads: int = 4, full_checksum: bool = False, overwrite: bool = False,
+            small_images: str = "upscale", strict: bool = False, max_batches: int | None = None,
+            wait_timeout: float = 24 * 3600.0, progress: bool = True) -> str | None:
+    """Prepare `source` ("digits" or an image folder) into the folder `out`.
+
+    vae: a local diffusers AutoencoderKL folder, or "digits-codec" (default for digits);
+    unused for kind "pixels". encoders: names for `irepa.encoders.build` or modules with
+    .name/.dim. storage: "bf16" or "fp8", one for all encoders or one each.
+    formats: any of "ffcv", "memmap"; None: both where ffcv imports, else memmap.
+    small_images: "upscale" (ADM's crop) or "skip" images whose short side is below `resolution`.
+    strict: stop at the first unusable image file instead of skipping it.
+    max_batches: stop after that many batches in this call, leaving a resumable partial run
+    (used to test resumption).
+    Returns `out` once the dataset is complete, else None (stopped early, or a rank other
+    than 0 outside torch.distributed). A complete `out` is left as it is when it was made
+    from the same request, and refused (naming what differs) otherwise, unless overwrite=True.
+    """
+    d = _collective()
+    group_rank, group_world = rank_world()
+    rank = group_rank if (rank is None and d) else (rank or 0)
+    world_size = group_world if (world_size is None and d) else (world_size or 1)
+    encoders = list(encoders)
+    storages = [storage] * len(encoders) if isinstance(storage, str) else list(storage)
+    if len(storages) != len(encoders):
+        raise InputError(f"--storage: {len(storages)} entries for {len(encoders)} encoders (give one, or one each)")
+    _check_options(kind, resolution, batch_size, [storage] if isinstance(storage, str) else storages, small_images)
+    _check_formats(formats)
+    vae = (vae or (DIGITS_CODEC if source == "digits" else None)) if kind == "latent" else None
+    if kind == "latent" and not vae:
+        raise InputError("--kind latent needs --vae (a local diffusers AutoencoderKL folder, or digits-codec)")
+    asked_formats = formats
+    src = open_source(source, resolution)
+    out_p, partial = Path(out), Path(str(out) + ".partial")
+    complete = check_out(out_p, partial, src.root, overwrite)
+    if complete and not overwrite:
+        # already complete: preparing again is a no-op, but only for the same request
+        diff = _settings_diff(fmt.read_manifest(out_p), src, resolution, kind, vae, encoders, storages,
+                              store_images, asked_formats, small_images)
+        if diff:
+            raise InputError(f"{out_p} already holds a prepared dataset with other settings ({'; '.join(diff)}); "
+                             f"choose another output folder, or pass --overwrite to replace it")
+        return str(out_p)
+    formats = resolve_formats(formats, rank)
+    dev = pick_device(device)
+
+    codec = None if kind == "pixels" else open_codec(vae, dev, resolution)
+    encs = [build_encoder(e).to(dev).eval() for e in encoders]
+    with torch.no_grad():
+        latent_shape, enc_info = _probe(codec, encs, storages, resolution, dev)
+    fields = fmt.build_fields(kind, resolution, latent_shape, enc_info, store_images)
+    config = {"source": src.description, "listing_sha256": src.listing_hash, "num_listed": len(src),
+              "small_images": small_images, "resolution": resolution, "kind": kind,
+              "vae": codec.name if codec is not None else None, "encoders": enc_info, "fields": fields,
+              "formats": list(formats), "world_size": world_size}
+
+    plan = _setup_partial(partial, config, src, rank, world_size, overwrite, strict, num_threads, progress, d,
+                          wait_timeout)
+    encode = functools.partial(_run_rank, partial, src, plan["kept"], codec, encs, enc_info, fields, rank, world_size,
+                               batch_size, dev, num_threads, max_batches, progress, strict)
+    finished = _encode_on_every_rank(encode, partial, rank, d)
+    ranks = lambda: [_progress(partial, r) for r in range(world_size)]  # noqa: E731
+    all_done = lambda: all(p["finished"] for p in ranks())  # noqa: E731
     if d:
-        barrier()
-        if not all_done():  # every rank reads the same files after the barrier, so all agree
+        if not all_done():  # every rank reads the same files after on_every_rank's gather, so all agree
             return None
     elif not finished or rank != 0:
         return None
     else:
         _wait_for(all_done, "the other ranks' progress files", wait_timeout)
-    if rank == 0:
-        _finalize(partial, out_p, config, src, full_checksum, overwrite)
-    if d:
-        barrier()
+    manifest = on_every_rank(lambda: finalize(partial, out_p, config, plan, ranks(), src, full_checksum, overwrite,
+                                              BOOKKEEPING) if rank == 0 else None)
+    if manifest is not None:
+        for line in summary(manifest):
+            _say(line, rank)
     return str(out_p)
 
 
@@ -186,18 +292,23 @@ def _encoder_family(name: str) -> str | None:
 
 
 def _settings_diff(manifest: dict, src, resolution: int, kind: str, vae: str | None, encoders, storages,
-                   store_images: bool, formats) -> list[str]:
-    """What a request changes against a complete dataset's manifest, as 'key: stored -> asked'."""
+                   store_images: bool, formats, small_images: str) -> list[str]:
+    """What a request changes against a complete dataset's manifest, as 'key: stored -> asked'.
+    formats None (the default) accepts the formats stored."""
     vae_name = None if vae is None else vae if vae == DIGITS_CODEC else str(Path(vae).resolve())
     have = {"source": manifest.get("source", {}).get("root"),
             "source listing": manifest.get("source", {}).get("listing_sha256"),
             "resolution": manifest["resolution"], "kind": manifest["kind"],
             "vae": (manifest.get("latent") or {}).get("vae"),
             "encoders": [(e["name"], e["storage"]) for e in manifest["encoders"]],
-            "store_images": "images" in manifest["fields"], "formats": sorted(manifest.get("formats", []))}
+            "store_images": "images" in manifest["fields"], "formats": sorted(manifest.get("formats", [])),
+            "small_images": manifest.get("small_images", {}).get("policy", "upscale")}  # before the option: upscaled
     want = {"source": src.description, "source listing": src.listing_hash, "resolution": resolution, "kind": kind,
             "vae": vae_name, "encoders": [(_encoder_name(e), s) for e, s in zip(encoders, storages)],
-            "store_images": bool(store_images) and kind == "latent", "formats": sorted(formats)}
+            "store_images": bool(store_images) and kind == "latent",
+            "formats": have["formats"] if formats is None else sorted([formats] if isinstance(formats, str)
+                                                                      else formats),
+            "small_images": small_images}
     out = []
     for k in have:
         if have[k] != want[k]:
@@ -206,39 +317,121 @@ def _settings_diff(manifest: dict, src, resolution: int, kind: str, vae: str | N
     return out
 
 
-def _setup_partial(partial: Path, config: dict, fields: dict, n: int, rank: int, overwrite: bool, d: bool,
-                   wait_timeout: float) -> None:
-    cfg_path = partial / "config.json"
-    if rank == 0:
-        if partial.exists() and overwrite:
-            shutil.rmtree(partial)
-        if cfg_path.exists():
-            old = json.loads(cfg_path.read_text())
-            if old != config:
-                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-                raise InputError(f"{partial}: an unfinished preparation with different settings ({', '.join(diff)}) "
-                                 f"is in the way; delete it, or pass --overwrite (overwrite=True) to start over")
-        else:
-            shutil.rmtree(partial, ignore_errors=True)  # a setup that died before config.json
-            tmp = Path(str(partial) + f".setup{os.getpid()}")
-            (tmp / fmt.MEMMAP_DIR).mkdir(parents=True)
-            for name, (dtype, shape) in fmt.field_specs(config).items():
-                # sparse preallocation: pages appear as ranks write them
-                np.lib.format.open_memmap(tmp / fmt.MEMMAP_DIR / f"{name}.npy", mode="w+", dtype=dtype,
-                                          shape=(n * fmt.NUM_VIEWS, *shape)).flush()
-            fmt.write_json_atomic(tmp / "config.json", config)
-            os.rename(tmp, partial)
-    if d:
-        barrier()
+# ---------------------------------------------------------------------------------------
+# setup: the plan of files and the preallocated partial folder
+
+def _setup_partial(partial: Path, config: dict, src, rank: int, world_size: int, overwrite: bool, strict: bool,
+                   num_threads: int, progress: bool, d: bool, wait_timeout: float) -> dict:
+    """Create `partial` (rank 0), or check the one there against `config`; -> the plan every rank follows."""
+    cfg_path = partial / CONFIG
+    on_every_rank(lambda: _check_partial(partial, config, overwrite) if rank == 0 else None)
+    if d or rank == 0:
+        if not cfg_path.exists():  # every rank sees the same after on_every_rank's gather
+            plan = _plan(src, config, rank, world_size, strict, num_threads, progress, d)
+            on_every_rank(lambda: _create_partial(partial, config, plan) if rank == 0 else None)
     else:
         _wait_for(cfg_path.exists, f"{cfg_path} (rank 0 creates it)", wait_timeout)
     if json.loads(cfg_path.read_text()) != config:
         raise ValueError(f"rank {rank}: settings differ from {cfg_path} written by rank 0")
+    plan = json.loads((partial / PLAN).read_text())
+    if strict and plan["skipped"]:  # resuming a run that skipped files
+        raise _strict_error(src, plan["skipped"][0], f"the unfinished run in {partial} skips it; --overwrite "
+                                                     f"starts over")
+    dropped = np.asarray(sorted(s["index"] for s in plan["skipped"]), dtype=np.int64)
+    plan["kept"] = np.setdiff1d(np.arange(config["num_listed"]), dropped)
+    return plan
 
 
-def _run_rank(partial, src, codec, encs, enc_info, fields, rank, world_size, batch_size, dev, num_threads,
-              max_batches, progress) -> bool:
-    lo, hi = rank_block(len(src), rank, world_size)
+def _check_partial(partial: Path, config: dict, overwrite: bool) -> None:
+    """An unfinished preparation is resumed only for the same request; overwrite starts it over."""
+    import shutil
+
+    if not partial.exists():
+        return
+    if overwrite:
+        shutil.rmtree(partial)
+        return
+    for marker in partial.glob(FAILED):  # from a failed run: this one starts without failures
+        marker.unlink()
+    old = json.loads((partial / CONFIG).read_text())
+    if old != config:
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        raise InputError(f"{partial}: an unfinished preparation with different settings ({', '.join(diff)}) "
+                         f"is in the way; delete it, or pass --overwrite to start over")
+
+
+def _plan(src, config: dict, rank: int, world_size: int, strict: bool, num_threads: int, progress: bool,
+          d: bool) -> dict:
+    """Check the listed files (each rank a block under torchrun, rank 0 all of them otherwise) -> the plan."""
+    n = len(src)
+    if src.root is None:  # the built-in digits: no files to check
+        return {"skipped": [], "converted": {}, "small": [], "small_images": config["small_images"]}
+    lo, hi = rank_block(n, rank, world_size) if d else (0, n)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=hi - lo, unit="file", desc=f"check files rank {rank}/{world_size if d else 1}")
+    try:
+        mine = on_every_rank(lambda: file_scan.scan(src, lo, hi, config["small_images"], strict, num_threads, bar))
+    finally:
+        if bar:
+            bar.close()
+    plan = {**file_scan.merge(all_gather_object(mine)), "small_images": config["small_images"]}
+    if strict and plan["skipped"]:
+        raise _strict_error(src, plan["skipped"][0], "without it such files are skipped and listed in the manifest")
+    used = np.bincount(np.delete(src.labels, [s["index"] for s in plan["skipped"]]), minlength=len(src.classes))
+    if (used == 0).any():
+        c = int(np.flatnonzero(used == 0)[0])
+        first = next(s for s in plan["skipped"] if src.labels[s["index"]] == c)
+        raise InputError(f"{src.root / src.classes[c]}: no usable image in this class folder (first: {first['path']}: "
+                         f"{first['reason']}); fix or remove its files, or remove the folder")
+    return plan
+
+
+def _strict_error(src, skipped: dict, how_on: str) -> InputError:
+    return InputError(f"{src.path(skipped['index'])}: {skipped['reason']} (--strict stops at the first unusable "
+                      f"file; {how_on})")
+
+
+def _create_partial(partial: Path, config: dict, plan: dict) -> None:
+    """Preallocate the memmaps for the plan's samples and write plan + config, all in a temporary
+    folder renamed into place: a setup killed half-way leaves no `partial` to resume."""
+    n = config["num_listed"] - len(plan["skipped"])
+    tmp = Path(str(partial) + f".setup{os.getpid()}")
+    (tmp / fmt.MEMMAP_DIR).mkdir(parents=True)
+    for name, (dtype, shape) in fmt.field_specs(config).items():
+        # sparse preallocation: pages appear as ranks write them
+        np.lib.format.open_memmap(tmp / fmt.MEMMAP_DIR / f"{name}.npy", mode="w+", dtype=dtype,
+                                  shape=(n * fmt.NUM_VIEWS, *shape)).flush()
+    fmt.write_json_atomic(tmp / PLAN, plan)
+    fmt.write_json_atomic(tmp / CONFIG, config)
+    os.rename(tmp, partial)
+
+
+# ---------------------------------------------------------------------------------------
+# the encoding pass of one rank
+
+def _encode_on_every_rank(encode, partial: Path, rank: int, d: bool) -> bool:
+    """encode(stop=...) (a _run_rank) under on_every_rank. Under torchrun a failing rank leaves a marker
+    that stops the others at their next batch, rather than when their blocks are done."""
+    stop = (lambda: any(partial.glob(FAILED))) if d else (lambda: False)  # noqa: E731
+
+    def run():
+        try:
+            return encode(stop=stop)
+        except Exception:
+            if d:
+                (partial / FAILED.replace("*", str(rank))).touch()
+            raise
+    return on_every_rank(run)
+
+
+def _run_rank(partial, src, kept, codec, encs, enc_info, fields, rank, world_size, batch_size, dev, num_threads,
+              max_batches, progress, strict, stop) -> bool:
+    """Encode this rank's block from where its progress file says; -> finished (False: stopped early,
+    by max_batches or because `stop()`, another rank having failed)."""
+    lo, hi = rank_block(len(kept), rank, world_size)
     state = _progress(partial, rank)
     start = lo + state["done"]
     arrays = {name: np.load(partial / fmt.MEMMAP_DIR / f"{name}.npy", mmap_mode="r+") for name in fields}
@@ -251,24 +444,34 @@ def _run_rank(partial, src, codec, encs, enc_info, fields, rank, world_size, bat
     # decoders in one pool, the next batch assembled by another (never waits on its own pool)
     pool, ahead = ThreadPoolExecutor(max(1, num_threads)), ThreadPoolExecutor(1)
     load_one = functools.partial(_load_sample, src)
-    load = lambda s: list(pool.map(load_one, range(s, min(s + batch_size, hi))))  # noqa: E731
+    load = lambda s: list(pool.map(load_one, kept[s:min(s + batch_size, hi)]))  # noqa: E731
     nxt = ahead.submit(load, starts[0]) if starts else None
     try:
         for b, s in enumerate(starts):
-            if max_batches is not None and b >= max_batches:
+            if (max_batches is not None and b >= max_batches) or stop():
                 return False
-            crops = nxt.result()
+            loaded = nxt.result()
             nxt = ahead.submit(load, starts[b + 1]) if b + 1 < len(starts) else None
-            e = s + len(crops)
-            rows = _encode_batch(np.stack(crops), src.labels[s:e], codec, encs, enc_info, dev)
-            for name, arr in arrays.items():
-                arr[2 * s:2 * e] = rows[name]
-                arr.flush()
-            fmt.write_json_atomic(partial / f"progress-{rank}.json", {"done": e - lo, "finished": e == hi})
+            e = s + len(loaded)
+            failed = [{"index": int(i), "path": src.paths[i], "reason": why}
+                      for i, (crop, why) in zip(kept[s:e], loaded) if crop is None]
+            if failed and strict:
+                raise _strict_error(src, failed[0], f"samples done so far are kept in {partial} for the rerun")
+            good = [j for j, (crop, _) in enumerate(loaded) if crop is not None]
+            w = lo + state["written"]
+            if good:
+                rows = _encode_batch(np.stack([loaded[j][0] for j in good]), src.labels[kept[s:e][good]], codec,
+                                     encs, enc_info, dev)
+                for name, arr in arrays.items():
+                    arr[2 * w:2 * (w + len(good))] = rows[name]
+                    arr.flush()
+            state = {"done": e - lo, "written": state["written"] + len(good), "skipped": state["skipped"] + failed,
+                     "finished": e == hi}
+            fmt.write_json_atomic(partial / f"progress-{rank}.json", state)
             if bar:
                 bar.update(e - s)
         if not starts:  # an empty block, or a block finished before an interruption was recorded
-            fmt.write_json_atomic(partial / f"progress-{rank}.json", {"done": hi - lo, "finished": True})
+            fmt.write_json_atomic(partial / f"progress-{rank}.json", {**state, "done": hi - lo, "finished": True})
         return True
     finally:
         ahead.shutdown(wait=True, cancel_futures=True)
@@ -277,13 +480,12 @@ def _run_rank(partial, src, codec, encs, enc_info, fields, rank, world_size, bat
             bar.close()
 
 
-def _load_sample(src, i: int) -> np.ndarray:
+def _load_sample(src, i: int) -> tuple[np.ndarray | None, str | None]:
+    """(crop, None), or (None, why) for a file that passed the check and still cannot be decoded."""
     try:
-        return src.load(i)
-    except Exception as e:  # an unreadable file stops the run: say how to go on without losing work
-        raise ValueError(f"{e}\nSamples finished so far are kept in the .partial folder. Replace the file with a "
-                         f"readable image and run the same command again to continue, or delete it and rerun "
-                         f"with --overwrite (the file listing changes, so the run starts over)") from e
+        return src.load(int(i)), None
+    except InputError as e:
+        return None, f"failed when decoded ({e.__cause__ or e})"
 
 
 @torch.no_grad()
@@ -306,119 +508,3 @@ def _encode_batch(crops: np.ndarray, labels: np.ndarray, codec, encs, enc_info, 
         else:
             rows[f"feat_{k}"], rows[f"scale_{k}"] = fmt.encode_fp8(y)
     return rows
-
-
-# ---------------------------------------------------------------------------------------
-# finalize: stats, FFCV file, digests, manifest, rename
-
-def _fixed_latent_stats(vae: str | None) -> dict | None:
-    """latent_stats.json of an exported end-to-end VAE folder (irepa.autoencoder.export), if any."""
-    if not vae or vae == DIGITS_CODEC or not Path(vae).is_dir():
-        return None
-    from irepa.autoencoder.export import read_latent_stats
-    return read_latent_stats(vae)
-
-
-def latent_channel_stats(latent: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of posterior samples z = mean + std * eps over the as-is
-    views (records 0, 2, 4, ...): var(z) = var(mean) + E[std^2]."""
-    s1 = s2 = sv = 0.0
-    count = 0
-    for a in range(0, latent.shape[0], 2 * chunk):
-        block = np.asarray(latent[a:a + 2 * chunk:2], dtype=np.float64)  # [b, 2, C, h, w]
-        m, sd = block[:, 0], block[:, 1]
-        s1 = s1 + m.sum(axis=(0, 2, 3))
-        s2 = s2 + (m * m).sum(axis=(0, 2, 3))
-        sv = sv + (sd * sd).sum(axis=(0, 2, 3))
-        count += m.shape[0] * m.shape[2] * m.shape[3]
-    mu = s1 / count
-    var = s2 / count - mu * mu + sv / count
-    return [float(v) for v in mu], [float(v) for v in np.sqrt(np.maximum(var, 0.0))]
-
-
-class _Records:
-    """Indexed view of the memmaps for ffcv's DatasetWriter (one tuple per record)."""
-
-    def __init__(self, root: Path, names: Sequence[str]):
-        self.root, self.names = root, list(names)
-        self.arrays = None
-
-    def __len__(self):
-        return len(np.load(self.root / f"{self.names[0]}.npy", mmap_mode="r"))
-
-    def __getitem__(self, i):
-        if self.arrays is None:  # opened lazily in each writer process
-            self.arrays = [np.load(self.root / f"{n}.npy", mmap_mode="r") for n in self.names]
-        return tuple(int(a[i]) if n == "label" else np.ascontiguousarray(a[i]) for n, a in zip(self.names, self.arrays))
-
-
-def write_ffcv(memmap_root: Path, fields: dict, path: Path, num_workers: int = 0) -> None:
-    from .loader import keep_torch_threads
-
-    with keep_torch_threads():
-        _write_ffcv(memmap_root, fields, path, num_workers)
-
-
-def _write_ffcv(memmap_root: Path, fields: dict, path: Path, num_workers: int) -> None:
-    from ffcv.fields import IntField, NDArrayField
-    from ffcv.writer import DatasetWriter
-
-    specs = {k: (np.dtype(v["dtype"]), tuple(v["shape"])) for k, v in fields.items()}
-    ff = {k: IntField() if k == "label" else NDArrayField(dtype=dt, shape=sh) for k, (dt, sh) in specs.items()}
-    record_bytes = sum(dt.itemsize * int(np.prod(sh)) for dt, sh in specs.values())
-    page = 1 << 23
-    while page < 4 * record_bytes:
-        page *= 2
-    tmp = path.with_name(path.name + ".tmp")
-    writer = DatasetWriter(str(tmp), ff, page_size=page, num_workers=num_workers or min(8, os.cpu_count() or 1))
-    writer.from_indexed_dataset(_Records(memmap_root, list(ff)), chunksize=64)
-    os.replace(tmp, path)
-
-
-def _finalize(partial: Path, out: Path, config: dict, src, full_checksum: bool, overwrite: bool) -> None:
-    mm = partial / fmt.MEMMAP_DIR
-    latent = None
-    if config["kind"] == "latent":
-        fixed = _fixed_latent_stats(config["vae"])
-        if fixed is not None:  # an end-to-end (REPA-E) VAE: its SiT's BatchNorm statistics, held fixed
-            mean, std, stats_from = fixed["mean"], fixed["std"], "vae latent_stats.json (fixed BatchNorm)"
-        else:
-            mean, std = latent_channel_stats(np.load(mm / "latent.npy", mmap_mode="r"))
-            stats_from = "data"
-        latent = {"shape": config["fields"]["latent"]["shape"][1:], "dtype": "float32", "vae": config["vae"],
-                  "channel_mean": mean, "channel_std": std, "stats_from": stats_from}
-    files = []
-    if "ffcv" in config["formats"]:
-        if not (partial / fmt.FFCV_FILE).exists():
-            write_ffcv(mm, config["fields"], partial / fmt.FFCV_FILE)
-        files.append(fmt.FFCV_FILE)
-    if "memmap" in config["formats"]:
-        files += [f"{fmt.MEMMAP_DIR}/{name}.npy" for name in config["fields"]]
-    else:
-        shutil.rmtree(mm)
-    manifest = {
-        "format": fmt.FORMAT, "version": fmt.VERSION, "kind": config["kind"],
-        "num_samples": config["num_samples"], "num_views": fmt.NUM_VIEWS,
-        "num_records": config["num_samples"] * fmt.NUM_VIEWS, "resolution": config["resolution"],
-        "num_classes": len(src.classes), "classes": src.classes,
-        "flips": "stored: record 2i+v is sample i as is (v=0) or mirrored (v=1), latent and tokens each encoded",
-        "latent": latent, "encoders": config["encoders"],
-        # the scaling loaders apply by default; launch/sample.py reads it to unscale samples
-        "latent_stats": {"mean": latent["channel_mean"], "std": latent["channel_std"]} if latent else None, "fields": config["fields"],
-        "formats": config["formats"], "files": fmt.record_files(partial, files, full=full_checksum),
-        "source": {"root": config["source"], "listing_sha256": config["listing_sha256"], "count": config["num_samples"]},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tool": "irepa.data.prepare",
-    }
-    fmt.write_json_atomic(partial / fmt.MANIFEST, manifest)  # last: marks the folder complete
-    old = None
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
-        old = Path(str(out) + f".old{os.getpid()}")
-        os.rename(out, old)
-    os.rename(partial, out)
-    # bookkeeping goes only now: a crash before the rename must still find it in .partial
-    for p in [*out.glob("progress-*.json"), out / "config.json"]:
-        p.unlink(missing_ok=True)
-    if old is not None:
-        shutil.rmtree(old)

@@ -2,7 +2,11 @@
 
 A source lists its samples once (sorted, so every rank and every rerun agree), hashes the
 listing (the manifest records it; a resumed run refuses a changed listing) and loads
-sample i as the square uint8 crop [R, R, 3] the whole pipeline sees.
+sample i as the square uint8 crop [R, R, 3] the whole pipeline sees. Which listed files are
+usable is decided by data/scan.py before any is encoded.
+
+A class folder without a single image file is refused: leaving it out would shift the class
+indices of every later folder, keeping it would make a class with no images.
 """
 from __future__ import annotations
 
@@ -18,10 +22,24 @@ from irepa.errors import InputError, InputNotFound
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+# modes Image.convert("RGB") maps faithfully (8 bits per channel; alpha is dropped, CMYK and
+# palettes converted); 16-bit gray is scaled to 8 bits first (convert would clip it at 255)
+EIGHT_BIT_MODES = ("RGB", "1", "L", "LA", "P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any 8-bit mode, or 16-bit gray, as 8-bit RGB (data/scan.py skips the other modes)."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        wide = np.asarray(img).astype(np.uint32)
+        img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+    return img.convert("RGB")
+
+
 def center_crop_adm(img: Image.Image, size: int) -> np.ndarray:
     """ADM's center crop: halve with a box filter while the short side is >= 2*size, resize
     the short side to `size` with bicubic, then crop the center. -> uint8 [size, size, 3]."""
-    img = img.convert("RGB")
+    img = to_rgb(img)
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(img.size)
@@ -45,12 +63,15 @@ class ImageFolderSource:
         self.paths: list[str] = []
         labels = []
         for c, name in enumerate(self.classes):
+            # broken symbolic links stay listed: the scan reports them instead of hiding them
             found = sorted(str(p.relative_to(self.root)) for p in (self.root / name).rglob("*")
-                           if p.suffix.lower() in IMAGE_EXTENSIONS)
+                           if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
+            if not found:
+                raise InputError(f"{self.root / name}: class folder without image files "
+                                 f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add its images (every class "
+                                 f"folder becomes a class)")
             self.paths += found
             labels += [c] * len(found)
-        if not self.paths:
-            raise InputError(f"{self.root}: no images with extensions {IMAGE_EXTENSIONS}")
         self.labels = np.asarray(labels, dtype=np.int64)
         h = hashlib.sha256()
         for p, y in zip(self.paths, labels):
@@ -61,8 +82,11 @@ class ImageFolderSource:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def path(self, i: int) -> Path:
+        return self.root / self.paths[i]
+
     def load(self, i: int) -> np.ndarray:
-        path = self.root / self.paths[i]
+        path = self.path(i)
         try:
             with Image.open(path) as img:
                 return center_crop_adm(img, self.resolution)
@@ -80,7 +104,7 @@ class DigitsSource:
         self.images = (images.permute(0, 2, 3, 1) * 255).round().byte().numpy()
         self.labels = labels.numpy().astype(np.int64)
         self.classes = [str(c) for c in range(NUM_CLASSES)]
-        self.resolution = resolution
+        self.resolution, self.root = resolution, None  # no folder: nothing to check or keep apart from
         self.listing_hash = hashlib.sha256(self.images.tobytes() + self.labels.tobytes()).hexdigest()
         self.description = "digits"
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from irepa.errors import InputError
+from irepa.errors import InputError, UserError
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,13 @@ def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.devi
     return dev
 
 
-def setup(device: str = "auto", backend: str | None = None) -> Setup:
-    """Read the ranks, pick the device and, with several ranks, start the process group."""
+def setup(device: str = "auto", backend: str | None = None, timeout: timedelta | None = None) -> Setup:
+    """Read the ranks, pick the device and, with several ranks, start the process group.
+    timeout: how long a collective waits for the slowest rank (torch's default: 10 min NCCL, 30 min gloo)."""
     rank, local, world = env()
     dev = pick_device(device, local)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"))
+        dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"), timeout=timeout)
     return Setup(rank, local, world, dev)
 
 
@@ -81,6 +83,33 @@ def all_gather_object(obj) -> list:
         return [obj]
     out = [None] * world
     dist.all_gather_object(out, obj)
+    return out
+
+
+class RankFailed(UserError, RuntimeError):
+    """Another rank failed: raised on the ranks that did not, with that rank's message."""
+
+
+def on_every_rank(fn):
+    """fn() on each rank; with several ranks, a failure on any ends every rank (collective: each calls it).
+
+    The failing rank raises its own error (a bug keeps its traceback); the others raise RankFailed
+    with the first failing rank's message, so rank 0 prints the cause of a user error as its one line
+    and no rank is left waiting in a collective for a peer that exited. fn itself must not call
+    collectives (a rank that failed early would never reach them)."""
+    err, out = None, None
+    try:
+        out = fn()
+    except Exception as e:
+        err = e
+    if rank_world()[1] > 1:
+        seen = all_gather_object(None if err is None else (isinstance(err, UserError), str(err)))
+        failed = [(r, s) for r, s in enumerate(seen) if s is not None]
+        if failed and err is None:
+            r, (user, msg) = failed[0]
+            raise RankFailed(msg if user else f"rank {r} failed: {msg}")
+    if err is not None:
+        raise err
     return out
 
 

@@ -61,7 +61,7 @@ def make_prepared(root: Path, n: int, with_ffcv: bool) -> None:
     formats = ["memmap"]
     files = [f"{fmt.MEMMAP_DIR}/{f}.npy" for f in fields]
     if with_ffcv:
-        from irepa.data.prepare import write_ffcv
+        from irepa.data.finalize import write_ffcv
 
         write_ffcv(mm, fields, root / fmt.FFCV_FILE)
         formats.append("ffcv")

@@ -203,3 +203,26 @@ def test_bad_files_and_manifest(prepared, tmp_path):
     (bad / fmt.MANIFEST).unlink()
     with pytest.raises(FileNotFoundError, match="no manifest"):
         build_loader(bad, 2, [enc.name])
+
+
+def test_full_checksum_dataset_passes_both_verifications(folder, tmp_path):
+    """Issue 25 item 3: prepared with full_checksum, the default sampled check refused it as corrupt."""
+    kw = dict(resolution=RES, kind="pixels", encoders=[], formats=("memmap",), batch_size=4, progress=False)
+    out = prepare(str(folder), str(tmp_path / "ds"), full_checksum=True, **kw)
+    for verify in ("sampled", "full"):
+        assert next(iter(build_loader(out, 2, [], backend="memmap", verify=verify)))["y"].shape == (2,)
+    m = read_manifest(out)
+    assert all(r["digest"].startswith("sampled:") and r["full_digest"].startswith("full:") for r in m["files"].values())
+    assert "every byte" in fmt.scan_dataset(out, m)
+    label = tmp_path / "ds" / fmt.MEMMAP_DIR / "label.npy"
+    data = label.read_bytes()
+    label.write_bytes(data[:-8] + bytes(8))  # the last label changed, same size
+    for verify in ("sampled", "full"):
+        with pytest.raises(ValueError, match="label.npy: content digest does not match"):
+            build_loader(out, 2, [], backend="memmap", verify=verify)
+    # a manifest written before "full_digest": its full digest under "digest" is checked in full by either mode
+    label.write_bytes(data)
+    old = {**m, "files": {n: {"bytes": r["bytes"], "digest": r["full_digest"]} for n, r in m["files"].items()}}
+    (tmp_path / "ds" / fmt.MANIFEST).write_text(json.dumps(old))
+    for verify in ("sampled", "full"):
+        build_loader(out, 2, [], backend="memmap", verify=verify)

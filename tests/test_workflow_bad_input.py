@@ -13,6 +13,7 @@ from PIL import Image
 from irepa.data import check_manifest, prepare, read_manifest
 from irepa.data import format as fmt
 from irepa.data.loader import FFCVLoader
+from irepa.errors import UserError
 
 RES = 32
 
@@ -76,33 +77,41 @@ def test_loader_for_a_missing_format_says_which_backend_to_use(prepared):
         FFCVLoader(out, 2, ["hog-patch"])  # refused before ffcv itself is needed
 
 
-def test_corrupt_image_stops_with_its_path_and_a_way_on(tmp_path):
+def test_strict_stops_at_a_corrupt_image_and_the_repaired_folder_prepares(tmp_path):
     src = _folder(tmp_path / "imgs", corrupt_last=True)
     out = tmp_path / "ds"
     bad = src / "b" / "zz.jpg"
-    with pytest.raises(ValueError, match="cannot read image") as e:
-        prepare(str(src), str(out), **_kw())
-    msg = str(e.value)
-    assert str(bad) in msg and "run the same command again" in msg and "--overwrite" in msg
-    progress = json.loads((tmp_path / "ds.partial" / "progress-0.json").read_text())
-    assert progress["done"] >= 4 and not out.exists()  # finished batches are kept
-    # the suggested way on: a readable file under the same name, the same command, and the run continues
+    with pytest.raises(UserError, match="truncated or corrupt") as e:
+        prepare(str(src), str(out), **_kw(strict=True))
+    assert str(e.value).startswith(f"{bad}:") and "--strict" in str(e.value) and "\n" not in str(e.value)
+    assert not out.exists() and not (tmp_path / "ds.partial").exists()  # checked before anything was written
+    # without --strict the file is skipped and listed; repaired, the same strict command prepares it all
+    kept = prepare(str(src), str(tmp_path / "kept"), **_kw())
+    assert [s["path"] for s in read_manifest(kept)["skipped"]] == ["b/zz.jpg"]
+    assert read_manifest(kept)["num_samples"] == 6
     Image.fromarray(np.full((40, 40, 3), 7, np.uint8)).save(bad, format="JPEG")
-    assert prepare(str(src), str(out), **_kw()) == str(out)
-    ref = prepare(str(src), str(tmp_path / "ref"), **_kw())  # the uninterrupted run
-    for f in read_manifest(out)["fields"]:
-        a, b = (np.load(os.path.join(p, fmt.MEMMAP_DIR, f + ".npy")) for p in (out, ref))
-        assert np.array_equal(a, b), f
+    assert prepare(str(src), str(out), **_kw(strict=True)) == str(out)
+    assert read_manifest(out)["num_samples"] == 7 and read_manifest(out)["skipped"] == []
 
 
-def test_ffcv_format_without_ffcv_fails_before_any_work(tmp_path, monkeypatch):
+def test_default_formats_are_what_this_machine_writes(tmp_path, monkeypatch, capsys):
+    """Issue 25 item 4: without FFCV the default writes memmap and says so; --formats ffcv is one line."""
     import irepa.data.loader as loader
 
     monkeypatch.setattr(loader, "ffcv_available", lambda: False)
     src = _folder(tmp_path / "imgs", n=2)
-    with pytest.raises(ImportError, match="--formats memmap"):
-        prepare(str(src), str(tmp_path / "ds"), **_kw(formats=("ffcv", "memmap")))
-    assert not (tmp_path / "ds.partial").exists()  # not hours later, at the FFCV write
+    out = prepare(str(src), str(tmp_path / "ds"), **{**_kw(), "formats": None})
+    assert read_manifest(out)["formats"] == ["memmap"]
+    note = [line for line in capsys.readouterr().out.splitlines() if "FFCV" in line]
+    assert note == ["prepare: FFCV is not installed here, so only the memmap format is written (the loaders read "
+                    "it everywhere; IREPA_WITH_FFCV=1 bash launch/install.sh adds FFCV)"]
+    with pytest.raises(UserError, match="ffcv cannot be imported here.*--formats memmap"):
+        prepare(str(src), str(tmp_path / "ds2"), **_kw(formats=("ffcv", "memmap")))
+    assert not (tmp_path / "ds2.partial").exists()  # not hours later, at the FFCV write
+    monkeypatch.setattr(loader, "ffcv_available", lambda: True)
+    from irepa.data.prepare import resolve_formats
+    assert resolve_formats(None) == ("ffcv", "memmap")
+    assert prepare(str(src), out, **{**_kw(), "formats": None}) == out  # the default accepts what is stored
 
 
 def test_a_dataset_is_never_written_into_the_data_package(tmp_path):
