@@ -189,18 +189,28 @@ def verify_files(root: str | os.PathLike, manifest: Mapping, names: Sequence[str
     for n in names:
         rec = manifest["files"].get(n)
         if rec is None:
-            raise ValueError(f"{root / MANIFEST}: no size/digest recorded for {n}")
+            raise InputError(f"{root / MANIFEST}: no size/digest recorded for {n}")
         p = root / n
         if not p.exists():
-            raise FileNotFoundError(f"{p}: listed in the manifest but missing")
+            raise InputNotFound(f"{p}: listed in the manifest but missing")
         size = os.path.getsize(p)
         if size != rec["bytes"]:
-            raise ValueError(f"{p}: {size} bytes on disk, the manifest records {rec['bytes']} "
+            raise InputError(f"{p}: {size} bytes on disk, the manifest records {rec['bytes']} "
                              f"(truncated or not the file this manifest describes)")
         digest, full = _expected_digest(rec, verify)
         if file_digest(p, full=full) != digest:
-            raise ValueError(f"{p}: content digest does not match the manifest "
+            raise InputError(f"{p}: content digest does not match the manifest "
                              f"(corrupt, or a file from another preparation)")
+
+
+def open_memmap(path: Path) -> np.ndarray:
+    """A stored field's .npy file, memory-mapped read-only; a truncated or non-.npy file is an InputError naming it."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise InputNotFound(f"{path}: missing from the prepared dataset") from None
+    except (ValueError, OSError, EOFError) as e:  # numpy's header parser and mmap report damage so
+        raise InputError(f"{path}: not a readable .npy array ({e}); truncated or not this dataset's file") from None
 
 
 def _bad_rows(field: str, rows: np.ndarray, num_classes: int) -> np.ndarray:
@@ -232,7 +242,7 @@ def bad_records(root: str | os.PathLike, manifest: Mapping, records: Sequence[in
     out: list[str] = []
     for f in fields:
         path = root / MEMMAP_DIR / f"{f}.npy"
-        a = np.load(path, mmap_mode="r")
+        a = open_memmap(path)
         ids = np.arange(len(a)) if records is None else np.unique(np.asarray(records, dtype=np.int64))
         for start in range(0, len(ids), chunk):
             part = ids[start:start + chunk]
@@ -255,7 +265,7 @@ def scan_dataset(root: str | os.PathLike, manifest: Mapping, fields: Sequence[st
     if bad is None:
         return f"{digests}; no memmap copy, so the records' values were not scanned (prepare with --formats memmap)"
     if bad:
-        raise ValueError(f"{Path(root)}: bad data (data.verify full): " + "; ".join(bad))
+        raise InputError(f"{Path(root)}: bad data (data.verify full): " + "; ".join(bad))
     return f"{digests}; all {manifest['num_records']} records scanned, every value finite and every label valid"
 
 

@@ -31,7 +31,7 @@ import torch
 from . import format as fmt
 from .memory import epoch_flips, epoch_order
 
-from irepa.errors import InputError
+from irepa.errors import InputError, UserError
 
 
 @contextlib.contextmanager
@@ -44,6 +44,10 @@ def keep_torch_threads():
     finally:
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
+
+
+class FFCVMissing(UserError, ImportError):
+    """FFCV asked for on a machine where it does not import (a choice of the user's, not a bug)."""
 
 
 def ffcv_available() -> bool:
@@ -200,11 +204,11 @@ class MemmapLoader(_PreparedLoader):
         fmt.verify_files(self.root, self.manifest, files, self._verify)
         self.arrays = {}
         for f, name in zip(self.fields, files):
-            a = np.load(self.root / name, mmap_mode="r")
+            a = fmt.open_memmap(self.root / name)
             dt, sh = self.specs[f]
             if a.dtype != dt or a.shape != (self.manifest["num_records"], *sh):
-                raise ValueError(f"{self.root / name}: array {a.dtype} {a.shape} != manifest {dt} "
-                                 f"{(self.manifest['num_records'], *sh)}")
+                raise InputError(f"{self.root / name}: array {a.dtype} {a.shape} != manifest {dt} "
+                                 f"{(self.manifest['num_records'], *sh)} (not the file this manifest describes)")
             self.arrays[f] = a
 
     def _gather(self, rec: np.ndarray) -> dict:
@@ -244,6 +248,7 @@ class FFCVLoader(_PreparedLoader):
                              f"load it with backend 'memmap' or 'auto' (--data.backend), or prepare with "
                              f"--formats ffcv")
         fmt.verify_files(self.root, self.manifest, [fmt.FFCV_FILE], self._verify)
+        _check_ffcv_header(self.root / fmt.FFCV_FILE, self.manifest["num_records"])
         with keep_torch_threads():
             self._build_ffcv()
 
@@ -270,9 +275,6 @@ class FFCVLoader(_PreparedLoader):
         if self.device.type != "cuda":
             self._fresh = _FreshAllocator(self._ffcv.graph)
             self._ffcv.graph.allocate_memory = self._fresh.allocate_memory
-        if self._ffcv.reader.num_samples != self.manifest["num_records"]:
-            raise ValueError(f"{self.root / fmt.FFCV_FILE}: {self._ffcv.reader.num_samples} records, "
-                             f"manifest says {self.manifest['num_records']}")
 
     def _epoch(self, epoch, start):
         self._order.set(self.records(epoch, start))
@@ -289,6 +291,26 @@ class FFCVLoader(_PreparedLoader):
         # own buffers are reused for later batches)
         owned = self._fresh is not None and all(self._fresh.issued(v) for v in raw.values())
         return super()._finish(raw, owned=owned)
+
+
+def _check_ffcv_header(path: Path, num_records: int) -> None:
+    """Refuse an FFCV file that is not one, is of another FFCV version, holds another record count or
+    ends before its allocation table (truncated): what data.verify none lets through, and FFCV's
+    reader reports only as an assertion or a negative array size."""
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
+
+    size = path.stat().st_size
+    head = np.fromfile(path, dtype=HeaderType, count=1) if size >= HeaderType.itemsize else None
+    what = None
+    if head is None or head[0]["version"] != CURRENT_VERSION:
+        what = f"not an FFCV file (version {CURRENT_VERSION})"
+    elif int(head[0]["num_samples"]) != num_records:
+        what = f"{int(head[0]['num_samples'])} records, the manifest says {num_records}"
+    elif not 0 < int(head[0]["alloc_table_ptr"]) <= size or (size - int(head[0]["alloc_table_ptr"])) % \
+            ALLOC_TABLE_TYPE.itemsize:
+        what = f"{size} bytes end inside its allocation table (truncated)"
+    if what:
+        raise InputError(f"{path}: {what}; not the FFCV file of this prepared dataset")
 
 
 class _FreshAllocator:
@@ -377,7 +399,7 @@ def build_loader(path: str | os.PathLike, batch_size: int, encoders: Sequence[st
     if backend not in ("ffcv", "memmap"):
         raise ValueError(f"backend must be 'auto', 'ffcv' or 'memmap', got {backend!r}")
     if backend == "ffcv" and not ffcv_available():
-        raise ImportError("backend='ffcv' but ffcv cannot be imported (pip install ffcv; see README); "
-                          "use backend='memmap'")
+        raise FFCVMissing("backend='ffcv' but ffcv cannot be imported here (IREPA_WITH_FFCV=1 bash "
+                          "launch/install.sh; see README); use backend 'memmap' (--data.backend memmap)")
     cls = FFCVLoader if backend == "ffcv" else MemmapLoader
     return cls(path, batch_size, encoders, seed=seed, rank=rank, world_size=world_size, device=device, **kw)

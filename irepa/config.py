@@ -310,10 +310,16 @@ def _sections_of(tree: dict) -> dict[str, type]:
 
 
 def build_config(tree: dict, overrides: dict[str, Any] | None = None, preset: str = "") -> Config:
-    """A preset tree + overrides -> validated Config. An unknown key is a ValueError naming it."""
+    """A preset tree + overrides -> validated Config. An unknown key is a ValueError naming it.
+
+    A recipe section belongs to the recipe of its name (register_section): the run's recipe
+    (train.recipe, after the overrides) gets its section, an override of another recipe's
+    section is refused (it would be stored and never read), and such a section carried by the
+    preset (one whose recipe --train.recipe replaced) is dropped."""
     tree = merge_trees(tree, {})
     sections = _sections_of(tree)
     leaves: dict[str, list[str]] = {}
+    given: dict[str, str] = {}
     for sec, typ in sections.items():
         for f in dataclasses.fields(typ):
             leaves.setdefault(f.name, []).append(sec)
@@ -332,7 +338,22 @@ def build_config(tree: dict, overrides: dict[str, Any] | None = None, preset: st
         if typ is None or name not in {f.name for f in dataclasses.fields(typ)}:
             raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, sections)} (--help lists every key)")
         tree.setdefault(sec, {})[name] = coerce(value, field_types(typ).get(name, Any), f"{sec}.{name}")
-    return Config.from_dict({**tree, "preset": preset})
+        if sec in _RECIPE_SECTIONS:
+            given.setdefault(sec, f"{sec}.{name}")
+    return Config.from_dict({**_own_recipe_section(tree, given), "preset": preset})
+
+
+def _own_recipe_section(tree: dict, given: dict[str, str]) -> dict:
+    """`tree` with the recipe sections of train.recipe only; `given`: recipe section -> a key the user set in it."""
+    recipe = tree.get("train", {}).get("recipe", TrainConfig.recipe)
+    for sec, key in given.items():
+        if sec != recipe:
+            raise ConfigError(f"--{key} is an option of the {sec!r} recipe, but this run's recipe is {recipe!r} "
+                              f"(train.recipe), which never reads it; drop it, or pick a {sec} preset (--list_presets)")
+    out = {k: v for k, v in tree.items() if k not in _RECIPE_SECTIONS or k == recipe}
+    if recipe in _RECIPE_SECTIONS:
+        out.setdefault(recipe, {})  # its options are written to config.json and listed by --help
+    return out
 
 
 def field_types(typ: type) -> dict[str, Any]:

@@ -132,7 +132,7 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
 def test_config_mismatch_names_the_move_aside(two_ckpts, tmp_path):
     _copy(two_ckpts, tmp_path)
     from irepa.errors import UserError  # printed as one line by the launch scripts
-    with pytest.raises(UserError, match=r"different model/align/data.*--train.resume false to move that run "
+    with pytest.raises(UserError, match=r"holds another run.*--train.resume false to move that run "
                                          r"aside into .*previous-<time>"):
         Trainer(_cfg(tmp_path, "run", **{"model.align_depth": 1}))
 

@@ -73,6 +73,7 @@ def test_wandb_sink_gets_what_tensorboard_gets(tmp_path, digits_cache, monkeypat
 
     monkeypatch.setattr(run_log, "TensorBoardSink", TB)
     monkeypatch.setattr(run_log, "WandbSink", FakeWandb)
+    monkeypatch.setattr(run_log, "import_wandb", lambda: None)  # the trainer's check before it writes
     Trainer(_cfg(tmp_path, digits_cache, **{"log.wandb": "true"})).train()
     tb, wb = seen["tb"], seen["wandb"]
     tags = {t for t, _, _ in tb.scalars}

@@ -51,6 +51,7 @@ import importlib
 import pkgutil
 from typing import Any
 
+from irepa import models
 from irepa.config import Config, ConfigError, build_config, describe as describe_config, merge_trees, register_section
 
 from .base import Loss, PartSpec, Recipe
@@ -98,6 +99,9 @@ def get(name: str) -> type[Recipe]:
 def for_config(cfg: Config) -> Recipe:
     """The run's recipe, bound to its config; refuses a model of a family the recipe does not train."""
     cls = get(cfg.train.recipe)
+    if cfg.model.name not in models.names():
+        known = [n for n in models.names() if n.split("-", 1)[0] in cls.model_families]
+        raise ConfigError(f"unknown model.name {cfg.model.name!r}; recipe {cls.name!r} trains {', '.join(known)}")
     family = cfg.model.name.split("-", 1)[0]
     if family not in cls.model_families:
         owners = [n for n, c in _registry().items() if family in c.model_families]

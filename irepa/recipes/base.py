@@ -62,6 +62,9 @@ class Recipe:
     """preset name -> config tree (irepa.config sections); train.recipe is set by the registry"""
     Options: ClassVar[type | None] = None
     """a dataclass of the recipe's own options: config section `name` (cfg.<name>, --<name>.<key>)"""
+    resume_may_change: ClassVar[frozenset[str]] = frozenset()
+    """options of `Options` a resume may change (how the step runs, where initial weights come
+    from); every other one must equal the run folder's, as model/align/data do (irepa.train.run_folder)"""
     sample_quantize: ClassVar[str] = "round"
     """how launch/sample.py turns decoded images in [0, 1] into the uint8 FID batch, as the
     recipe's release writes its samples: "round" or "truncate" (irepa.grid.quantize_unit)"""

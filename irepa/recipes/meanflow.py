@@ -78,6 +78,7 @@ class MeanFlowRecipe(SiTRecipe):
     data_kind = "latent"
     presets = _presets()
     Options = mf.MeanFlowSettings
+    resume_may_change = frozenset({"jvp", "target_precision", "compile_jvp"})  # same values, other kernels
     # MeanFlow train.py@d70cb55: clip(127.5 x + 128) cast to uint8 for x in [-1, 1], i.e. the nearest
     # value (ties up; round-half-even differs from it only on exact .5 ties)
     sample_quantize = "round"

@@ -125,6 +125,8 @@ class RepaERecipe(SiTRecipe):
     data_kind = "pixels"
     presets = _presets()
     Options = RepaEOptions
+    # where the parts' first weights come from (a resume loads its own), their learning rates, logging
+    resume_may_change = frozenset({"vae_weights", "latent_stats", "disc_weights", "vae_lr", "disc_lr", "recon_every"})
 
     def __init__(self, cfg=None):
         super().__init__(cfg)

@@ -158,12 +158,20 @@ def build_data(cfg: Config, recipe, model: nn.Module, rank: int, world_size: int
     data_pkg.check_manifest(manifest, latent_shape=recipe.data_shape(model),
                             num_tokens=model.num_tokens,
                             encoder_dims=None if online else dict(zip(cfg.align.encoders, dims)))
-    if manifest.get("num_classes", 0) > cfg.model.num_classes:
-        raise InputError(f"{path}: {manifest['num_classes']} classes, model.num_classes is {cfg.model.num_classes}")
+    check_num_classes(manifest, cfg.model.num_classes, path)
     loader = data_pkg.build_loader(path, local_batch, [] if online else cfg.align.encoders, seed=cfg.train.seed,
                                    rank=rank, world_size=world_size, device=device, backend=cfg.data.backend,
                                    images=online, verify=cfg.data.verify)
     return DataBundle(loader, dims, manifest, decode=recipe.decoder(manifest, device), online_encoders=encs)
+
+
+def check_num_classes(manifest: dict, num_classes: int, path: str) -> None:
+    """The model has exactly the dataset's classes: fewer would put labels out of range, more would
+    train (and sample in every grid) classes that have no images."""
+    have = manifest.get("num_classes")
+    if have and have != num_classes:
+        raise InputError(f"{path}: the data has {have} classes (manifest.json num_classes), model.num_classes is "
+                         f"{num_classes}; set --model.num_classes {have}")
 
 
 def _prepare_builtin(cfg: Config, out: str, kind: str, rank: int, world_size: int) -> None:

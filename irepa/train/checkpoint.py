@@ -489,7 +489,8 @@ def load(ckpt: str | Path, parts: dict, verify: bool = True) -> tuple[dict, dict
             raise CheckpointError(f"{ckpt}: holds no trained part {name!r} (it has {sorted(counts)})")
         want = len(part.ema.decays) if part.ema else 0
         if counts[name] != want:
-            raise ValueError(f"{ckpt}: checkpoint has {counts[name]} EMA models of {name!r}, config asks for {want}")
+            raise CheckpointError(f"{ckpt}: checkpoint has {counts[name]} EMA models of {name!r}, config asks for "
+                                  f"{want} (train.ema_decays)")
     if manifest.get("sharded"):
         _load_dcp(ckpt, parts)
     else:
@@ -560,7 +561,12 @@ def _load_part_files(ckpt: Path, name: str, part) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     state = read_part(ckpt, name, len(part.ema.decays) if part.ema else 0)
     if not _is_sharded(part):
-        part.module.load_state_dict(state["model"])
+        try:
+            part.module.load_state_dict(state["model"])
+        except RuntimeError as e:  # keys or shapes of another model: not damage, so no older checkpoint stands in
+            what = " ".join(str(e).split())
+            raise CheckpointError(f"{ckpt}: its {name!r} does not fit this run's model ({what[:300]}); the run "
+                                  f"folder's config.json says how it was made") from None
         part.optimizer.load_state_dict(state["optimizer"])
     else:  # full tensors into FSDP shards; the file's optimizer state is keyed by position in `params`
         set_model_state_dict(part.module, state["model"], options=_options(full=True))

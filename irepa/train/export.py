@@ -13,7 +13,6 @@ the folder can run code). Encoder weights are not needed. Both refuse non-finite
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -21,7 +20,9 @@ import torch
 
 from irepa import recipes
 from irepa.config import Config
+from irepa.errors import InputError
 from irepa.train import checkpoint
+from irepa.train.run_folder import read_config
 from irepa.train.build import offline_parts
 from irepa.train.checkpoint import CheckpointError
 
@@ -40,8 +41,7 @@ def run_config(ckpt: Path) -> Config:
     cfg_path = ckpt.parent.parent / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path}: missing; it is needed to rebuild the model")
-    recipes.names()  # registers the recipes' option sections the config may hold
-    return Config.from_dict(json.loads(cfg_path.read_text()))
+    return read_config(cfg_path)
 
 
 def export(path: str | Path, out: str | Path | None = None) -> Path:
@@ -73,14 +73,21 @@ def export(path: str | Path, out: str | Path | None = None) -> Path:
     return checkpoint.save(out, step, parts, trainer_state=tr, rng=rng, keep=0)
 
 
-def load_for_inference(path: str | Path, which: str = "ema", device: str | torch.device = "cpu"):
+def load_for_inference(path: str | Path, which: str = "ema", device: str | torch.device = "cpu",
+                       model_name: str | None = None):
     """A run folder (newest checkpoint) or a checkpoint folder -> (diffusion model in eval mode, Config).
 
     which: "ema" (first EMA), "ema-1", ... or "model" (raw trained weights). The recipe
     (irepa.recipes.for_config(cfg)) turns the model into velocities and samples.
+    model_name: the model the caller was told to expect (a tool's --model_name); another one
+    than the run's config.json names is refused before any weight is read.
     """
     ckpt = find_checkpoint(path)
     cfg = run_config(ckpt)
+    if model_name is not None and model_name != cfg.model.name:
+        raise InputError(f"--model_name {model_name}: {path} holds a {cfg.model.name} model "
+                         f"({ckpt.parent.parent / 'config.json'}, recipe {cfg.train.recipe}); a run's model comes "
+                         f"from its config, so drop --model_name (it names the model of a released .pt file)")
     if checkpoint.read_manifest(ckpt).get("sharded"):
         raise CheckpointError(f"{ckpt}: a sharded (FSDP) checkpoint; export it to single files first: "
                               f"python -m irepa.train.export {ckpt.parent.parent}")

@@ -73,12 +73,7 @@ class WandbSink:
     """One W&B run per run folder; scalars and images under the TensorBoard tags, at the trainer's step."""
 
     def __init__(self, cfg: Config, run_dir: Path):
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("log.wandb is on but wandb is not installed: pip install wandb "
-                            "(or --log.wandb false)") from None
-        self.wandb = wandb
+        self.wandb = import_wandb()
         lg = cfg.log
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() and cfg.train.resume else None
@@ -97,6 +92,16 @@ class WandbSink:
 
     def close(self):
         self.run.finish()
+
+
+def import_wandb():
+    """The wandb module, or a UserError saying how to get it (the trainer asks before it writes anything)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("log.wandb is on but wandb is not installed: pip install wandb "
+                        "(or --log.wandb false)") from None
+    return wandb
 
 
 def open_run_log(cfg: Config, run_dir: Path, resume_step: int = 0) -> RunLog:

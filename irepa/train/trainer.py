@@ -6,9 +6,10 @@ randomness comes from a generator seeded by (seed, rank, step), so a resumed run
 uninterrupted one exactly. The hot loop does not synchronize with the device except on log
 and checkpoint steps.
 
-Run folder: a fresh start (train.resume false) in a folder that holds another run moves that
-run aside into previous-<time>/ first; a resume from step N drops metrics.jsonl rows of steps
-after N (they are logged again). Non-finite values: every step notes, on the device, whether
+Run folder (irepa.train.run_folder): checked first and written only after every check and the
+checkpoint's load, so a refused start leaves it as it was; a fresh start (train.resume false)
+in a folder that holds another run moves that run aside into previous-<time>/; a resume from
+step N drops metrics.jsonl rows of steps after N (they are logged again). Non-finite values: every step notes, on the device, whether
 its loss and each part's gradient norm are finite; the log / checkpoint steps read that note,
 and the first non-finite step is reported by number (with a check of that step's batch in the
 dataset files); checkpoint.save refuses non-finite state.
@@ -16,7 +17,6 @@ dataset files); checkpoint.save refuses non-finite state.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -29,7 +29,7 @@ from irepa import recipes
 from irepa.config import Config
 from irepa.dist import all_gather_object, barrier, setup, teardown
 from irepa.errors import InputError
-from irepa.train import checkpoint, memory, parallelize
+from irepa.train import checkpoint, memory, parallelize, run_folder
 from irepa.train.build import AlignedDiffusion, adamw, base_lr, build_data, build_head, extra_parts
 from irepa.train.ema import ShardedEMA, make_ema
 from irepa.train.flops import peak_tflops, train_flops_per_image
@@ -49,6 +49,10 @@ class Trainer:
         fused_adaln = on_cuda if cfg.model.fused_kernels is None else cfg.model.fused_kernels
         fused_loss = on_cuda if cfg.align.fused_loss is None else cfg.align.fused_loss
         self.recipe = recipes.for_config(cfg)
+        run_folder.check(cfg, self.run_dir, self.recipe)  # reads only: a refused start changes nothing
+        if cfg.log.wandb and self.is_main:
+            from irepa.train.run_log import import_wandb
+            import_wandb()  # now, not when the loop opens the log after config.json is written
 
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and in every rerun
         model = self.recipe.build_model(fused_adaln)
@@ -89,7 +93,6 @@ class Trainer:
         self._bad_names: list[str] = []
         if cfg.data.verify == "full":
             self._verify_data_full()
-        self._prepare_run_dir()
         self._fid_ref = None
         if cfg.train.fid_every and self.is_main:  # fail before step 0 on a missing reference or weights
             if self.data.decode is None:
@@ -97,6 +100,11 @@ class Trainer:
             from irepa.metrics.fid import reference_stats
             self._fid_ref = reference_stats(cfg.train.fid_ref, weights=cfg.train.fid_weights, device=self.device)
         self._maybe_resume()
+        # the first write to the run folder, after every check and the checkpoint's load
+        if self.is_main:
+            run_folder.write_config(cfg, self.run_dir, self._log)
+            run_folder.drop_logged_steps_after(self.run_dir, self.step, self._log)
+        barrier()
 
     # the diffusion model's part, by the names tests and tools use
     net = property(lambda self: self.parts["model"].module)
@@ -139,49 +147,11 @@ class Trainer:
         self._log(f"memory plan: {plan.describe()}")
         return plan.micro_batch
 
-    def _prepare_run_dir(self) -> None:
-        cfg_path = self.run_dir / "config.json"
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if cfg_path.is_file() and self.cfg.train.resume:
-                old = Config.from_dict(json.loads(cfg_path.read_text())).to_dict()
-                new = self.cfg.to_dict()
-                diff = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}" for s in ("model", "align", "data")
-                        for k, v in new[s].items() if old.get(s, {}).get(k) != v]
-                if diff:
-                    raise InputError(f"{cfg_path}: this run folder was made with a different model/align/data "
-                                     f"config ({'; '.join(diff)}); use another train.run_name, or "
-                                     f"--train.resume false to move that run aside into "
-                                     f"{self.run_dir}/previous-<time>/ and start afresh here")
-            if not self.cfg.train.resume:
-                self._move_previous_run()
-            tmp = cfg_path.with_suffix(".json.tmp")
-            tmp.write_text(self.cfg.to_json())
-            os.replace(tmp, cfg_path)
-        barrier()
-
-    def _move_previous_run(self) -> None:
-        """A fresh start in a folder holding another run: move everything of it (config.json,
-        checkpoints, metrics.jsonl, TensorBoard events, samples, exports) into previous-<time>/."""
-        old = [p for p in self.run_dir.iterdir() if not p.name.startswith("previous-")]
-        if not old:
-            return
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside = self.run_dir / f"previous-{stamp}"
-        n = 1
-        while aside.exists():
-            n += 1
-            aside = self.run_dir / f"previous-{stamp}-{n}"
-        aside.mkdir()
-        for p in old:
-            os.replace(p, aside / p.name)
-        self._log(f"train.resume false: moved the run that was in {self.run_dir} ({', '.join(sorted(p.name for p in old))}) "
-                  f"to {aside}; starting afresh")
-
     def _maybe_resume(self) -> None:
+        """Load the newest good checkpoint (train.resume); reads the run folder, except that a damaged
+        newer checkpoint is renamed once an older one has loaded (irepa.train.checkpoint.load_newest)."""
         found = checkpoint.load_newest(self.run_dir, self.parts, log=self._log) if self.cfg.train.resume else None
         if found is None:
-            self._drop_logged_steps_after(0)
             return
         latest, tr, rng = found  # either layout, any world size
         self.step = int(tr["step"])
@@ -191,27 +161,7 @@ class Trainer:
             data = data.get(str(self.rank), data["0"])
         self.data.loader.load_state_dict(data)
         torch.set_rng_state(rng["cpu"])
-        self._drop_logged_steps_after(self.step)
         self._log(f"resumed from {latest} at step {self.step}")
-
-    def _drop_logged_steps_after(self, step: int) -> None:
-        """metrics.jsonl keeps the rows of steps <= `step`: the steps after it are run (and logged) again."""
-        path = self.run_dir / "metrics.jsonl"
-        if not self.is_main or not path.is_file():
-            return
-        lines = path.read_text().splitlines()
-        keep = []
-        for line in lines:
-            try:
-                if int(json.loads(line).get("step", 0)) <= step:
-                    keep.append(line)
-            except (ValueError, AttributeError, TypeError):
-                pass  # a line cut by a kill: dropped
-        if len(keep) != len(lines):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, path)
-            self._log(f"{path}: dropped {len(lines) - len(keep)} rows after step {step} (they are logged again)")
 
     def _verify_data_full(self) -> None:
         """data.verify full: every byte against a full digest where prepare recorded one (the loader
