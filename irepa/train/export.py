@@ -40,8 +40,7 @@ def run_config(ckpt: Path) -> Config:
     cfg_path = ckpt.parent.parent / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path}: missing; it is needed to rebuild the model")
-    recipes.names()  # registers the recipes' option sections the config may hold
-    return Config.from_dict(json.loads(cfg_path.read_text()))
+    return recipes.stored_config(json.loads(cfg_path.read_text()))
 
 
 def export(path: str | Path, out: str | Path | None = None) -> Path:
