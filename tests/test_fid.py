@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy import linalg
 
+from irepa.errors import InputError
 from irepa.metrics import fid
 from irepa.metrics.inception import WEIGHTS_NAME, InceptionV3, load_inception, tf1_resize_bilinear
 from irepa.metrics.npz import NpzArrayWriter, iter_npz_array
@@ -51,7 +52,7 @@ def test_manifold_radii_brute_force():
     x = np.random.default_rng(3).standard_normal((83, 5)).astype(np.float32)
     d = ((x[:, None] - x[None]) ** 2).sum(-1)
     want = np.partition(d, 3, axis=1)[:, 3]  # ADM: index k with self at index 0
-    got = fid.manifold_radii(torch.from_numpy(x), k=3, batch=20).numpy()
+    got = fid.manifold_radii(torch.from_numpy(x), k=3, batch=20, dtype="float32").numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -70,6 +71,122 @@ def test_precision_recall_toy_manifolds():
     mixed = np.concatenate([rng.standard_normal((300, 4)), rng.standard_normal((300, 4)) + 30])
     p, r = fid.precision_recall(ref, mixed)
     assert 0.45 < p < 0.52 and r > 0.9
+
+
+@np.errstate(over="ignore")  # an fp16 norm may overflow (ADM's fp32 fallback then takes the block)
+def _tf_gpu_fp16_row_sums(sq):
+    """reduce_sum over rows of an fp16 array as TF does on GPU (reduction_gpu_kernels.cu.h: fp16
+    accumulation; a warp per row below 1024 columns, else CUB with 256 threads): lane/thread l
+    adds columns l, l + T, ... in turn, each warp reduces by shuffle-down (offsets 1..16), the
+    warp results are added in turn."""
+    n, d = sq.shape
+    threads = 32 if d < 1024 else 256
+    lanes = np.zeros((n, threads), np.float16)
+    for start in range(0, d, threads):
+        chunk = sq[:, start:start + threads]
+        lanes[:, :chunk.shape[1]] = lanes[:, :chunk.shape[1]] + chunk
+    total = None
+    for w in range(0, threads, 32):
+        lane = lanes[:, w:w + 32].copy()
+        for off in (1, 2, 4, 8, 16):
+            lane[:, :32 - off] = lane[:, :32 - off] + lane[:, off:]
+        total = lane[:, 0] if total is None else total + lane[:, 0]
+    return total
+
+
+def _adm_precision_recall(ref, samples, k=3, rows=10000, cols=10000):
+    """ADM's rule in numpy float16, written from guided-diffusion 22e0df8 evaluations/evaluator.py
+    (ManifoldEstimator, DistanceBlock): both sides cast to fp16; (|u|^2 - 2 u.v) + |v|^2 in fp16
+    ops, the GEMM accumulating in fp32 (TF's cuBLAS default) rounded to fp16, the norms summed in
+    fp16 as TF does on GPU; a rows x cols block with a non-finite value redone in fp32; radius =
+    the (k+1)-th smallest of a point's row, itself included; inside = distance <= radius."""
+    @np.errstate(over="ignore", invalid="ignore")
+    def block(u, v):
+        u16, v16 = u.astype(np.float16), v.astype(np.float16)
+        nu = _tf_gpu_fp16_row_sums(u16 * u16)[:, None]
+        nv = _tf_gpu_fp16_row_sums(v16 * v16)[None]
+        uv = (u16.astype(np.float32) @ v16.astype(np.float32).T).astype(np.float16)
+        d = np.maximum(nu - np.float16(2) * uv + nv, np.float16(0))
+        if np.isfinite(d).all():
+            return d.astype(np.float32)
+        u, v = u.astype(np.float32), v.astype(np.float32)
+        return np.maximum((u * u).sum(1)[:, None] - 2 * u @ v.T + (v * v).sum(1)[None], 0)
+
+    def radii(x):
+        return np.concatenate([np.partition(np.concatenate([block(x[i:i + rows], x[j:j + cols])
+                                                            for j in range(0, len(x), cols)], 1), k, axis=1)[:, k]
+                               for i in range(0, len(x), rows)])
+
+    r_ref, r_smp = radii(ref), radii(samples)
+    ref_in, smp_in = np.zeros(len(ref), bool), np.zeros(len(samples), bool)
+    for i in range(0, len(ref), rows):
+        for j in range(0, len(samples), cols):
+            d = block(ref[i:i + rows], samples[j:j + cols])
+            ref_in[i:i + rows] |= (d <= r_smp[None, j:j + cols]).any(1)
+            smp_in[j:j + cols] |= (d <= r_ref[i:i + rows, None]).any(0)
+    return float(smp_in.mean()), float(ref_in.mean())
+
+
+def _grid_features(rng, n, d, scale=1.0, center=80, spread=12):
+    """Points around a common offset (as Inception's non-negative pool_3 features: norms well
+    above the distances), on multiples of 1/4 below 32: every fp32 sum of their products is
+    exact (for these sizes), so any summation order gives the same value and the fp16 roundings
+    are the only ones."""
+    return np.clip(np.round(center + rng.normal(0, spread * scale, (n, d))), 0, 127).astype(np.float32) / 4
+
+
+def test_fp16_row_sums_follow_tf_gpu_order():
+    rng = np.random.default_rng(8)
+    for d in (48, 1000, 1024, 2048):
+        sq = (rng.random((64, d)) * 2).astype(np.float16) ** 2
+        got = fid._tf_gpu_row_sum(torch.from_numpy(sq).float()).numpy()
+        np.testing.assert_array_equal(got, _tf_gpu_fp16_row_sums(sq).astype(np.float32))
+    once = sq.astype(np.float32).sum(1).astype(np.float16).astype(np.float32)
+    assert (got != once).mean() > 0.1  # fp16 accumulation is not an fp32 sum rounded once
+
+
+def test_precision_recall_computes_distances_as_adm_fp16():
+    rng = np.random.default_rng(7)
+    ref, smp = _grid_features(rng, 300, 48), _grid_features(rng, 280, 48, scale=1.1)
+    want = _adm_precision_recall(ref, smp, rows=128, cols=128)
+    assert fid.precision_recall(ref, smp, batch=128) == want
+    assert fid.precision_recall(ref, smp, batch=128, dtype="float32") != want  # fp16 moves the result
+    # ADM's 2048-d rows (norms through CUB's 256 threads)
+    ref, smp = (_grid_features(rng, 160, 2048, scale=s, center=8, spread=4) for s in (1.0, 1.05))
+    want = _adm_precision_recall(ref, smp)
+    assert fid.precision_recall(ref, smp) == want
+    assert fid.precision_recall(ref, smp, dtype="float32") != want
+    # rows far out overflow fp16 (norms > 65504): their blocks, and only those, are redone in fp32
+    far = ref.copy()
+    far[:5] *= 8
+    assert np.isinf(_tf_gpu_fp16_row_sums(far[:5].astype(np.float16) ** 2)).all()
+    want = _adm_precision_recall(far, smp, rows=128, cols=128)
+    assert fid.precision_recall(far, smp, batch=128) == want
+
+
+def test_precision_recall_adm_fp16_at_inception_scale():
+    # 2,000 x 2048 non-negative features with Inception pool_3's norms (~|x|^2 = 550), two draws of one law
+    rng = np.random.default_rng(2)
+    basis = rng.standard_normal((16, 2048)).astype(np.float32) / 4
+    def feats(noise):
+        return np.abs(0.4 + 0.3 * rng.standard_normal((2000, 16)) @ basis
+                      + noise * rng.standard_normal((2000, 2048))).astype(np.float32)
+    ref, smp = feats(0.15), feats(0.15)
+    p16, r16 = fid.precision_recall(ref, smp)
+    p_adm, r_adm = _adm_precision_recall(ref, smp)
+    # the GEMM's fp32 summation order (BLAS vs numpy) flips ~1 in 6000 fp16 roundings: a point or two at most
+    assert abs(p16 - p_adm) <= 2 / 2000 and abs(r16 - r_adm) <= 2 / 2000
+    p32, r32 = fid.precision_recall(ref, smp, dtype="float32")
+    assert p16 - p32 >= 6 / 2000  # measured 12 / 2000: not below rounding
+
+
+def test_precision_recall_dtype_is_checked():
+    x = np.zeros((5, 2))
+    with pytest.raises(InputError, match="float16, float32"):
+        fid.precision_recall(x, x, dtype="bfloat16")
+    with pytest.raises(InputError, match="got 'fp16'"):
+        fid.evaluate(fid.Reference(fid.Stats.of(x + np.eye(5, 2)), None, x), {"pool": x, "logits": x},
+                     pr_dtype="fp16")
 
 
 def test_tf1_resize_is_legacy_bilinear():

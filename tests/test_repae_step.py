@@ -100,6 +100,24 @@ def _params(m):
     return [p.detach().clone() for p in m.parameters()]
 
 
+def _replay_vae_and_draws(ref, batch, index):
+    """The draws and pre-update VAE outputs of step `index`, remade from a copy of the step."""
+    g = ref.step.generator(index)
+    d = ref.recipe.draw_data(batch, g)
+    mean, logvar, z, recon = ref.vae.module(d["x"], g)
+    t = transport.sample_time(B, generator=g)
+    noise = torch.randn(z.shape, generator=g)
+    return d, mean, logvar, z, recon, t, noise
+
+
+def _sit_gradients(fresh, batch, d, z, t, noise):
+    """Gradients of the SiT update's loss (denoise + 0.5 align on the detached latent) w.r.t. every
+    parameter of `fresh` (the SiT + head as they were before the step), in parameter order."""
+    draws = {"x": z.detach(), "t": t, "noise": noise, "drop": d["drop"]}
+    dn, al, _ = fresh(batch, draws, batch["feats"])
+    return torch.autograd.grad(dn + 0.5 * al, list(fresh.parameters()))
+
+
 def test_step_routes_gradients_as_the_reference():
     """SGD(lr=1), no clipping: each part's update is minus the gradient of exactly its loss.
     VAE: L_rec + 1.5 * align through the frozen eval-mode SiT (no diffusion term);
@@ -110,12 +128,8 @@ def test_step_routes_gradients_as_the_reference():
     batch = _batch()
     vae0, sit0 = _params(st.vae.module), _params(st.model.module)
     st(batch, 1)  # index 1: no statistics estimate (that is index 0 only)
-    g = ref.step.generator(1)
     r = ref.recipe
-    d = r.draw_data(batch, g)
-    mean, logvar, z, recon = ref.vae.module(d["x"], g)
-    t = transport.sample_time(B, generator=g)
-    noise = torch.randn(z.shape, generator=g)
+    d, mean, logvar, z, recon, t, noise = _replay_vae_and_draws(ref, batch, 1)
     net = ref.model.module.eval()
     xn = net.model.latent_norm(z)
     _, hidden = net.model(transport.interpolate(xn, noise, t), t, batch["y"], None)
@@ -135,10 +149,58 @@ def test_step_routes_gradients_as_the_reference():
     g_diff = torch.autograd.grad(d_live, vae_ps, retain_graph=True, allow_unused=True)
     assert sum(gr.abs().sum() for gr in g_diff if gr is not None) > 0
     # SiT: its update is the gradient of denoise + 0.5 align at the initial weights and BN stats
-    dn, al, _ = fresh(batch, {**draws, "x": z.detach()}, batch["feats"])
-    g_sit = torch.autograd.grad(dn + 0.5 * al, list(fresh.parameters()))
+    g_sit = _sit_gradients(fresh, batch, d, z, t, noise)
     for p0, p1, gr in zip(sit0, st.model.module.parameters(), g_sit):
         torch.testing.assert_close(p1.detach(), p0 - gr, rtol=1e-4, atol=1e-6)
+
+
+def test_pos_embed_is_trained_as_the_release_by_default():
+    """The release's train_repae.py@3ad8046 re-enables requires_grad on every SiT parameter before
+    the SiT update, its sin-cos pos_embed (a requires_grad=False Parameter) included: AdamW, the
+    clip and the EMA all take it. repae.train_pos_embed false keeps the fixed buffer; the other
+    recipes always do (REPA's and iREPA's train.py never re-enable it)."""
+    batch = _batch()
+    st = _step(lr_sit=1e-4)
+    m = st.model.module.model
+    table = m.sincos_pos_embed()
+    assert isinstance(m.pos_embed, torch.nn.Parameter) and torch.equal(m.pos_embed.detach(), table)
+    assert any(p is m.pos_embed for p in st.model.params)
+    assert "pos_embed" in m.state_dict() and "pos_embed" in st.model.ema.models[0].state_dict()
+    st(batch, 1)
+    moved = (m.pos_embed.detach() - table).abs()
+    assert float(moved.max()) == pytest.approx(1e-4, rel=0.02)  # AdamW's first step: lr x sign(grad)
+    torch.testing.assert_close(st.model.ema.models[0].pos_embed, table + 0.1 * (m.pos_embed.detach() - table))
+
+    fixed = _step(lr_sit=1e-4, **{"repae.train_pos_embed": False})
+    f = fixed.model.module.model
+    fixed(batch, 1)
+    assert not isinstance(f.pos_embed, torch.nn.Parameter) and torch.equal(f.pos_embed, table)
+    assert "pos_embed" not in f.state_dict()
+    for preset in ("digits-sit-irepa", "digits-meanflow-irepa"):
+        other = recipes.for_config(recipes.resolve(preset)).build_model(fused=False)
+        assert "pos_embed" not in dict(other.named_parameters()), preset
+
+
+def test_sit_clip_factor_includes_pos_embed():
+    """SGD(lr=1) with the SiT's grad norm clipped to 1e-3: every SiT weight, pos_embed included,
+    moves by -g * 1e-3 / (||g|| + 1e-6) with ||g|| the norm over all its gradients, pos_embed's
+    included, as the release's clip_grad_norm_(model.parameters()) computes it."""
+    clip = 1e-3
+    st = _step(sgd=True, lr_vae=0.0, lr_sit=1.0, clip=clip)
+    ref, fresh = copy.deepcopy(st), copy.deepcopy(st.model.module)
+    batch = _batch()
+    sit0 = _params(st.model.module)
+    out = st(batch, 1)
+    d, _, _, z, _, t, noise = _replay_vae_and_draws(ref, batch, 1)
+    g_sit = _sit_gradients(fresh, batch, d, z, t, noise)
+    names = [n for n, _ in fresh.named_parameters()]
+    total = torch.cat([g.double().flatten() for g in g_sit]).norm()
+    without = torch.cat([g.double().flatten() for n, g in zip(names, g_sit) if n != "model.pos_embed"]).norm()
+    assert float(total / without - 1) > 1e-5  # pos_embed's share of the norm is visible at this precision
+    assert float(out["grad_norm"]) == pytest.approx(float(total), rel=2e-6)
+    coef = clip / (float(out["grad_norm"]) + 1e-6)
+    for n, p0, p1, gr in zip(names, sit0, st.model.module.parameters(), g_sit):
+        torch.testing.assert_close(p1.detach(), p0 - coef * gr, rtol=1e-5, atol=1e-9, msg=lambda m: f"{n}: {m}")
 
 
 def test_parts_do_not_touch_each_other():

@@ -62,6 +62,11 @@ def test_resume_is_exact_for_all_parts(tmp_path, cache):
         for k in a[f]:
             assert torch.equal(a[f][k], b[f][k]), f"{f}:{k}"
     assert any(k.endswith("latent_norm.bn.running_var") for k in a["ema.safetensors"])
+    # the trained pos_embed (repae.train_pos_embed, default true) is saved, averaged and resumed with the rest
+    table = tr.net.model.sincos_pos_embed()
+    assert not torch.equal(a["model.safetensors"]["model.pos_embed"], table)
+    assert not torch.equal(a["ema.safetensors"]["pos_embed"], table)
+    assert any(p is tr.net.model.pos_embed for p in tr.optimizer.param_groups[0]["params"])
     assert (tmp_path / "straight/samples/step-0000004.png").is_file()
 
 
@@ -219,7 +224,12 @@ def test_sample_export_and_latent_only_training(tmp_path, cache):
         assert z["arr_0"].shape == (4, 32, 32, 3) and z["arr_0"].dtype == np.uint8
     out = launch("export_vae").main(str(run), str(tmp_path / "e2e-vae"))
     from safetensors.torch import load_file
+
+    from irepa.train.export import export, load_for_inference
     ema = load_file(str(run / "checkpoints/step-0000002/ema.safetensors"))
+    for src in (run, export(run)):  # the run, and its single-file export (python -m irepa.train.export)
+        model, _ = load_for_inference(src)
+        assert isinstance(model.pos_embed, torch.nn.Parameter) and torch.equal(model.pos_embed.detach(), ema["pos_embed"])
     stats = json.loads((Path(out) / "latent_stats.json").read_text())
     torch.testing.assert_close(torch.tensor(stats["mean"]).float(), ema["latent_norm.bn.running_mean"])
     torch.testing.assert_close(torch.tensor(stats["std"]).float() ** 2 - 1e-4, ema["latent_norm.bn.running_var"],
@@ -233,3 +243,30 @@ def test_sample_export_and_latent_only_training(tmp_path, cache):
     last = Trainer(cfg).train()
     assert last["step"] == 2 and np.isfinite(last["loss"])
     assert (tmp_path / "ldm/samples/step-0000002.png").is_file()
+
+
+def test_runs_from_before_train_pos_embed_keep_the_fixed_table(tmp_path, cache):
+    """A REPA-E run whose config.json predates repae.train_pos_embed trained the fixed table: it
+    loads (sampling, export) with it; a resume that would train the table is refused with one
+    line before the run folder is touched, and --repae.train_pos_embed false resumes it. A run
+    that trains the table is not resumed with it fixed either."""
+    from irepa.errors import InputError
+    from irepa.train.export import load_for_inference, run_config
+    from irepa.train.trainer import Trainer
+    Trainer(_cfg(tmp_path, "old", cache, **{"train.steps": 1, "repae.train_pos_embed": False})).train()
+    run = tmp_path / "old"
+    stored = json.loads((run / "config.json").read_text())
+    assert stored["repae"].pop("train_pos_embed") is False
+    (run / "config.json").write_text(json.dumps(stored))  # as runs made before the option wrote it
+    before = (run / "config.json").read_bytes()
+    assert run_config(run / "checkpoints/step-0000001").repae.train_pos_embed is False
+    model, _ = load_for_inference(run)
+    assert "pos_embed" not in model.state_dict() and torch.equal(model.pos_embed, model.sincos_pos_embed())
+    with pytest.raises(InputError, match="train_pos_embed"):
+        Trainer(_cfg(tmp_path, "old", cache, **{"train.steps": 2}))
+    assert (run / "config.json").read_bytes() == before
+    assert Trainer(_cfg(tmp_path, "old", cache, **{"train.steps": 2, "repae.train_pos_embed": False})).step == 1
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new/config.json").write_text(_cfg(tmp_path, "new", cache).to_json())
+    with pytest.raises(InputError, match="train_pos_embed"):
+        Trainer(_cfg(tmp_path, "new", cache, **{"repae.train_pos_embed": False}))

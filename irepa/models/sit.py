@@ -1,10 +1,11 @@
 """SiT: the DiT architecture trained as a flow-matching velocity model on VAE latents.
 
 adaLN-Zero blocks (LayerNorm without affine, shift/scale/gate from the conditioning
-vector), fixed 2-D sin-cos position embedding, zero-initialized modulation and final
-layer, label dropout with a null class. forward returns (velocity, h_at_depth) where
-h_at_depth [B, T, D] is the hidden state after block `align_depth` (1-indexed) that the
-alignment projector reads. Sizes per SPEC.md section 3.
+vector), a 2-D sin-cos position embedding (fixed, or with train_pos_embed a trained
+parameter that starts from it), zero-initialized modulation and final layer, label
+dropout with a null class. forward returns (velocity, h_at_depth) where h_at_depth
+[B, T, D] is the hidden state after block `align_depth` (1-indexed) that the alignment
+projector reads. Sizes per SPEC.md section 3.
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ class SiT(nn.Module):
                  dim: int = 1152, depth: int = 28, heads: int = 16, mlp_ratio: float = 4.0,
                  num_classes: int = 1000, class_dropout_prob: float = 0.1, learn_sigma: bool = False,
                  align_depth: int = 8, attn_backend: str = "sdpa", fused_kernels: bool = False,
-                 latent_norm: bool = False):
+                 latent_norm: bool = False, train_pos_embed: bool = False):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
@@ -99,8 +100,10 @@ class SiT(nn.Module):
         self.x_embedder = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(dim)
         self.y_embedder = LabelEmbedder(num_classes, dim, class_dropout_prob)
-        self.register_buffer("pos_embed", torch.from_numpy(sincos_pos_embed_2d(dim, self.grid))[None],
-                             persistent=False)
+        if train_pos_embed:  # REPA-E: the release's optimizer, clipping and EMA train it (recipes/repae.py)
+            self.pos_embed = nn.Parameter(self.sincos_pos_embed())
+        else:
+            self.register_buffer("pos_embed", self.sincos_pos_embed(), persistent=False)
         self.blocks = nn.ModuleList(SiTBlock(dim, heads, mlp_ratio, backend, fused_kernels) for _ in range(depth))
         self.final_layer = FinalLayer(dim, patch_size, self.out_channels, fused_kernels)
         # REPA-E: BatchNorm of the clean latent, applied by the caller before noising (not in forward)
@@ -112,6 +115,10 @@ class SiT(nn.Module):
         w = self.x_embedder.weight.data  # the patch conv is initialized like a linear layer
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
+
+    def sincos_pos_embed(self) -> torch.Tensor:
+        """The fixed 2-D sin-cos table [1, T, D] (where a trained pos_embed starts)."""
+        return torch.from_numpy(sincos_pos_embed_2d(self.dim, self.grid))[None]
 
     @property
     def null_class(self) -> int | None:

@@ -29,7 +29,8 @@ this package and registers each Recipe subclass it defines that has a `name`. Th
                     one micro-batch -> Loss(denoise, hidden for the alignment head, logs)
 and, where the defaults (SiT's) do not fit:
   Options           a dataclass of the recipe's own settings: config section <name>
-                    (cfg.<name>, --<name>.<key>, listed by --help)
+                    (cfg.<name>, --<name>.<key>, listed by --help); a key added once runs
+                    exist goes in its ClassVar ADDED with the value those runs had
   model_kwargs(fused) / build_model(fused)
                     extra constructor keywords or modules (SiT.forward takes extra_cond [B, D],
                     added to its t + y conditioning)
@@ -57,7 +58,7 @@ from irepa.config import Config, ConfigError, build_config, describe as describe
 from .base import Loss, PartSpec, Recipe
 
 __all__ = ["Recipe", "Loss", "PartSpec", "DEFAULT_PRESET", "names", "get", "for_config", "presets", "resolve",
-           "describe"]
+           "describe", "stored_config"]
 
 DEFAULT_PRESET = "digits-sit-irepa"
 _REGISTRY: dict[str, type[Recipe]] = {}
@@ -136,6 +137,18 @@ def resolve(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = Non
     cfg = build_config(tree, overrides, preset)
     for_config(cfg)
     return cfg
+
+
+def stored_config(tree: dict) -> Config:
+    """The Config of a run folder's config.json. A recipe option added after the run was made is
+    absent from it and takes the value the run was trained with (the Options' ADDED), not today's
+    default."""
+    tree = dict(tree)
+    for name, cls in _registry().items():
+        added = getattr(cls.Options, "ADDED", None) if cls.Options is not None else None
+        if added and isinstance(tree.get(name), dict):
+            tree[name] = {**added, **tree[name]}
+    return Config.from_dict(tree)
 
 
 def describe(preset: str = DEFAULT_PRESET) -> str:

@@ -2,7 +2,8 @@
 
 Data: images (a prepared "pixels" dataset: uint8 crops + stored encoder features). Parts,
 each with its own AdamW and grad-norm clip 1.0, all in every checkpoint:
-  model  SiT (with `latent_norm`, REPA-E's BatchNorm of the clean latent, in its EMA) + projector
+  model  SiT (with `latent_norm`, REPA-E's BatchNorm of the clean latent, in its EMA) + projector;
+         its sin-cos pos_embed is trained too (repae.train_pos_embed, below)
   vae    the SD-VAE (diffusers AutoencoderKL) as VAEAutoencode, from a local checkpoint
   disc   the PatchGAN discriminator
 The step (`RepaEStep`, in REPA-E's order): VAE forward -> VAE update with L1 + LPIPS + KL +
@@ -18,6 +19,16 @@ iREPA's App. G adds the two iREPA changes to the official REPA-E code and names 
 Sampling returns VAE latents: the SiT samples in its normalized space and its (EMA) BatchNorm
 statistics map them back (x / scale + bias); the decoder is the run's own VAE (the live part
 while training, the checkpoint's vae.safetensors when sampling a run, or --vae EXPORTED).
+The position embedding: the release's SiT holds the sin-cos table as a Parameter created
+with requires_grad=False (models/sit.py@3ad8046, line 208), but train_repae.py turns every
+SiT parameter's gradient back on after the VAE update (requires_grad(model, True), line 410)
+and its AdamW (weight decay 0), clip_grad_norm_ and EMA take model.parameters(): so the
+table is trained, and enters the clip norm, from step 1. REPA's train.py@67f7145 and
+iREPA's ldm/train.py@99ad4ac never re-enable it (fixed there, as in our other recipes). repae.train_pos_embed true (default)
+follows the release: a Parameter in the SiT's optimizer, clip and EMA, saved with the run;
+false keeps the fixed buffer. A run's config.json from before the option has no such key
+and means false (RepaEOptions.ADDED); a resume keeps the run's choice.
+
 After training, launch/export_vae.py writes the VAE and the statistics; prepared with it
 (launch/prepare.py --vae EXPORTED) a dataset trains the plain `sit` recipe with the BatchNorm
 held fixed as the dataset's normalization (REPA-E's train_ldm_only).
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -76,6 +88,12 @@ class RepaEOptions:
     """reference (LPIPS sees 2x - 1 of the [-1, 1] images, as REPA-E) | standard"""
     recon_every: int = 0
     """write a reconstruction grid (top: input, bottom: VAE output) every N steps; 0 = off"""
+    train_pos_embed: bool = True
+    """train the SiT's sin-cos position embedding with its other weights (optimizer, clipping, EMA), as the
+    release does; false = the fixed table of the other recipes"""
+
+    ADDED: ClassVar[dict[str, Any]] = {"train_pos_embed": False}
+    """keys added after runs were made -> the value such a run had (its config.json lacks the key)"""
 
     def __post_init__(self):
         if self.vae not in ("f8d4", "tiny", "digits"):
@@ -135,7 +153,11 @@ class RepaERecipe(SiTRecipe):
 
     # -- model and parts ------------------------------------------------------------------
     def model_kwargs(self, fused):
-        return {**super().model_kwargs(fused), "latent_norm": True}
+        return {**super().model_kwargs(fused), "latent_norm": True, "train_pos_embed": self.options.train_pos_embed}
+
+    def _run_dir(self) -> Path:
+        t = self.cfg.train
+        return Path(t.out_dir) / (t.run_name or self.cfg.preset or "run")
 
     def _stats_path(self) -> Path:
         o = self.options
@@ -305,10 +327,9 @@ class RepaEStep:
     def _save_recon(self, x: torch.Tensor, recon: torch.Tensor, n: int) -> None:
         """run folder / recon / step-N.png: 8 inputs over their reconstructions (a host copy, every recon_every steps)."""
         from irepa.grid import save_grid, to_uint8_nhwc
-        t = self.recipe.cfg.train
         k = min(8, x.shape[0])
         both = torch.cat([x[:k], recon[:k]]).float().add(1).div(2).clamp(0, 1).cpu()
-        path = Path(t.out_dir) / (t.run_name or self.recipe.cfg.preset or "run") / "recon" / f"step-{n:07d}.png"
+        path = self.recipe._run_dir() / "recon" / f"step-{n:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(to_uint8_nhwc(both), path, nrow=k)
 

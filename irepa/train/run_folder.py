@@ -47,7 +47,7 @@ def read_config(path: Path) -> Config:
     from irepa import recipes
     recipes.names()  # registers the recipes' option sections the file may hold
     try:
-        return Config.from_dict(json.loads(path.read_text()))
+        return recipes.stored_config(json.loads(path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not a readable config ({e})") from None
     except ConfigError as e:
