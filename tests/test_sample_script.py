@@ -406,7 +406,8 @@ def test_options_that_do_not_apply_to_the_run_are_refused(meanflow_run, run_dir,
     from irepa.recipes.repae import RepaERecipe
     sample = _load_launch("sample")
     out = tmp_path / "out"
-    err = _one_line_error([meanflow_run, out, "--model_name", "SiT-B/2", "--device", "cpu"], capsys, monkeypatch)
+    err = _one_line_error([meanflow_run, out, "--model_name", "SiT-B/2", "--n", "2", "--method", "euler", "--steps",
+                           "1", "--device", "cpu"], capsys, monkeypatch)
     assert f"--model_name SiT-B/2: {meanflow_run} is a SiT-Tiny/2 run" in err and not out.exists()
     model, recipe, _ = sample.load_model(str(meanflow_run), "ema", "SiT-Tiny/2", "cpu")  # its own name: a no-op
     assert recipe.name == "meanflow" and model.in_channels == 1
@@ -418,7 +419,8 @@ def test_options_that_do_not_apply_to_the_run_are_refused(meanflow_run, run_dir,
         sample.check_decoder_options(RepaERecipe(), pixels, str(tmp_path / "vae"), "stats.pt", None)
     sample.check_decoder_options(RepaERecipe(), pixels, str(tmp_path / "vae"), None, None)  # an export of its VAE
     # a digits run decodes with the digits codec: a VAE folder there is a contradiction, a missing one a typo
-    err = _one_line_error([run_dir, out, "--vae", tmp_path / "vae", "--device", "cpu"], capsys, monkeypatch)
+    err = _one_line_error([run_dir, out, "--vae", tmp_path / "vae", "--n", "2", "--method", "euler", "--steps", "1",
+                           "--device", "cpu"], capsys, monkeypatch)
     assert "does not apply: this run's latents are the digits codec's" in err
     with pytest.raises(InputNotFound, match=f"--vae {tmp_path / 'nope'}: no such folder"):
         sample.check_decoder_options(SiTRecipe(), {"data": None, "builtin": None}, str(tmp_path / "nope"), None, None)
