@@ -252,6 +252,7 @@ def main(model: str, out: str, num_samples: int | None = None, batch: int = 64,
     --grid: images in grid.png (0: none).
     --keep_shards: keep OUT/shards after merging.
     --device: auto, cpu, cuda or cuda:N.
+    --n: an alias of --num_samples.
     --quantize: how decoded images become uint8: auto (the recipe's release rule), round or truncate.
     --progress: a progress bar on rank 0 (images, img/s, time left): auto shows it when stderr is a
     terminal; each finished shard is also logged as one line with the same numbers.
