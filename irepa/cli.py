@@ -2,8 +2,10 @@
 
 fire binds the options it knows, runs the command with defaults for the rest (writing its
 outputs: a sample batch, a prepared dataset, an analysis table) and only then complains
-about leftovers such as a misspelt `--stpes 2`. `run` refuses an unknown command, option
-or extra positional value before anything runs, with a "did you mean"; converts every option
+about leftovers such as a misspelt `--stpes 2`. `run` refuses an unknown command, option,
+extra positional value or missing argument before anything runs (one line: what is wrong, with
+a "did you mean" or the usage line); prints `--help` from the signature and docstring
+(irepa.cli_help: the real options with their types, defaults and help text); converts every option
 to the type its parameter declares (annotation, or the type of an int/float/bool default:
 `--resolution abc` is refused, `--keep_shards false` is False; irepa.coerce); keeps the text
 of string options as typed (fire would make `--out 007` the number 7); and prints any
@@ -23,6 +25,7 @@ import time
 import typing
 from typing import Any, Callable
 
+from irepa import cli_help
 from irepa.coerce import annotations_of, coerce
 from irepa.errors import UserError
 
@@ -39,21 +42,23 @@ def _is_number(tok: str) -> bool:
     return True
 
 
-def check_args(argv: list[str], target: Callable | dict[str, Callable]) -> None:
+def check_args(argv: list[str], target: Callable | dict[str, Callable], name: str = "") -> None:
     """Check `argv` against `target`'s signature (or, for a dict of commands, the named command's).
 
-    A function that takes **kwargs accepts any option name (it checks them itself)."""
+    A function that takes **kwargs accepts any option name (it checks them itself). `name`
+    (the script) goes into the usage line of a missing-argument error."""
     if argv and argv[0] in ("-h", "--help", "--"):
-        return  # fire's help and flags
+        return  # help, and fire's flags
+    command = None
     if isinstance(target, dict):
         if not argv or argv[0].startswith("-"):
-            return
-        cmd, argv = argv[0], argv[1:]
-        if cmd not in target:
-            close = difflib.get_close_matches(cmd, list(target), 1)
-            raise UsageError(f"unknown command {cmd!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+            raise UsageError(f"missing COMMAND; usage: {name} COMMAND [options]; commands: {', '.join(target)}")
+        command, argv = argv[0], argv[1:]
+        if command not in target:
+            close = difflib.get_close_matches(command, list(target), 1)
+            raise UsageError(f"unknown command {command!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
                              f"commands: {', '.join(target)}")
-        fn, where = target[cmd], f"{cmd}: "
+        fn, where = target[command], f"{command}: "
     else:
         fn, where = target, ""
     sig = inspect.signature(fn).parameters.values()
@@ -63,7 +68,7 @@ def check_args(argv: list[str], target: Callable | dict[str, Callable]) -> None:
     options = ", ".join(f"--{p}" for p in params)
     hints = annotations_of(fn)
     text_params = {p.name for p in sig if _is_text(_declared_type(p, hints))}
-    positional, i = 0, 0
+    positional, named, i = 0, set(), 0
     while i < len(argv):
         tok = argv[i]
         if tok == "--":
@@ -71,14 +76,15 @@ def check_args(argv: list[str], target: Callable | dict[str, Callable]) -> None:
         if tok in ("-h", "--help"):
             return
         if tok.startswith("--"):
-            name, has_value = tok[2:].split("=", 1)[0].replace("-", "_"), "=" in tok
-            if not any_option and name not in params and not (name.startswith("no") and name[2:] in params):
-                close = difflib.get_close_matches(name, params, 1)
-                raise UsageError(f"{where}unknown option --{name}"
+            opt, has_value = tok[2:].split("=", 1)[0].replace("-", "_"), "=" in tok
+            if not any_option and opt not in params and not (opt.startswith("no") and opt[2:] in params):
+                close = difflib.get_close_matches(opt, params, 1)
+                raise UsageError(f"{where}unknown option --{opt}"
                                  f"{f' (did you mean --{close[0]}?)' if close else ''}; options: {options}")
             bare = not has_value and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
-            if bare and name in text_params:  # fire would pass the string 'True'
-                raise UsageError(f"{where}--{name} needs a value")
+            if bare and opt in text_params:  # fire would pass the string 'True'
+                raise UsageError(f"{where}--{opt} needs a value")
+            named.add(opt)
             # like fire: a following token that is not an option is this option's value
             if not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 i += 1
@@ -86,6 +92,7 @@ def check_args(argv: list[str], target: Callable | dict[str, Callable]) -> None:
             short = tok[1:].split("=", 1)[0]
             if len(short) != 1 or [p[0] for p in params].count(short) != 1:  # fire's unique-initial short flags
                 raise UsageError(f"{where}unknown option {tok}; options: {options}")
+            named.add(next(p for p in params if p[0] == short))
             if "=" not in tok and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 i += 1
         else:
@@ -93,6 +100,20 @@ def check_args(argv: list[str], target: Callable | dict[str, Callable]) -> None:
         i += 1
     if positional > len(params) and not any_positional:
         raise UsageError(f"{where}{positional} positional values for {len(params)} parameters ({options})")
+    _check_required(fn, name, command, named, positional)
+
+
+def _check_required(fn: Callable, name: str, command: str | None, named: set[str], positional: int) -> None:
+    """UsageError naming the required arguments that neither a positional value nor --name gives
+    (fire would print its usage screen and exit 2, or call the function without them)."""
+    unnamed = [p for p in inspect.signature(fn).parameters.values()
+               if p.name not in named and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    filled = {p.name for p in unnamed[:positional]}
+    missing = [a for a in cli_help.required(fn) if a not in named and a not in filled]
+    if missing:
+        where, line = f"{command}: " if command else "", cli_help.usage(fn, name, command)
+        more = f" ({name}{f' {command}' if command else ''} --help lists them)" if line.endswith("[options]") else ""
+        raise UsageError(f"{where}missing {' and '.join(m.upper() for m in missing)}; usage: {line}{more}")
 
 
 def _declared_type(p: inspect.Parameter, hints: dict[str, Any]) -> Any:
@@ -160,11 +181,34 @@ def exit_with_user_error(script: str, err: BaseException) -> None:
     sys.exit(1)
 
 
+def help_text(argv: list[str], target: Callable | dict[str, Callable], name: str) -> str | None:
+    """The help `argv` asks for (-h / --help before any `--`), or None. A function that takes
+    **kwargs gets --help itself (train.py lists its config keys)."""
+    def asks(toks: list[str]) -> bool:
+        return any(t in ("-h", "--help") for t in toks[:toks.index("--") if "--" in toks else None])
+    if isinstance(target, dict):
+        if argv and argv[0] in ("-h", "--help"):
+            return cli_help.commands_help(target, name)
+        if argv and argv[0] in target and asks(argv[1:]) and not _takes_kwargs(target[argv[0]]):
+            return cli_help.function_help(target[argv[0]], name, argv[0])
+        return None
+    return cli_help.script_help(target, name) if asks(argv) and not _takes_kwargs(target) else None
+
+
+def _takes_kwargs(fn: Callable) -> bool:
+    return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+
+
 def call(target: Callable | dict[str, Callable], name: str, argv: list[str], signature: Callable | None = None):
-    """check_args, then fire.Fire on the typed (see `typed`) target; errors propagate (in-process use, tests)."""
+    """--help, or check_args and then fire.Fire on the typed (see `typed`) target; errors propagate
+    (in-process use, tests)."""
     import fire
 
-    check_args(argv, signature or target)
+    shown = help_text(argv, signature or target, name)
+    if shown is not None:
+        print(shown)
+        return None
+    check_args(argv, signature or target, name)
     command = {k: typed(fn) for k, fn in target.items()} if isinstance(target, dict) else typed(target, signature)
     return fire.Fire(command, command=list(argv), name=name)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -114,9 +116,52 @@ SampleBatchFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Te
 """(noise [b, *latent_shape], labels [b], sde generator) -> images [b, 3, H, W] in [0, 1]"""
 
 
+def show_bar(progress: str, rank: int, stream=None) -> bool:
+    """Whether this rank draws a progress bar: rank 0 only (N bars under torchrun help no one);
+    progress "bar" always, "off" never, "auto" when `stream` (stderr) is a terminal, so logs
+    redirected to a file get the per-shard lines instead of a stream of carriage returns."""
+    stream = stream if stream is not None else sys.stderr
+    if progress not in ("auto", "bar", "off"):
+        raise InputError(f"progress must be auto, bar or off, got {progress!r}")
+    return rank == 0 and (progress == "bar" or (progress == "auto" and stream.isatty()))
+
+
+class _Progress:
+    """Images done, images/s and time left over one rank's shards: a tqdm bar updated per batch
+    (when shown) and the numbers for each finished shard's log line."""
+
+    def __init__(self, total: int, done: int, rank: int, world_size: int, bar: bool):
+        from tqdm import tqdm
+        self.total, self.done, self.start_done, self.t0 = total, done, done, time.monotonic()
+        self.bar = tqdm(total=total, initial=done, unit="img", desc=f"sample rank {rank}/{world_size}",
+                        dynamic_ncols=True, file=sys.stderr, disable=not bar)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        self.bar.update(n)
+
+    def summary(self) -> str:
+        from tqdm import tqdm
+        rate = (self.done - self.start_done) / max(time.monotonic() - self.t0, 1e-9)
+        left = tqdm.format_interval((self.total - self.done) / rate) if rate > 0 else "?"
+        return f"{self.done}/{self.total} images of this rank, {rate:.3g} img/s, {left} left"
+
+    def write(self, line: str, log: Callable[[str], None]) -> None:
+        """`log(line)`, or above the bar while it is drawn (a plain print would split it)."""
+        if self.bar.disable:
+            log(line)
+        else:
+            self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def generate_shards(plan: SamplePlan, out_dir: str | Path, sample_batch: SampleBatchFn, rank: int = 0,
-                    world_size: int = 1, device="cpu", log: Callable[[str], None] = print) -> list[int]:
-    """Make this rank's missing shards; returns the shard indices written by this call."""
+                    world_size: int = 1, device="cpu", log: Callable[[str], None] = print,
+                    bar: bool = False) -> list[int]:
+    """Make this rank's missing shards; returns the shard indices written by this call.
+    bar: draw a progress bar (show_bar decides); each shard's log line says the same."""
     out_dir = Path(out_dir)
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
     labels = plan.all_labels()
@@ -125,19 +170,27 @@ def generate_shards(plan: SamplePlan, out_dir: str | Path, sample_batch: SampleB
     todo = [i for i in mine if not shard_path(out_dir, i).is_file()]
     if len(todo) < len(mine):
         log(f"[rank {rank}] resuming: {len(mine) - len(todo)} of {len(mine)} shards already done")
-    for i in todo:
-        lo, hi = plan.shard_range(i)
-        seed = plan.shard_seed(i)
-        g_noise = torch.Generator().manual_seed(seed)
-        g_sde = torch.Generator(device=device).manual_seed(seed + 1)
-        images = []
-        for b0 in range(lo, hi, plan.batch_size):
-            b1 = min(b0 + plan.batch_size, hi)
-            noise = torch.randn((b1 - b0, *plan.latent_shape), generator=g_noise).to(device)
-            images.append(to_uint8_nhwc(sample_batch(noise, labels[b0:b1].to(device), g_sde).cpu(), plan.quantize))
-        _save_npz_atomic(shard_path(out_dir, i), images=np.concatenate(images), labels=labels[lo:hi].numpy())
-        written.append(i)
-        log(f"[rank {rank}] shard {i} of {plan.num_shards} done ({hi - lo} images)")
+    size = lambda i: plan.shard_range(i)[1] - plan.shard_range(i)[0]  # noqa: E731
+    progress = _Progress(sum(map(size, mine)), sum(size(i) for i in mine if i not in todo), rank, world_size, bar)
+    try:
+        for i in todo:
+            lo, hi = plan.shard_range(i)
+            seed = plan.shard_seed(i)
+            g_noise = torch.Generator().manual_seed(seed)
+            g_sde = torch.Generator(device=device).manual_seed(seed + 1)
+            images = []
+            for b0 in range(lo, hi, plan.batch_size):
+                b1 = min(b0 + plan.batch_size, hi)
+                noise = torch.randn((b1 - b0, *plan.latent_shape), generator=g_noise).to(device)
+                images.append(to_uint8_nhwc(sample_batch(noise, labels[b0:b1].to(device), g_sde).cpu(),
+                                            plan.quantize))
+                progress.update(b1 - b0)
+            _save_npz_atomic(shard_path(out_dir, i), images=np.concatenate(images), labels=labels[lo:hi].numpy())
+            written.append(i)
+            progress.write(f"[rank {rank}] shard {i} of {plan.num_shards} done ({hi - lo} images; "
+                           f"{progress.summary()})", log)
+    finally:
+        progress.close()
     return written
 
 

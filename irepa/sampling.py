@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from .errors import InputError
 from .transport import score_from_velocity
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -85,15 +86,18 @@ def time_grid(method: str, steps: int, t_last: float = 0.04) -> list[float]:
 
 def check_settings(method: str, steps: int, interval: tuple[float, float] = (0.0, 1.0),
                    interval_rule: str = "sit") -> None:
-    """ValueError unless `sample` accepts this method, step count, CFG interval and interval rule."""
+    """InputError (a ValueError) unless `sample` accepts this method, step count, CFG interval
+    and interval rule."""
     if method not in METHODS:
-        raise ValueError(f"unknown sampling method {method!r}; choose one of {METHODS}")
-    if steps < (2 if method == "sde" else 1):
-        raise ValueError(f"{method} needs steps >= {2 if method == 'sde' else 1}, got {steps}")
-    if len(interval) != 2 or interval[0] > interval[1]:
-        raise ValueError(f"CFG interval must be (low, high) with low <= high, got {tuple(interval)}")
+        raise InputError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
+    least = 2 if method == "sde" else 1
+    if steps < least:
+        raise InputError(f"the {method} sampler needs at least {least} step{'s' * (least > 1)}, got {steps!r}")
+    if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+        raise InputError(f"CFG interval {','.join(map(str, interval))}: expected LOW,HIGH in SiT time "
+                         f"(t = 1 is noise) with 0 <= LOW <= HIGH <= 1")
     if interval_rule not in INTERVAL_RULES:
-        raise ValueError(f"unknown CFG interval rule {interval_rule!r}; choose one of {INTERVAL_RULES}")
+        raise InputError(f"unknown CFG interval rule {interval_rule!r}; choose one of {', '.join(INTERVAL_RULES)}")
 
 
 def guidance_schedule(method: str, steps: int, interval: tuple[float, float] = (0.0, 1.0),

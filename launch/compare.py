@@ -29,12 +29,32 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Literal
+
+from irepa.errors import InputError
 
 
-def main(spec: str | None = None, out: str = "runs/compare/digits", seeds=None, eval_steps=None,
-         num_samples: int | None = None, metric: str | None = None, cache_dir: str | None = None,
+def main(spec: str | None = None, out: str = "runs/compare/digits", seeds: list[int] | None = None,
+         eval_steps: list[int] | None = None, num_samples: int | None = None,
+         metric: Literal["auto", "inception", "classifier"] | None = None, cache_dir: str | None = None,
          device: str = "auto", inception_weights: str | None = None, eval_noise: int = 0, report_only: bool = False,
          print_spec: bool = False):
+    """Train and score the spec's recipes x seeds; write the report into OUT.
+
+    --spec: a comparison spec (.json; default: the embedded digits comparison, --print_spec shows it).
+    --out: the comparison folder; rerunning the same command continues it.
+    --seeds: training seeds, A,B or [A, B] (replaces the spec's).
+    --eval_steps: training steps at which every run is evaluated, strictly increasing, A,B or [A, B].
+    --num_samples: samples per evaluation (replaces the spec's).
+    --metric: auto (FID when the Inception weights are found, else the classifier distance), inception
+    or classifier.
+    --cache_dir: prepared data and the metric classifier (default: OUT/datasets).
+    --device: auto, cpu, cuda or cuda:N.
+    --inception_weights: the Inception weights file (default: $IREPA_INCEPTION_WEIGHTS, then the caches).
+    --eval_noise: score every run's last checkpoint with K more noise batches.
+    --report_only: rewrite the report from the results already in OUT.
+    --print_spec: print the spec (with these options applied) as JSON and stop.
+    """
     from irepa.compare.spec import CompareSpec, digits_default
 
     try:
@@ -44,7 +64,7 @@ def main(spec: str | None = None, out: str = "runs/compare/digits", seeds=None, 
         if changes:
             s = CompareSpec.from_dict({**s.to_dict(), **changes})
     except ValueError as e:
-        sys.exit(f"launch/compare.py: {e}")
+        raise InputError(str(e)) from None
     if print_spec:
         print(json.dumps(s.to_dict(), indent=2))
         return
@@ -62,10 +82,10 @@ def main(spec: str | None = None, out: str = "runs/compare/digits", seeds=None, 
         summary = Comparison(s, out, cache_dir=cache_dir, device=device, rank=rank, world_size=world,
                              inception_weights=inception_weights, log=log).run(eval_noise=int(eval_noise))
     except (Interrupted, KeyboardInterrupt) as e:
-        sys.exit(f"launch/compare.py: interrupted ({e or 'SIGINT'}); finished evaluations are kept in {out}: "
+        sys.exit(f"compare.py: interrupted ({e or 'SIGINT'}); finished evaluations are kept in {out}: "
                  f"run the same command again to continue")
     except (ValueError, FileNotFoundError) as e:  # a bad spec, preset, override, folder or missing weights
-        sys.exit(f"launch/compare.py: {e}")
+        raise InputError(str(e)) from None
     if summary is not None:
         print(summary.read_text())
         print(f"report: {out}/summary.md, {out}/results.csv, {out}/convergence.png, tensorboard --logdir {out}/tb")

@@ -20,14 +20,21 @@ from irepa.errors import InputError
 
 
 def main(run: str, out: str, overwrite: bool = False) -> str:
+    """Export the VAE of a REPA-E run.
+
+    RUN: a repae run folder (its newest checkpoint) or a checkpoint folder RUN/checkpoints/step-N.
+    OUT: the folder to write (a diffusers AutoencoderKL folder plus latent_stats.json and REPA-E's files).
+    --overwrite: replace OUT when it already holds an export.
+    """
     from irepa import recipes
     from irepa.autoencoder.discriminator import build_discriminator
-    from irepa.autoencoder.export import export_vae
+    from irepa.autoencoder.export import check_export_target, export_vae
     from irepa.autoencoder.sdvae import VAEAutoencode, build_sdvae
     from irepa.models.latent_norm import BN_EPS
     from irepa.train import checkpoint
     from irepa.train.export import find_checkpoint, run_config
 
+    check_export_target(out, overwrite)  # before reading the checkpoint
     ckpt = find_checkpoint(run)
     cfg = run_config(ckpt)
     recipe = recipes.for_config(cfg)

@@ -49,13 +49,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from irepa import codec, recipes
+from irepa import codec, filekind, recipes
 from irepa.dist import barrier, setup, teardown
-from irepa.errors import InputError
+from irepa.errors import InputError, InputNotFound
 from irepa import generate as gen
+from irepa.grid import QUANTIZE
+from irepa.sampling import METHODS
 
 
 def _interval(v) -> tuple[float, float]:
@@ -77,21 +80,43 @@ def _manifest(data: str | None) -> tuple[Path | None, dict | None]:
     return path, json.loads(path.read_text())
 
 
+MODEL_KINDS = "a run folder, a checkpoint folder (RUN/checkpoints/step-N) or a released SiT .pt state dict"
+
+
+def check_model_file(p: Path) -> None:
+    """A MODEL that is a file must be a torch file (a released .pt); anything else is named as what it
+    is before torch.load sees it (a checkpoint's own .safetensors: its folder is the MODEL)."""
+    kind = filekind.sniff(p)
+    if kind in ("torch", "pickle"):
+        return
+    if kind == "safetensors" and (p.parent / "manifest.json").is_file():
+        raise InputError(f"{p} is one file of the checkpoint {p.parent}: pass that folder (or the run folder "
+                         f"{p.parent.parent.parent}) as MODEL")
+    raise InputError(f"{p}: {filekind.DESCRIPTIONS[kind]}, not a model; MODEL is {MODEL_KINDS}")
+
+
 def load_model(path: str, which: str, model_name: str | None, device):
     """-> (model, its recipe, info dict with num_classes / data folder / builtin / source [/ release])."""
     p = Path(path)
+    if not p.exists():
+        raise InputNotFound(f"MODEL {p}: not found (expected {MODEL_KINDS})")
     if p.is_file():  # a released SiT + REPA/iREPA state dict: the SiT recipe
         from irepa.models.convert import load_reference_checkpoint
+        check_model_file(p)
         model, _, info = load_reference_checkpoint(p, which=which, name=model_name, head=False)
         return model.to(device), recipes.get("sit")(), {"num_classes": info["num_classes"], "data": None,
                                                         "builtin": None, "source": str(p.resolve()),
                                                         "release": info["release"]}
     from irepa.train.build import dataset_dir
-    from irepa.train.export import load_for_inference
-    from irepa.train.export import find_checkpoint
-    model, cfg = load_for_inference(p, which=which, device=device)
+    from irepa.train.export import find_checkpoint, load_for_inference, run_config
+    ckpt = find_checkpoint(p)
+    fixed = run_config(ckpt).model.name
+    if model_name is not None and model_name != fixed:  # the run's config.json builds the model
+        raise InputError(f"--model_name {model_name}: {p} is a {fixed} run (its config.json says so); "
+                         f"--model_name names the size of a released .pt, leave it out for run folders")
+    model, cfg = load_for_inference(ckpt, which=which, device=device)
     recipe = recipes.for_config(cfg)
-    recipe.checkpoint = find_checkpoint(p)  # a decoder that is a trained part (REPA-E's VAE) is read from it
+    recipe.checkpoint = ckpt  # a decoder that is a trained part (REPA-E's VAE) is read from it
     builtin = cfg.data.source if cfg.data.source == "digits" else None
     return model, recipe, {"num_classes": cfg.model.num_classes, "data": str(dataset_dir(cfg, recipe.data_kind)),
                            "builtin": builtin, "source": str(p.resolve())}
@@ -124,15 +149,11 @@ def release_latent_scaling(info: dict, channels: int, latent_stats: str | None,
 def build_decoder(recipe, info: dict, channels: int, vae: str | None, latent_stats: str | None,
                   latent_scale: float | None, device):
     """-> (model outputs -> images in [0, 1], a description recorded in plan.json)."""
+    check_decoder_options(recipe, info, vae, latent_stats, latent_scale)
     manifest_path, manifest = _manifest(info["data"])
     if recipe.data_kind == "pixels":  # pixels, or images through the run's own VAE (REPA-E; --vae: an export of it)
         return recipe.decoder(manifest, device, vae=vae), getattr(recipe, "decoder_tag", "pixels")
-    recorded = ((manifest or {}).get("latent") or {}).get("vae")
-    name = vae or recorded or (codec.DIGITS_CODEC if info.get("builtin") == "digits" else None)
-    if name is None or (name != codec.DIGITS_CODEC and not Path(name).is_dir()):
-        where = f" ({manifest_path} names {recorded}, which is not on this machine)" if recorded else ""
-        raise InputError(f"a latent model needs --vae DIR (local diffusers AutoencoderKL folder, e.g. "
-                         f"sd-vae-ft-mse){where}")
+    name = vae or latent_codec(info, manifest_path, manifest)
     if "release" in info:  # a released .pt checkpoint
         scaling, how = release_latent_scaling(info, channels, latent_stats, latent_scale)
     elif latent_stats:
@@ -153,21 +174,95 @@ def build_decoder(recipe, info: dict, channels: int, vae: str | None, latent_sta
     return decode, f"vae:{Path(name).resolve()}:{how}"
 
 
-def main(model: str, out: str, num_samples: int | None = None, batch: int = 64, method: str = "sde", steps: int = 250,
-         cfg: float = 1.0, interval=(0.0, 1.0), labels: str = "random", seed: int = 0, which: str = "ema",
-         shard_size: int = 1000, model_name: str | None = None, vae: str | None = None,
-         latent_stats: str | None = None, latent_scale: float | None = None, precision: str = "fp32",
-         noise_scale: float = 1.0, grid: int = 64, keep_shards: bool = False, device: str = "auto",
-         n: int | None = None, quantize: str = "auto"):
-    """MODEL: run folder, checkpoint folder or reference .pt. OUT: output folder (resumable).
+def check_decoder_options(recipe, info: dict, vae: str | None, latent_stats: str | None,
+                          latent_scale: float | None) -> None:
+    """Refuse a decoding option that would not act on this model's samples, and a --vae that is not there."""
+    given = {"--vae": vae, "--latent_stats": latent_stats, "--latent_scale": latent_scale}
+    if recipe.data_kind == "pixels":
+        own_vae = getattr(recipe, "decoder_tag", "pixels") != "pixels"  # REPA-E decodes with its trained VAE
+        unused = [k for k, v in given.items() if v is not None and not (k == "--vae" and own_vae)]
+        if unused:
+            what = "decodes with its own trained VAE (--vae: an export of it)" if own_vae else "generates pixels"
+            raise InputError(f"{' and '.join(unused)} do{'es' * (len(unused) == 1)} not apply: a {recipe.name} "
+                             f"model {what}")
+    elif vae is not None and info.get("builtin") == "digits" and vae != codec.DIGITS_CODEC:
+        raise InputError(f"--vae {vae} does not apply: this run's latents are the digits codec's "
+                         f"(data.source digits), not a VAE's")
+    if vae is not None and vae != codec.DIGITS_CODEC and not Path(vae).is_dir():
+        raise InputNotFound(f"--vae {vae}: no such folder (expected a local diffusers AutoencoderKL folder "
+                            f"saved with save_pretrained, e.g. sd-vae-ft-mse)")
 
-    --num_samples N (default 50,000; --n is an alias, but torchrun refuses --n as ambiguous).
+
+def latent_codec(info: dict, manifest_path: Path | None, manifest: dict | None) -> str:
+    """The VAE folder (or the digits codec) a latent model decodes with when --vae is not given."""
+    recorded = ((manifest or {}).get("latent") or {}).get("vae")
+    if recorded == codec.DIGITS_CODEC or (recorded is None and info.get("builtin") == "digits"):
+        return codec.DIGITS_CODEC
+    if recorded is not None:
+        if not Path(recorded).is_dir():
+            raise InputError(f"a latent model needs --vae DIR: {manifest_path} names {recorded}, which is not on "
+                             f"this machine")
+        return recorded
+    if manifest_path is not None:  # a run folder whose dataset is not where its config.json says
+        raise InputError(f"the run's data manifest {manifest_path} is not on this machine (the dataset was moved "
+                         f"or prepared elsewhere); it names the VAE and the latent statistics: pass --vae DIR "
+                         f"and --latent_stats FILE (a copy of that manifest.json) or --latent_scale 0.18215")
+    raise InputError("a latent model needs --vae DIR (local diffusers AutoencoderKL folder, e.g. sd-vae-ft-mse)")
+
+
+def check_out(out: str) -> Path:
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"OUT {out}: {filekind.describe(out_dir)}, not a folder; sample.py writes a folder "
+                         f"(samples.npz, grid.png, plan.json): name a new or existing folder")
+    return out_dir
+
+
+def main(model: str, out: str, num_samples: int | None = None, batch: int = 64,
+         method: Literal[METHODS] = "sde", steps: int = 250, cfg: float = 1.0, interval=(0.0, 1.0),
+         labels: Literal["random", "balanced"] = "random", seed: int = 0, which: str = "ema",
+         shard_size: int = 1000, model_name: str | None = None, vae: str | None = None,
+         latent_stats: str | None = None, latent_scale: float | None = None,
+         precision: Literal["fp32", "bf16"] = "fp32", noise_scale: float = 1.0, grid: int = 64,
+         keep_shards: bool = False, device: str = "auto", n: int | None = None,
+         quantize: Literal[("auto", *QUANTIZE)] = "auto", progress: Literal["auto", "bar", "off"] = "auto"):
+    """Sample a trained model into OUT (samples.npz, grid.png; resumable).
+
+    MODEL: a run folder (its newest checkpoint), a checkpoint folder (RUN/checkpoints/step-N) or a
+    released SiT + REPA/iREPA .pt state dict.
+    OUT: the output folder; running the same command again resumes it.
+    --num_samples: how many images (default 50,000; --n is an alias that torchrun cannot pass on).
+    --batch: images per model call per rank (CFG doubles it inside the sampler).
+    --method: the sampler: sde (Euler-Maruyama), euler or heun (ODE); MeanFlow's euler is its N-step sampler.
+    --steps: sampler steps (sde needs at least 2).
+    --cfg: classifier-free guidance scale (1: none).
+    --interval: LOW,HIGH in SiT time (t = 1 noise), 0 <= LOW <= HIGH <= 1: where CFG acts.
+    --labels: random (uniform, as ADM) or balanced (N / classes per class).
+    --seed: labels and noise (the output does not depend on the number of ranks).
+    --which: ema (the first EMA), ema-1, ... or model (the raw trained weights).
+    --shard_size: images per shard file (the unit of resuming).
+    --model_name: SiT size of a released .pt whose depth and width fit several sizes; run folders
+    fix their model and refuse another name.
+    --vae: local diffusers AutoencoderKL folder for latent models (default: the one the run's data
+    manifest names); for REPA-E runs an export of its VAE (launch/export_vae.py).
+    --latent_stats: per-channel latent statistics (.pt, .npz, .json; default for runs: the data manifest).
+    --latent_scale: one latent factor instead (0.18215: the SiT and REPA releases).
+    --precision: fp32 (as published FIDs were sampled) or bf16 model calls.
+    --noise_scale: multiplies the initial noise.
+    --grid: images in grid.png (0: none).
+    --keep_shards: keep OUT/shards after merging.
+    --device: auto, cpu, cuda or cuda:N.
+    --n: an alias of --num_samples.
+    --quantize: how decoded images become uint8: auto (the recipe's release rule), round or truncate.
+    --progress: a progress bar on rank 0 (images, img/s, time left): auto shows it when stderr is a
+    terminal; each finished shard is also logged as one line with the same numbers.
     """
     if num_samples is not None and n is not None and num_samples != n:
         raise InputError(f"--num_samples {num_samples} and --n {n} disagree; pass one of them")
     n = num_samples if num_samples is not None else n if n is not None else 50_000
-    if precision not in ("fp32", "bf16"):
-        raise InputError(f"precision must be fp32 or bf16, got {precision!r}")
+    from irepa.sampling import check_settings
+    check_settings(method, steps, _interval(interval))  # before loading the model, not after
+    out_dir = check_out(out)
     env = setup(device)
     rank, world, dev = env.rank, env.world, env.device
     log = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
@@ -184,7 +279,6 @@ def main(model: str, out: str, num_samples: int | None = None, batch: int = 64, 
                           quantize=recipe.sample_quantize if quantize == "auto" else quantize,
                           extra={"model": info["source"], "which": which, "decoder": decoder_desc,
                                  "noise_scale": noise_scale, **guidance})
-    out_dir = Path(out)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         gen.check_plan(out_dir, plan)
@@ -204,7 +298,7 @@ def main(model: str, out: str, num_samples: int | None = None, batch: int = 64, 
         log(f"{final} already exists; nothing to do")
     else:
         gen.generate_shards(plan, out_dir, sample_batch, rank, world, dev,
-                            log=lambda m: print(m, flush=True))
+                            log=lambda m: print(m, flush=True), bar=gen.show_bar(progress, rank))
         barrier()
         if rank == 0:
             gen.merge_shards(plan, out_dir, grid=grid, keep_shards=keep_shards)

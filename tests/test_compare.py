@@ -296,3 +296,27 @@ def test_inception_scores_samples_quantized_as_the_recipe_writes_them():
     assert not torch.equal(seen[0], seen[1])
     assert backend.sample_quantize(resolve("digits-sit-irepa")) == "truncate"
     assert backend.sample_quantize(resolve("digits-jit-irepa")) == "round"
+
+
+def test_cli_names_the_option_of_a_bad_value(tmp_path, capsys, monkeypatch):
+    """`--seeds abc` said "invalid literal for int() with base 10: 'a'" (the letters of the string,
+    converted one by one); the option and the expected form are named, exit status 1, one line."""
+    from irepa import cli
+    from test_sample_script import _load_launch
+    mod = _load_launch("compare")
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    out = tmp_path / "out"
+    for argv, message in ((["--seeds", "abc"], "compare.py: --seeds: expected a list of int (A,B or [A, B]) or None, "
+                                               "got 'abc'\n"),
+                          (["--eval_steps", "2.5"], "compare.py: --eval_steps: expected a list of int"),
+                          (["--eval_steps", "3,2"], "compare.py: eval_steps must be positive and strictly increasing"),
+                          (["--metric", "fid"], "compare.py: --metric: expected one of 'auto', 'inception', "
+                                                "'classifier' or None, got 'fid'")):
+        with pytest.raises(SystemExit) as e:
+            cli.run(mod.main, "compare.py", [*argv, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.startswith(message) and err.count("\n") == 1, err
+    assert not out.exists()
+    cli.call(mod.main, "compare.py", ["--seeds", "4,5", "--eval_steps", "[3]", "--print_spec"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["seeds"] == [4, 5] and printed["eval_steps"] == [3]

@@ -225,7 +225,7 @@ def test_evaluate_and_sample_input_errors_are_one_line(tmp_path, capsys, monkeyp
     sample = _script("sample")
     with pytest.raises(SystemExit):
         cli.run(sample.main, "sample.py", ["run", "--out", str(tmp_path / "o"), "--precision", "fp16"])
-    assert capsys.readouterr().err == "sample.py: precision must be fp32 or bf16, got 'fp16'\n"
+    assert capsys.readouterr().err == "sample.py: --precision: expected one of 'fp32', 'bf16', got 'fp16'\n"
     with pytest.raises(SystemExit):
         cli.run(sample.main, "sample.py", [str(tmp_path / "none.pt"), "--out", str(tmp_path / "o"),
                                            "--device", "cpu"])

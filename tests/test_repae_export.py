@@ -14,6 +14,7 @@ import torch
 
 from irepa.autoencoder.export import export_vae, read_latent_stats
 from irepa.autoencoder.sdvae import build_sdvae, load_sdvae
+from irepa.errors import InputError
 from irepa.models.latent_norm import LatentNorm
 
 
@@ -24,7 +25,7 @@ def test_export_and_prepare_use_the_fixed_batchnorm(tmp_path):
     ln = LatentNorm(4)
     ln.init_from_stats(torch.tensor([0.5, 1.0, 2.0, 4.0]), torch.tensor([0.1, -0.1, 0.2, 0.0]))
     out = export_vae(vae, ln.bn.running_mean, ln.bn.running_var, tmp_path / "e2e-vae")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(InputError, match="exists; choose another folder, or pass --overwrite true"):
         export_vae(vae, ln.bn.running_mean, ln.bn.running_var, out)
     stats = read_latent_stats(out)
     ref = torch.load(out / "sdvae-f8d4-latents-stats.pt", weights_only=True)
@@ -45,3 +46,32 @@ def test_export_and_prepare_use_the_fixed_batchnorm(tmp_path):
     # the loader's normalization (z - shift) / scale is the latent BatchNorm in eval
     torch.testing.assert_close((z - loader.shift) / loader.scale, ln.eval()(z), rtol=1e-5, atol=1e-6)
     assert next(iter(loader))["x"].shape == (8, 4, 4, 4)
+
+
+def test_export_replaces_only_an_earlier_export(tmp_path, capsys, monkeypatch):
+    """--overwrite replaced whatever OUT held; a missing RUN said "no complete checkpoint" of a folder
+    that is not there. Both are one line before any checkpoint is read, and nothing is deleted."""
+    from irepa import cli
+    from test_sample_script import _load_launch
+    torch.manual_seed(0)
+    vae, ln = build_sdvae("tiny"), LatentNorm(4)
+    out = export_vae(vae, ln.bn.running_mean, ln.bn.running_var, tmp_path / "e2e-vae")
+    again = export_vae(vae, ln.bn.running_mean, ln.bn.running_var, out, overwrite=True)
+    assert again == out and read_latent_stats(out) is not None
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(InputError, match="is not an exported VAE.*replaces only an earlier export"):
+        export_vae(vae, ln.bn.running_mean, ln.bn.running_var, mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+    mod = _load_launch("export_vae")
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    for argv, message in (([tmp_path / "no-run", tmp_path / "x"], f"{tmp_path / 'no-run'}: not found (expected a run "
+                                                                  f"folder or a checkpoint folder"),
+                          ([tmp_path / "no-run", mine, "--overwrite", "true"], f"OUT {mine} is not an exported VAE")):
+        with pytest.raises(SystemExit) as e:
+            cli.run(mod.main, "export_vae.py", [str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.startswith(f"export_vae.py: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()

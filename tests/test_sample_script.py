@@ -16,6 +16,7 @@ from irepa.recipes import resolve
 from irepa.recipes.sit import SiTRecipe
 from irepa.train import checkpoint
 from irepa.train.build import offline_parts
+from irepa.errors import InputError, InputNotFound
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,8 +168,8 @@ def test_a_failed_start_leaves_the_folder_usable(run_dir, tmp_path):
     out = tmp_path / "s"
     kw = dict(batch=2, method="euler", steps=2, shard_size=2, device="cpu")
     # a typo that only the sampler noticed used to write plan.json first and lock the folder to it
-    for bad, match in [({"method": "ode"}, "unknown sampling method"), ({"method": "sde", "steps": 1}, "steps >= 2"),
-                       ({"cfg": 2.0, "interval": "0.7,0.2"}, "low <= high"), ({"interval": "0.5"}, "LOW,HIGH")]:
+    for bad, match in [({"method": "ode"}, "unknown sampling method"), ({"method": "sde", "steps": 1}, "at least 2"),
+                       ({"cfg": 2.0, "interval": "0.7,0.2"}, "LOW <= HIGH"), ({"interval": "0.5"}, "LOW,HIGH")]:
         with pytest.raises(ValueError, match=match):
             sample.main(str(run_dir), str(out), n=3, **{**kw, **bad})
     assert sample.main(str(run_dir), str(out), n=3, **kw) == str(out / "samples.npz")
@@ -347,3 +348,113 @@ def test_samples_are_quantized_as_the_recipes_release_writes_them(run_dir, tmp_p
             got[q] = z["arr_0"].astype(int)
     d = got["round"] - got["auto"]
     assert d.min() == 0 and d.max() == 1 and (d == 1).any()
+
+
+def _one_line_error(argv, capsys, monkeypatch):
+    """sample.py's user-facing result of `argv`: exit status 1 and its one stderr line."""
+    from irepa.cli import run
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(_load_launch("sample").main, "sample.py", [str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and err.startswith("sample.py: "), err
+    return err
+
+
+def test_bad_settings_and_files_are_one_line_before_anything_is_written(run_dir, tmp_path, capsys, monkeypatch):
+    """Each was a traceback (or, for a PNG as the model, six lines of torch.load's weights_only text)."""
+    from PIL import Image
+    out = tmp_path / "out"
+    kw = ["--n", "2", "--device", "cpu"]
+    ckpt = next((run_dir / "checkpoints").iterdir())
+    Image.new("RGB", (4, 4)).save(tmp_path / "x.png")
+    (tmp_path / "afile").write_text("mine")
+    cases = [
+        ([run_dir, out, "--method", "rk4"], "--method: expected one of 'sde', 'euler', 'heun', got 'rk4'"),
+        ([run_dir, out, "--steps", "0"], "the sde sampler needs at least 2 steps, got 0"),
+        ([run_dir, out, "--method", "euler", "--steps", "0"], "the euler sampler needs at least 1 step, got 0"),
+        ([run_dir, out, "--interval", "0.9,0.1"], "CFG interval 0.9,0.1: expected LOW,HIGH in SiT time"),
+        ([run_dir, out, "--interval", "0,1.5", "--cfg", "2"], "CFG interval 0.0,1.5: expected"),
+        ([run_dir, out, "--interval", "-0.1,0.5"], "0 <= LOW <= HIGH <= 1"),
+        ([run_dir, tmp_path / "afile"], f"OUT {tmp_path / 'afile'}: a text file, not a folder"),
+        ([tmp_path / "x.png", out], f"{tmp_path / 'x.png'}: a PNG image, not a model; MODEL is a run folder"),
+        ([run_dir / "config.json", out], "config.json: a JSON text file, not a model"),
+        ([ckpt / "ema.safetensors", out], f"is one file of the checkpoint {ckpt}: pass that folder"),
+        ([tmp_path / "gone", out], f"MODEL {tmp_path / 'gone'}: not found"),
+        ([run_dir, out, "--quantize", "floor"], "--quantize: expected one of 'auto', 'round', 'truncate'"),
+    ]
+    for argv, message in cases:
+        assert message in _one_line_error([*argv, *kw], capsys, monkeypatch)
+    assert not out.exists() and (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def meanflow_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("mf-run")
+    cfg = resolve("digits-meanflow-irepa", {"model.name": "SiT-Tiny/2", "model.input_size": 8,
+                                            "model.align_depth": 1, "align.encoders": []})
+    (run / "config.json").write_text(cfg.to_json())
+    checkpoint.save(run, 1, offline_parts(cfg, encoder_dims=[]), trainer_state={}, rng={"cpu": torch.get_rng_state()})
+    return run
+
+
+def test_options_that_do_not_apply_to_the_run_are_refused(meanflow_run, run_dir, tmp_path, capsys, monkeypatch):
+    """--model_name on a MeanFlow run used to exit 0, sampling the run's own SiT-T/2 as if it were not given;
+    decoding options a run does not decode with were ignored the same way."""
+    from irepa.recipes.jit import JiTRecipe
+    from irepa.recipes.repae import RepaERecipe
+    sample = _load_launch("sample")
+    out = tmp_path / "out"
+    err = _one_line_error([meanflow_run, out, "--model_name", "SiT-B/2", "--n", "2", "--method", "euler", "--steps",
+                           "1", "--device", "cpu"], capsys, monkeypatch)
+    assert f"--model_name SiT-B/2: {meanflow_run} is a SiT-Tiny/2 run" in err and not out.exists()
+    model, recipe, _ = sample.load_model(str(meanflow_run), "ema", "SiT-Tiny/2", "cpu")  # its own name: a no-op
+    assert recipe.name == "meanflow" and model.in_channels == 1
+    (tmp_path / "vae").mkdir()
+    pixels = {"data": None, "builtin": None}
+    with pytest.raises(InputError, match="--vae and --latent_scale do not apply: a jit model generates pixels"):
+        sample.check_decoder_options(JiTRecipe(), pixels, str(tmp_path / "vae"), None, 0.18215)
+    with pytest.raises(InputError, match="--latent_stats does not apply: a repae model decodes with its own"):
+        sample.check_decoder_options(RepaERecipe(), pixels, str(tmp_path / "vae"), "stats.pt", None)
+    sample.check_decoder_options(RepaERecipe(), pixels, str(tmp_path / "vae"), None, None)  # an export of its VAE
+    # a digits run decodes with the digits codec: a VAE folder there is a contradiction, a missing one a typo
+    err = _one_line_error([run_dir, out, "--vae", tmp_path / "vae", "--n", "2", "--method", "euler", "--steps", "1",
+                           "--device", "cpu"], capsys, monkeypatch)
+    assert "does not apply: this run's latents are the digits codec's" in err
+    with pytest.raises(InputNotFound, match=f"--vae {tmp_path / 'nope'}: no such folder"):
+        sample.check_decoder_options(SiTRecipe(), {"data": None, "builtin": None}, str(tmp_path / "nope"), None, None)
+
+
+def test_a_moved_dataset_names_its_manifest(tmp_path):
+    """The run's data folder is not on this machine: its manifest (VAE and latent statistics) is what is
+    missing, not only the VAE."""
+    sample = _load_launch("sample")
+    info = {"data": str(tmp_path / "moved"), "builtin": None, "num_classes": 3}
+    with pytest.raises(InputError, match=f"data manifest {tmp_path / 'moved' / 'manifest.json'} is not on this "
+                                         f"machine.*--vae DIR and --latent_stats FILE"):
+        sample.build_decoder(SiTRecipe(), info, 4, None, None, None, "cpu")
+
+
+def test_progress_bar_and_shard_lines(tmp_path, capsys):
+    """A bar on rank 0 only, drawn when stderr is a terminal (or asked); each shard's line carries the
+    images done, the rate and the time left."""
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    assert gen.show_bar("auto", 0, Tty()) and not gen.show_bar("auto", 0, io.StringIO())
+    assert not gen.show_bar("auto", 1, Tty()) and not gen.show_bar("bar", 1) and gen.show_bar("bar", 0)
+    assert not gen.show_bar("off", 0, Tty())
+    plan = gen.SamplePlan(num_samples=7, num_classes=2, shard_size=3, batch_size=2, latent_shape=(1, 2, 2))
+    lines = []
+    gen.generate_shards(plan, tmp_path / "a", lambda z, y, g: z.expand(-1, 3, -1, -1).clamp(0, 1), log=lines.append)
+    assert len(lines) == 3 and lines[0].startswith("[rank 0] shard 0 of 3 done (3 images; 3/7 images of this rank, ")
+    assert all("img/s" in m and " left)" in m for m in lines) and "7/7 images" in lines[-1]
+    assert "img/s" not in capsys.readouterr().err  # no bar unless asked
+    gen.generate_shards(plan, tmp_path / "b", lambda z, y, g: z.expand(-1, 3, -1, -1).clamp(0, 1),
+                        log=lines.append, bar=True)
+    captured = capsys.readouterr()
+    assert "sample rank 0/1" in captured.err and "7/7" in captured.err and "img/s" in captured.err
+    assert "shard 2 of 3 done" in captured.out  # written above the bar, not into it

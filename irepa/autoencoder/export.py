@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from irepa.errors import InputError
+
 from .sdvae import diffusers_to_ldm
 
 STATS_FILE = "latent_stats.json"
@@ -47,12 +49,25 @@ def read_latent_stats(folder: str | os.PathLike) -> dict | None:
     return d
 
 
+def check_export_target(out: str | os.PathLike, overwrite: bool) -> Path:
+    """`out` as a Path if an export may be written there: a new path, or (with overwrite) an earlier
+    export, which is replaced; anything else that is there is refused, never deleted."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return out
+    if not overwrite:
+        raise InputError(f"OUT {out} exists; choose another folder, or pass --overwrite true to replace an "
+                         f"earlier export")
+    if not out.is_dir() or not (out / STATS_FILE).is_file() or not (out / "config.json").is_file():
+        raise InputError(f"OUT {out} is not an exported VAE (no {STATS_FILE} and config.json); --overwrite "
+                         f"replaces only an earlier export: choose another folder")
+    return out
+
+
 def export_vae(vae: nn.Module, running_mean: torch.Tensor, running_var: torch.Tensor, out: str | os.PathLike,
                *, eps: float = 1e-4, discriminator: nn.Module | None = None, name: str = "sdvae-f8d4",
                overwrite: bool = False) -> Path:
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose another folder or pass overwrite")
+    out = check_export_target(out, overwrite)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     vae.save_pretrained(str(tmp), safe_serialization=True)

@@ -15,15 +15,10 @@ import numpy as np
 import torch
 
 from irepa.metrics.classifier_fd import ClassifierMetric, ClassifierSettings, load_or_train, split_indices
+from irepa.metrics.inception import find_weights
 
 METRIC_LABELS = {"fid_inception": "FID (ADM Inception-v3 pool_3)",
                  "fd_classifier": "Frechet distance in the metric classifier's features"}
-
-
-def inception_weights_found(weights: str | Path | None = None) -> Path | None:
-    from irepa.metrics.inception import default_weight_paths
-    candidates = [Path(weights)] if weights else default_weight_paths()
-    return next((p for p in candidates if p.is_file()), None)
 
 
 @dataclass
@@ -81,7 +76,7 @@ def build_evaluator(images: torch.Tensor, labels: torch.Tensor, metric: str, set
                     log=print) -> Evaluator:
     """metric: auto | inception | classifier (irepa.compare.spec.METRICS)."""
     classifier = load_or_train(images, labels, cache_dir, settings, log=log)
-    weights = inception_weights_found(inception_weights)
+    weights = find_weights(inception_weights)
     if metric == "inception" and weights is None:
         from irepa.metrics.inception import load_inception
         load_inception(inception_weights)  # raises, naming where the weights were looked for

@@ -253,3 +253,36 @@ def load_or_train(images: torch.Tensor, labels: torch.Tensor, cache_dir: str | P
     os.replace(tmp_meta, meta_path)
     log(f"[classifier] test accuracy {100 * report['test_accuracy']:.2f}% on {report['num_test']} held-out images")
     return ClassifierMetric(net, images, labels, settings, report, key)
+
+
+def metric_images(batches, side: int) -> torch.Tensor:
+    """uint8 [B, H, W, 3] batches -> float [N, 3, side, side] in [0, 1]: what the metric network sees of
+    images of any resolution. Larger images are shrunk with antialiased bilinear resampling (a box
+    average at integer factors), a non-square one squashed to the square; none is enlarged, so
+    `side` must not exceed the images' own side (metric_side picks it)."""
+    out = []
+    for b in batches:
+        x = torch.from_numpy(np.array(b)).permute(0, 3, 1, 2).float().div(255)  # a copy: npz blocks are read-only
+        if x.shape[-2:] != (side, side):
+            if min(x.shape[-2:]) < side:
+                raise ValueError(f"images of {tuple(x.shape[-2:])} px are smaller than the metric side {side}")
+            x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        out.append(x)
+    return torch.cat(out)
+
+
+def metric_side(resolution: int, *sides: int) -> int:
+    """The side the metric network sees: `resolution`, or the smallest image side when that is smaller."""
+    return min(resolution, *sides)
+
+
+def score(metric: ClassifierMetric, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+    """The classifier distance of `images` to the metric's held-out real images, the real-data floor
+    at the same count, and (given labels in the metric's classes) the class accuracy."""
+    n_floor = min(len(images), int(metric.report["num_train"]))
+    res = {"fd_classifier": metric.frechet(images), "real_floor": metric.floor(n_floor), "floor_images": n_floor,
+           "classifier_test_accuracy": metric.test_accuracy, "num_samples": int(len(images)),
+           "num_reference_test": int(metric.report["num_test"])}
+    if labels is not None and len(labels) == len(images) and int(labels.max()) < metric.report["num_classes"]:
+        res["class_accuracy"] = metric.accuracy(images, labels)
+    return res

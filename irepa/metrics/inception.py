@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from irepa.errors import InputError, InputNotFound
+
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "IREPA_INCEPTION_WEIGHTS"
 NUM_LOGITS = 1008
@@ -225,30 +227,42 @@ def default_weight_paths() -> list[Path]:
     return out
 
 
-def load_inception(path: str | Path | None = None, device="cpu") -> InceptionV3:
-    """InceptionV3 in eval mode with weights from a local state-dict file (never downloaded)."""
+def find_weights(path: str | Path | None = None) -> Path | None:
+    """The weights file `load_inception(path)` would read, or None when there is none."""
     candidates = [Path(path)] if path else default_weight_paths()
-    found = next((p for p in candidates if p.is_file()), None)
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def load_inception(path: str | Path | None = None, device="cpu") -> InceptionV3:
+    """InceptionV3 in eval mode with weights from a local state-dict file (never downloaded).
+
+    A missing file is an InputNotFound naming where it was looked for; a file that is not the
+    weights (another kind of file, a truncated one, another network's state dict) an InputError."""
+    from irepa.filekind import require_torch
+
+    found = find_weights(path)
     if found is None:
-        raise FileNotFoundError(
+        candidates = [Path(path)] if path else default_weight_paths()
+        raise InputNotFound(
             f"Inception weights not found; expected {WEIGHTS_NAME} (the pytorch-fid port of the TF "
             f"2015-12-05 graph) at one of: {', '.join(str(p) for p in candidates)}. Copy the file there "
             f"or set ${WEIGHTS_ENV}; it is never downloaded at run time.")
+    require_torch(found, f"the Inception weights ({WEIGHTS_NAME}, a torch state dict)")
     try:
         sd = torch.load(found, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated download, or another kind of file
-        raise ValueError(f"{found}: cannot read it as a torch state dict ({type(e).__name__}: {e}); expected "
-                         f"{WEIGHTS_NAME}") from None
+    except Exception as e:  # a truncated download
+        raise InputError(f"{found}: cannot read it as a torch state dict ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); expected {WEIGHTS_NAME}") from None
     if not isinstance(sd, dict):
-        raise ValueError(f"{found}: expected a state dict, got {type(sd).__name__}")
+        raise InputError(f"{found}: expected a state dict, got {type(sd).__name__}")
     net = InceptionV3()
     sd = {k: v for k, v in sd.items() if not k.startswith("AuxLogits.")}
     try:
         missing, unexpected = net.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"{found}: not an FID Inception-v3 state dict ({e})") from None
+        raise InputError(f"{found}: not an FID Inception-v3 state dict ({str(e).splitlines()[0]}...)") from None
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise ValueError(f"{found}: not an FID Inception-v3 state dict (missing {missing[:5]}, "
+        raise InputError(f"{found}: not an FID Inception-v3 state dict (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
     return net.to(device).eval().requires_grad_(False)

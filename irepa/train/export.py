@@ -20,7 +20,7 @@ import torch
 
 from irepa import recipes
 from irepa.config import Config
-from irepa.errors import InputError
+from irepa.errors import InputError, InputNotFound
 from irepa.train import checkpoint
 from irepa.train.run_folder import read_config
 from irepa.train.build import offline_parts
@@ -30,6 +30,9 @@ from irepa.train.checkpoint import CheckpointError
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or the newest complete one of a run folder."""
     path = Path(path)
+    if not path.is_dir():
+        raise InputNotFound(f"{path}: {'not found' if not path.exists() else 'a file'} (expected a run folder or a "
+                            f"checkpoint folder RUN/checkpoints/step-N)")
     ckpt = path if (path / "manifest.json").is_file() else checkpoint.latest_checkpoint(path)
     if ckpt is None:
         raise CheckpointError(f"{path}: no complete checkpoint (expected {path}/checkpoints/step-N/manifest.json)")
