@@ -45,7 +45,7 @@ LOGGED = ("fid", "sfid", "inception_score", "precision", "recall", "fd_classifie
 def main(ref: str, samples: str, out: str | None = None, weights: str | None = None, batch: int = 100,
          logdir: str | None = None, step: int = 0, device: str = "auto",
          metric: Literal["inception", "classifier"] = "inception", cache_dir: str | None = None,
-         classifier_resolution: int | None = None):
+         classifier_resolution: int | None = None, pr_dtype: Literal["float16", "float32"] | None = None):
     """Score SAMPLES against REF.
 
     REF: the real images: an ADM .npz batch, "digits", or an image folder (one sub-folder per class).
@@ -61,8 +61,10 @@ def main(ref: str, samples: str, out: str | None = None, weights: str | None = N
     distance, not comparable with FID).
     --cache_dir: where --metric classifier keeps its trained network (default ~/.cache/irepa/classifiers).
     --classifier_resolution: the side in px the classifier sees (default 32; never enlarged).
+    --pr_dtype: the arithmetic of precision/recall's k-NN distances: float16 (default, as ADM's
+    evaluator computes them) or float32.
     """
-    _check_options(metric, weights, cache_dir, classifier_resolution)
+    _check_options(metric, weights, cache_dir, classifier_resolution, pr_dtype)
     device = str(pick_device(device))
     out_path = Path(out) if out else Path(samples).with_suffix(".eval.json")
     real = _check_inputs(ref, samples, out_path, metric)  # before minutes of network passes, not after
@@ -70,7 +72,7 @@ def main(ref: str, samples: str, out: str | None = None, weights: str | None = N
     if metric == "classifier":
         res = _classifier(real, samples, batch, cache_dir, classifier_resolution or CLASSIFIER_RESOLUTION)
     else:
-        res = _inception(real, samples, weights, batch, device)
+        res = _inception(real, samples, weights, batch, device, pr_dtype or "float16")
     res.update(ref=str(Path(ref).resolve()) if ref != "digits" else ref, samples=str(Path(samples).resolve()),
                seconds=round(time.time() - t0, 1))
     text = json.dumps(res, indent=2)
@@ -87,10 +89,10 @@ def main(ref: str, samples: str, out: str | None = None, weights: str | None = N
     return res
 
 
-def _check_options(metric: str, weights, cache_dir, classifier_resolution) -> None:
+def _check_options(metric: str, weights, cache_dir, classifier_resolution, pr_dtype) -> None:
     """Refuse options the chosen metric would ignore."""
     unused = {"inception": {"--cache_dir": cache_dir, "--classifier_resolution": classifier_resolution},
-              "classifier": {"--weights": weights}}[metric]
+              "classifier": {"--weights": weights, "--pr_dtype": pr_dtype}}[metric]
     given = [k for k, v in unused.items() if v is not None]
     if given:
         raise InputError(f"{' and '.join(given)} do{'es' * (len(given) == 1)} not apply to --metric {metric}")
@@ -117,7 +119,7 @@ def _check_inputs(ref: str, samples: str, out_path: Path, metric: str) -> RealIm
     return real
 
 
-def _inception(real: RealImages, samples: str, weights: str | None, batch: int, device: str) -> dict:
+def _inception(real: RealImages, samples: str, weights: str | None, batch: int, device: str, pr_dtype: str) -> dict:
     try:
         net = fid.load_inception(weights, device)
     except InputNotFound as e:
@@ -128,8 +130,9 @@ def _inception(real: RealImages, samples: str, weights: str | None, batch: int, 
     else:
         acts = fid.activations(net, real.batches(batch), device)
         reference = fid.Reference(fid.Stats.of(acts["pool"]), fid.Stats.of(acts["spatial"]), acts["pool"])
-    return {"metric": "fid_inception",
-            **fid.evaluate(reference, fid.npz_activations(net, samples, batch, device), device=device)}
+    return {"metric": "fid_inception", "pr_dtype": pr_dtype,
+            **fid.evaluate(reference, fid.npz_activations(net, samples, batch, device), device=device,
+                           pr_dtype=pr_dtype)}
 
 
 def _classifier(real: RealImages, samples: str, batch: int, cache_dir: str | None, resolution: int) -> dict:

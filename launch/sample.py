@@ -108,13 +108,10 @@ def load_model(path: str, which: str, model_name: str | None, device):
                                                         "builtin": None, "source": str(p.resolve()),
                                                         "release": info["release"]}
     from irepa.train.build import dataset_dir
-    from irepa.train.export import find_checkpoint, load_for_inference, run_config
+    from irepa.train.export import find_checkpoint, load_for_inference
     ckpt = find_checkpoint(p)
-    fixed = run_config(ckpt).model.name
-    if model_name is not None and model_name != fixed:  # the run's config.json builds the model
-        raise InputError(f"--model_name {model_name}: {p} is a {fixed} run (its config.json says so); "
-                         f"--model_name names the size of a released .pt, leave it out for run folders")
-    model, cfg = load_for_inference(ckpt, which=which, device=device)
+    # the run's config.json builds the model: another --model_name is refused before any weight is read
+    model, cfg = load_for_inference(ckpt, which=which, device=device, model_name=model_name)
     recipe = recipes.for_config(cfg)
     recipe.checkpoint = ckpt  # a decoder that is a trained part (REPA-E's VAE) is read from it
     builtin = cfg.data.source if cfg.data.source == "digits" else None

@@ -85,6 +85,9 @@ def test_options_of_the_other_metric_are_refused(batches, capsys):
     assert "--weights does not apply to --metric classifier" in _one_line_error(
         [*args, "--metric", "classifier", "--weights", "w.pth"], capsys)
     assert "--cache_dir does not apply to --metric inception" in _one_line_error([*args, "--cache_dir", "c"], capsys)
+    assert "--pr_dtype does not apply to --metric classifier" in _one_line_error(
+        [*args, "--metric", "classifier", "--pr_dtype", "float32"], capsys)
+    assert "--pr_dtype" in _one_line_error([*args, "--pr_dtype", "float64"], capsys)
     assert "no labels under 'arr_1'" in _one_line_error(
         [batches / "unlabelled.npz", batches / "good.npz", "--metric", "classifier"], capsys)
 
