@@ -21,7 +21,8 @@ LAYERS = [
     ["irepa.train"],
     ["irepa.recipes"],
     ["irepa.sampling", "irepa.transport", "irepa.generate", "irepa.meanflow"],  # consume models' velocities; never imported by them
-    ["irepa.models", "irepa.data", "irepa.analysis", "irepa.autoencoder"],
+    ["irepa.models", "irepa.data", "irepa.analysis", "irepa.autoencoder",
+     "irepa.metrics.reference"],  # evaluate.py's real images: an ADM batch, or a folder read as prepare reads it
     ["irepa.align", "irepa.adaln", "irepa.kernels", "irepa.codec", "irepa.grid", "irepa.metrics", "irepa.encoders",
      "irepa.analysis.spatial"],
     ["irepa.config", "irepa.cli", "irepa.dist", "irepa.forward_ad", "irepa.errors", "irepa"],
