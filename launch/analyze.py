@@ -7,7 +7,8 @@
   torchrun --nproc_per_node=2 launch/analyze.py study --out=runs/study/digits   # the whole study, resumable
 
 `metrics` writes metrics.json / metrics.csv (one row per encoder: the NaN-aware mean over
-images of LDS (release-code and paper variants), CDS, SRSS, RMSC, and the linear-probe
+images of LDS (release-code and paper variants), CDS, SRSS, RMSC, the global share (the
+tokens' energy in their per-image mean), and the linear-probe
 accuracy when labels exist) and per_image.csv. Without --images it measures the embedded
 digits with ink (pixel > --ink) as the foreground mask. Masks become token masks by max
 pooling (a token is foreground if any of its pixels is) and SRSS is NaN only for an image

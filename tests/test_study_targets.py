@@ -38,6 +38,7 @@ def test_global_control_has_no_structure_and_the_base_probe(digits):
     base, ctrl = _measure("digits-cnn-l4", digits), _measure("digits-cnn-l4+global", digits)
     for k in ("lds", "lds_paper", "cds", "srss", "rmsc"):
         assert ctrl[k] == pytest.approx(0.0, abs=1e-6), k
+    assert ctrl["global_share"] == pytest.approx(1.0, abs=1e-6) and base["global_share"] < 0.99
     assert base["lds"] > 0.005 and base["rmsc"] > 0.05  # the base has structure to remove
     assert ctrl["probe_acc"] == base["probe_acc"] and ctrl["probe_acc"] > 0.3  # chance: 0.1
     enc = encoders.build("digits-cnn-l4+global", tiny=True)
@@ -54,7 +55,10 @@ def test_permuted_control_keeps_each_image_mean_and_breaks_the_layout(digits):
     yb, yp = base(x), perm(x)
     torch.testing.assert_close(yp.mean(1), yb.mean(1))  # the same global content per image
     torch.testing.assert_close(yp.sort(1).values, yb.sort(1).values)  # the same tokens
-    mb, mp = spatial_metrics(yb)["lds"], spatial_metrics(yp)["lds"]
+    sb, sp = spatial_metrics(yb), spatial_metrics(yp)
+    torch.testing.assert_close(sp["global_share"], sb["global_share"])  # permutation invariant, like RMSC
+    torch.testing.assert_close(sp["rmsc"], sb["rmsc"])
+    mb, mp = sb["lds"], sp["lds"]
     assert mb.mean() > 0.05 and mp.mean().abs() < 0.03 and (mb - mp).abs().min() > 0.02  # LDS changes, every image
     # the order is fixed by the image: the same image again (alone, mirrored batch position) gets the same one
     torch.testing.assert_close(perm(x[5:6]), yp[5:6])

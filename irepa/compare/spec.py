@@ -132,14 +132,16 @@ class CompareSpec:
 
 
 def digits_default() -> CompareSpec:
-    """The embedded default: digits, SiT-T/2, no alignment vs REPA (MLP, raw HOG) vs iREPA (conv,
-    spatial norm, HOG), three seeds, one step budget. Its 45 segments took 2,681 s of process
-    CPU at one thread each (6685bbd): about 25 minutes for the rank with 5 of the 9 runs as
-    `torchrun --nproc_per_node=2 launch/compare.py` on 2 free cores (README, "Comparing recipes")."""
+    """The embedded default: the digits presets (SiT-Tiny/2, 800 steps), no alignment vs REPA (MLP,
+    raw HOG) vs iREPA (conv, spatial norm, HOG), three seeds, evaluated over the presets' whole run.
+    A run's 800 steps take about 100 s of process CPU at one thread, an evaluation about 5 s
+    (measured for the presets, docs/study-spatial-vs-global.md): about 10 minutes as
+    `torchrun --nproc_per_node=2 launch/compare.py` on 2 free cores (an estimate from those parts).
+    Before the presets were retuned (SiT-T/2, 500 steps, 6685bbd) its 45 segments took 2,681 s."""
     return CompareSpec(
         recipes=[Recipe("none", "digits-sit-irepa", {"align.encoders": []}),
                  Recipe("repa", "digits-sit-repa"),
                  Recipe("irepa", "digits-sit-irepa")],
         seeds=[0, 1, 2],
-        eval_steps=[100, 200, 300, 400, 500],
+        eval_steps=[200, 400, 600, 800],
         num_samples=500, sample_method="heun", sample_steps=10)

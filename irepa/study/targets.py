@@ -4,11 +4,10 @@ Each target is measured once on the digits at the runs' data resolution (the tok
 SiT is aligned on) and kept as OUT/targets/<name>.json with the settings it was measured
 with; a rerun with the same settings keeps it.
 
-- lds, lds_paper, cds, srss, rmsc, probe_acc: irepa.analysis.measure_encoders (SRSS with the
-  digits' ink as foreground; the probe is logistic regression on mean-pooled tokens);
-- global_share: the share of the tokens' energy in the per-image mean token,
-  ||mean_t y_t||^2 / mean_t ||y_t||^2 averaged over images: 1 when every token is the same
-  (the "+global" controls), what spatial normalization removes.
+lds, lds_paper, cds, srss, rmsc, global_share and probe_acc as irepa.analysis.measure_encoders
+gives them (SRSS with the digits' ink as foreground; global_share the share of the tokens' energy
+in the per-image mean token, 1 for the "+global" controls; the probe is logistic regression on
+mean-pooled tokens).
 """
 from __future__ import annotations
 
@@ -32,15 +31,6 @@ def image_indices(labels: torch.Tensor, which: str, classifier) -> list[int]:
     return split_indices(labels, classifier.test_fraction, classifier.seed)[0].tolist()
 
 
-@torch.no_grad()
-def global_share(encoder, images, batch_size: int = 128, device="cpu") -> float:
-    shares = []
-    for start in range(0, images.count, batch_size):
-        y = encoder(images.load(range(start, min(start + batch_size, images.count))).to(device)).double()
-        shares.append(y.mean(1).square().sum(-1) / y.square().sum(-1).mean(1).clamp(min=1e-30))
-    return float(torch.cat(shares).mean())
-
-
 def measure_target(name: str, resolution: int, which: str, classifier, device="cpu", batch_size: int = 128) -> dict:
     from irepa.analysis import digits_set, measure_encoders, subset
     from irepa.encoders import build
@@ -50,8 +40,7 @@ def measure_target(name: str, resolution: int, which: str, classifier, device="c
     encoder = build(name, device=device)
     t0 = time.perf_counter()
     rows, _ = measure_encoders({name: encoder}, images, batch_size, device)
-    row = {**rows[0], "global_share": global_share(encoder, images, batch_size, device)}
-    return {**row, "seconds": time.perf_counter() - t0}
+    return {**rows[0], "seconds": time.perf_counter() - t0}
 
 
 def settings(resolution: int, which: str, classifier) -> dict:
