@@ -41,8 +41,36 @@ class Recipe:
                              f"{type(self.overrides).__name__}")
 
 
+class JsonSpec:
+    """A dataclass spec kept as JSON: to_dict / from_dict (unknown keys refused) / load (any problem
+    is a ValueError naming the file). `KIND` names the spec in messages."""
+
+    KIND = "spec"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"{cls.KIND}: unknown key(s) {bad}; known: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: not a {cls.KIND} ({e})") from None
+
+
 @dataclass
-class CompareSpec:
+class CompareSpec(JsonSpec):
+    KIND = "comparison spec"
+
     recipes: list[Recipe]
     seeds: list[int]
     eval_steps: list[int]
@@ -102,25 +130,6 @@ class CompareSpec:
     def runs(self) -> list[tuple[Recipe, int]]:
         """Every (recipe, seed), seeds outermost: with one run per rank, each seed's recipes run side by side."""
         return [(r, s) for s in self.seeds for r in self.recipes]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CompareSpec":
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"comparison spec: unknown key(s) {bad}; known: {sorted(known)}")
-        return cls(**d)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "CompareSpec":
-        path = Path(path)
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: not a comparison spec ({e})") from None
 
     def incompatible_with(self, old: "CompareSpec") -> list[str]:
         """What differs from the spec a comparison folder was started with, beyond added recipes/seeds."""

@@ -101,32 +101,17 @@ def initial(s: DigitsCNNSettings) -> DigitsCNN:
 
 
 def train(s: DigitsCNNSettings, x: torch.Tensor, labels: torch.Tensor) -> tuple[DigitsCNN, dict]:
-    """Train on the settings' split of (grid inputs x [N, 1, g, g], labels); -> (net in eval mode, report)."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same weights whatever the machine's core count
-    try:
-        net = initial(s)
-        tr, te = split(labels, s)
-        g = torch.Generator().manual_seed(s.seed + 1)
-        opt = torch.optim.Adam(net.parameters(), lr=s.lr)
-        steps = s.epochs * -(-len(tr) // s.batch_size)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        net.train()
-        for _ in range(s.epochs):
-            order = tr[torch.randperm(len(tr), generator=g)]
-            for b in range(0, len(order), s.batch_size):
-                idx = order[b:b + s.batch_size]
-                loss = F.cross_entropy(net(x[idx]), labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-        net.eval().requires_grad_(False)
+    """Train on the settings' split of (grid inputs x [N, 1, g, g], labels) as the metric classifier
+    trains (irepa.metrics.classifier_fd.fit, one thread: the same weights whatever the core count);
+    -> (net in eval mode, report)."""
+    from irepa.metrics.classifier_fd import fit, one_thread
+
+    tr, te = split(labels, s)
+    with one_thread():
+        net = fit(initial(s), x[tr], labels[tr], s.epochs, s.batch_size, s.lr, torch.Generator().manual_seed(s.seed + 1))
         with torch.no_grad():
             acc = {k: float((net(x[i]).argmax(1) == labels[i]).double().mean())
                    for k, i in (("train_accuracy", tr), ("heldout_accuracy", te))}
-    finally:
-        torch.set_num_threads(n_threads)
     return net, {**acc, "num_train": len(tr), "num_heldout": len(te)}
 
 

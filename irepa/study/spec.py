@@ -9,11 +9,9 @@ metric and the per-rank split of runs are the comparison's.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from irepa.compare.spec import CompareSpec, Recipe
+from irepa.compare.spec import CompareSpec, JsonSpec, Recipe
 from irepa.metrics.classifier_fd import ClassifierSettings
 
 BASELINE = "none"
@@ -26,7 +24,9 @@ def run_label(method: str, target: str) -> str:
 
 
 @dataclass
-class StudySpec:
+class StudySpec(JsonSpec):
+    KIND = "study spec"
+
     targets: list[str]
     seeds: list[int]
     eval_steps: list[int]
@@ -83,25 +83,6 @@ class StudySpec:
                            common=dict(self.common), num_samples=self.num_samples, sample_method=self.sample_method,
                            sample_steps=self.sample_steps, eval_seed=self.eval_seed, metric=self.metric,
                            classifier=self.classifier)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "StudySpec":
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"study spec: unknown key(s) {bad}; known: {sorted(known)}")
-        return cls(**d)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "StudySpec":
-        path = Path(path)
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"{path}: not a study spec ({e})") from None
 
 
 DEFAULT_TARGETS = [
