@@ -6,8 +6,9 @@ the width), RMSNorm, qk-norm (RMSNorm per head), 2-D RoPE, SwiGLU MLP (hidden
 int(4 d * 2/3)), adaLN-Zero conditioning on t + y, and 32 in-context class tokens
 (the class embedding repeated, plus a learned position embedding) prepended before block
 index `in_context_start` (0-indexed; blocks k+1..depth, 1-indexed, see them). The final
-layer predicts the clean image x. Sizes and dropout per SPEC.md section 4 / the JiT
-release. Parameters at 256 px (the fixed sin-cos pos-embed is a buffer, not counted):
+layer predicts the clean image x. Sizes and dropout per the JiT
+release (End2End-Diffusion/iREPA jit/model_jit.py@99ad4ac).
+Parameters at 256 px (the fixed sin-cos pos-embed is a buffer, not counted):
 B/16 131.12M, L/16 458.88M, H/16 952.51M; the paper lists 131M, 459M, 953M (counting the
 release's frozen pos-embed Parameter adds 0.20 / 0.26 / 0.33M). Forward GMACs at 256 px:
 25.2 / 87.9 / 181.9 (`forward_flops()` / 2).
@@ -16,7 +17,7 @@ forward(x, t, y, drop_mask) -> (x_prediction [B, C, H, W], hidden [B, T, D]), hi
 output of block `align_depth` (1-indexed) with the in-context tokens removed, so the
 alignment projector always sees the (H/p) x (W/p) patch grid. Time is JiT's: t = 1 is
 data (the JiT recipe, irepa.recipes.jit, handles the flip to SiT time for its loss and
-the samplers). Default alignment depth: 4 for B (SPEC.md section 2), 8 for L and H
+the samplers). Default alignment depth: 4 for B (the iREPA README's JiT-B runs), 8 for L and H
 (the iREPA JiT release's default encoder depth; for H it lies before the in-context
 tokens, which start at block 11).
 

@@ -5,7 +5,8 @@ vector), a 2-D sin-cos position embedding (fixed, or with train_pos_embed a trai
 parameter that starts from it), zero-initialized modulation and final layer, label
 dropout with a null class. forward returns (velocity, h_at_depth) where h_at_depth
 [B, T, D] is the hidden state after block `align_depth` (1-indexed) that the alignment
-projector reads. Sizes per SPEC.md section 3.
+projector reads. Sizes as in the DiT paper (Peebles & Xie 2023) and End2End-Diffusion/iREPA
+ldm/models/sit.py@99ad4ac.
 """
 from __future__ import annotations
 

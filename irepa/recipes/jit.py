@@ -1,4 +1,5 @@
-"""JiT: x-prediction on pixels with the loss in velocity space, SPEC.md section 4.
+"""JiT: x-prediction on pixels with the loss in velocity space, as End2End-Diffusion/iREPA
+jit/denoiser.py@99ad4ac trains it.
 
 JiT time runs the other way from SiT: z = t x + (1 - t) e, t = 1 is data. t is drawn
 logit-normal, t = sigmoid(N(-0.8, 0.8)), so most samples are noisy. The network predicts

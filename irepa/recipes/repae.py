@@ -1,4 +1,5 @@
-"""REPA-E (and iREPA-E): the VAE trained end to end with the SiT, SPEC_RECIPES.md part B.
+"""REPA-E (and iREPA-E): the VAE trained end to end with the SiT, as
+End2End-Diffusion/REPA-E train_repae.py@3ad8046 trains it.
 
 Data: images (a prepared "pixels" dataset: uint8 crops + stored encoder features). Parts,
 each with its own AdamW and grad-norm clip 1.0, all in every checkpoint:

@@ -1,4 +1,5 @@
-"""SiT flow matching (REPA / iREPA): the latent-diffusion recipe, SPEC.md section 3.
+"""SiT flow matching (REPA / iREPA): the latent-diffusion recipe of
+End2End-Diffusion/iREPA ldm/train.py and ldm/loss.py @99ad4ac.
 
 Time runs from data to noise: x_t = (1 - t) x + t e, t = 1 is noise, t drawn uniformly
 (SiT / REPA default) or logit-normal (train.time_sampling). The network regresses the
