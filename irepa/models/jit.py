@@ -24,8 +24,10 @@ Parameter names follow the JiT release (x_embedder.proj1/proj2, blocks.i.attn.q_
 mlp.w12/w3, in_context_posemb, final_layer.norm_final, ...), so its checkpoints map onto
 this module key for key (its pos_embed parameter is our buffer).
 
-JiT has no fused RMSNorm + adaLN kernel yet (model.fused_kernels applies to SiT only): it
-runs the eager ops, which torch.compile per block fuses.
+JiT has no fused RMSNorm + adaLN kernel yet: `fused_kernels` is taken like SiT's (so every
+model is built with the same keywords) and changes nothing; the eager ops run, and
+torch.compile per block fuses them. Blocks call the modulation through their `modulate`
+attribute (as SiT blocks call `modulate_norm`), where a tool can see it (perf/roofline.py).
 """
 from __future__ import annotations
 
@@ -179,11 +181,12 @@ class JiTBlock(nn.Module):
         self.norm2 = RMSNorm(dim)
         self.mlp = SwiGLU(dim, int(dim * mlp_ratio), proj_dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.modulate = modulate
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         sh_a, sc_a, g_a, sh_m, sc_m, g_m = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + g_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), sh_a, sc_a), cos, sin)
-        return x + g_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), sh_m, sc_m))
+        x = x + g_a.unsqueeze(1) * self.attn(self.modulate(self.norm1(x), sh_a, sc_a), cos, sin)
+        return x + g_m.unsqueeze(1) * self.mlp(self.modulate(self.norm2(x), sh_m, sc_m))
 
 
 class JiTFinalLayer(nn.Module):
@@ -192,10 +195,11 @@ class JiTFinalLayer(nn.Module):
         self.norm_final = RMSNorm(dim)
         self.linear = nn.Linear(dim, patch * patch * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.modulate = modulate
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(self.modulate(self.norm_final(x), shift, scale))
 
 
 class JiT(nn.Module):
@@ -203,7 +207,7 @@ class JiT(nn.Module):
                  dim: int = 768, depth: int = 12, heads: int = 12, bottleneck: int = 128,
                  mlp_ratio: float = 4.0, num_classes: int = 1000, class_dropout_prob: float = 0.1,
                  in_context_len: int = IN_CONTEXT_LEN, in_context_start: int = 4, align_depth: int = 4,
-                 proj_dropout: float = 0.0, attn_backend: str = "sdpa"):
+                 proj_dropout: float = 0.0, attn_backend: str = "sdpa", fused_kernels: bool = False):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
