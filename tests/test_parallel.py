@@ -224,7 +224,7 @@ def test_micro_batches_match_the_whole_batch(tmp_path):
     with pytest.raises(ValueError, match="must divide the per-rank batch 8"):
         Trainer(_cfg(tmp_path, "mb3", **{"train.micro_batch_size": 3}))
     # auto (0) with a budget: measured on fake tensors; the whole batch fits 100 GiB, nothing fits 1 KiB
-    assert Trainer(_cfg(tmp_path, "big", **{"train.memory_budget_gib": 100.0})).micro_batch == BATCH
+    assert Trainer(_cfg(tmp_path, "big", **{"train.memory_budget_gib": 100.0})).run.micro_batch == BATCH
     with pytest.raises(MemoryError, match="activations but only 0.00 GiB is left"):
         Trainer(_cfg(tmp_path, "small", **{"train.memory_budget_gib": 2.0 ** -20}))
 
@@ -288,7 +288,7 @@ def test_fp16_loss_scaling_skips_overflow_and_resumes(tmp_path):
     tr.save()
     again = Trainer(_cfg(tmp_path, "fp16", **cfg))
     assert again.step == 2 and again.run.scaler.scale == 2.0 ** 119
-    assert not Trainer(_cfg(tmp_path, "bf16", **{"train.precision": "bf16"})).scaler.enabled
+    assert not Trainer(_cfg(tmp_path, "bf16", **{"train.precision": "bf16"})).run.scaler.enabled
 
 
 def test_loss_scaler_policy():
@@ -336,6 +336,6 @@ def test_warmup_epochs_count_steps_from_the_dataset_and_batch(tmp_path):
     run = tr.run
     lr = lambda step: run.default_step.lr(run.model, step)  # noqa: E731
     assert lr(0) == pytest.approx(run.model.base_lr / run.warmup_steps) and lr(run.warmup_steps) == run.model.base_lr
-    assert Trainer(_cfg(tmp_path, "ws", **{"optim.warmup_steps": 7})).warmup_steps == 7
+    assert Trainer(_cfg(tmp_path, "ws", **{"optim.warmup_steps": 7})).run.warmup_steps == 7
     with pytest.raises(ValueError, match="warmup_steps and warmup_epochs must be >= 0"):
         resolve(overrides={"optim.warmup_epochs": -1})
