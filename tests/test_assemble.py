@@ -142,12 +142,17 @@ def test_the_registry_is_an_explicit_list_and_config_keeps_none():
     assert config.Config.from_dict(tree, recipes.sections()).meanflow.omega == 1.0
 
 
-def test_every_model_family_takes_the_same_keywords():
-    """fused_kernels goes to every model (JiT has no fused kernel: it changes nothing there)."""
-    for name in ("SiT-Tiny/2", "JiT-Tiny/4"):
-        models.build(name, input_size=16, in_channels=3, num_classes=10, fused_kernels=False)
-    jit = models.build("JiT-Tiny/4", input_size=16, in_channels=3, num_classes=10, fused_kernels=True)
-    assert all(blk.modulate.__module__ == "irepa.models.jit" for blk in jit.blocks)
+def test_the_model_registry_says_which_families_take_fused_kernels():
+    """The base recipe asks irepa.models whether a family has a fused kernel; the JiT recipe removes
+    nothing from its keywords (JiT refuses the flag, tests/test_jit.py)."""
+    from irepa.recipes.jit import JiTRecipe
+    assert "model_kwargs" not in vars(JiTRecipe)
+    assert models.takes_fused_kernels("SiT-XL/2") and not models.takes_fused_kernels("JiT-B/16")
+    jit = recipes.for_config(recipes.resolve("digits-jit-irepa"))
+    assert "fused_kernels" not in jit.model_kwargs(True)
+    assert recipes.for_config(recipes.resolve()).model_kwargs(True)["fused_kernels"] is True
+    model = jit.build_model(True)
+    assert all(blk.modulate.__module__ == "irepa.models.jit" for blk in model.blocks)
 
 
 _RECIPE_NAME = re.compile(r"""(==|!=)\s*['"](sit|jit|meanflow|repae)['"]|['"](sit|jit|meanflow|repae)['"]\s*(==|!=)"""

@@ -24,10 +24,10 @@ Parameter names follow the JiT release (x_embedder.proj1/proj2, blocks.i.attn.q_
 mlp.w12/w3, in_context_posemb, final_layer.norm_final, ...), so its checkpoints map onto
 this module key for key (its pos_embed parameter is our buffer).
 
-JiT has no fused RMSNorm + adaLN kernel yet: `fused_kernels` is taken like SiT's (so every
-model is built with the same keywords) and changes nothing; the eager ops run, and
-torch.compile per block fuses them. Blocks call the modulation through their `modulate`
-attribute (as SiT blocks call `modulate_norm`), where a tool can see it (perf/roofline.py).
+JiT has no fused RMSNorm + adaLN kernel yet (model.fused_kernels applies to SiT only, see
+irepa.models.takes_fused_kernels): it runs the eager ops, which torch.compile per block fuses.
+Blocks call the modulation through their `modulate` attribute (as SiT blocks call
+`modulate_norm`), where a tool can see it (perf/roofline.py tags it).
 """
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ class JiT(nn.Module):
                  dim: int = 768, depth: int = 12, heads: int = 12, bottleneck: int = 128,
                  mlp_ratio: float = 4.0, num_classes: int = 1000, class_dropout_prob: float = 0.1,
                  in_context_len: int = IN_CONTEXT_LEN, in_context_start: int = 4, align_depth: int = 4,
-                 proj_dropout: float = 0.0, attn_backend: str = "sdpa", fused_kernels: bool = False):
+                 proj_dropout: float = 0.0, attn_backend: str = "sdpa"):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")

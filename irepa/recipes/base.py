@@ -91,7 +91,9 @@ class Recipe:
         """Constructor keywords for irepa.models.build(model.name, ...); add recipe-specific ones here."""
         m = self.cfg.model
         kw = dict(input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
-                  class_dropout_prob=m.class_dropout_prob, attn_backend=m.attn_backend, fused_kernels=fused)
+                  class_dropout_prob=m.class_dropout_prob, attn_backend=m.attn_backend)
+        if models.takes_fused_kernels(m.name):  # a family without a fused kernel refuses the flag
+            kw["fused_kernels"] = fused
         if m.align_depth is not None:
             kw["align_depth"] = m.align_depth
         return kw
