@@ -101,6 +101,7 @@ def build_run(cfg: Config, *, rank: int = 0, world: int = 1, device: torch.devic
     fused_loss = on_cuda if cfg.align.fused_loss is None else cfg.align.fused_loss
     head = build_head(cfg, model.dim, data.encoder_dims, fused_loss)
     net = to_device(AlignedDiffusion(model, head, recipe), device)
+    flops = train_flops_per_image(model, head)  # of the plain tree, before any wrapping
     if instrument is not None:
         instrument(net, data)
     parallel = parallelize.resolve_mode(cfg.train.parallel, world)
@@ -123,7 +124,7 @@ def build_run(cfg: Config, *, rank: int = 0, world: int = 1, device: torch.devic
     step_fn = recipe.make_step(default)
     decode = recipe.decoder(data.manifest, device, parts={name: p.module for name, p in parts.items()})
     return Run(cfg, recipe, rank, world, device, data, parts, default, step_fn, scaler, amp, parallel, micro, plan,
-               warmup, train_flops_per_image(model, head), decode)
+               warmup, flops, decode)
 
 
 def plan_micro_batch(cfg: Config, net: AlignedDiffusion, recipe: Recipe, data: DataBundle, amp: torch.dtype | None,
