@@ -8,6 +8,15 @@ from .sit import SIT_SIZES, SiT
 _SIT_ALIGN_DEPTH = {"SiT-S/2": 4, "SiT-B/2": 4, "SiT-L/2": 8, "SiT-XL/2": 8, "SiT-T/2": 2, "SiT-Tiny/2": 1}
 
 
+FUSED_FAMILIES = ("SiT",)
+"""model families whose blocks have a fused kernel (`fused_kernels`); JiT's RMSNorm + modulation has none"""
+
+
+def takes_fused_kernels(name: str) -> bool:
+    """Whether model `name` is built with the `fused_kernels` keyword (the others refuse it)."""
+    return name.split("-", 1)[0] in FUSED_FAMILIES
+
+
 def names() -> list[str]:
     out = list(SIT_SIZES)
     try:

@@ -25,8 +25,10 @@ Parameter names follow the JiT release (x_embedder.proj1/proj2, blocks.i.attn.q_
 mlp.w12/w3, in_context_posemb, final_layer.norm_final, ...), so its checkpoints map onto
 this module key for key (its pos_embed parameter is our buffer).
 
-JiT has no fused RMSNorm + adaLN kernel yet (model.fused_kernels applies to SiT only): it
-runs the eager ops, which torch.compile per block fuses.
+JiT has no fused RMSNorm + adaLN kernel yet (model.fused_kernels applies to SiT only, see
+irepa.models.takes_fused_kernels): it runs the eager ops, which torch.compile per block fuses.
+Blocks call the modulation through their `modulate` attribute (as SiT blocks call
+`modulate_norm`), where a tool can see it (perf/roofline.py tags it).
 """
 from __future__ import annotations
 
@@ -180,11 +182,12 @@ class JiTBlock(nn.Module):
         self.norm2 = RMSNorm(dim)
         self.mlp = SwiGLU(dim, int(dim * mlp_ratio), proj_dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.modulate = modulate
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         sh_a, sc_a, g_a, sh_m, sc_m, g_m = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + g_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), sh_a, sc_a), cos, sin)
-        return x + g_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), sh_m, sc_m))
+        x = x + g_a.unsqueeze(1) * self.attn(self.modulate(self.norm1(x), sh_a, sc_a), cos, sin)
+        return x + g_m.unsqueeze(1) * self.mlp(self.modulate(self.norm2(x), sh_m, sc_m))
 
 
 class JiTFinalLayer(nn.Module):
@@ -193,10 +196,11 @@ class JiTFinalLayer(nn.Module):
         self.norm_final = RMSNorm(dim)
         self.linear = nn.Linear(dim, patch * patch * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.modulate = modulate
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(self.modulate(self.norm_final(x), shift, scale))
 
 
 class JiT(nn.Module):

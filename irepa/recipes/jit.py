@@ -94,11 +94,6 @@ class JiTRecipe(Recipe):
     NOISE_SCALE = 1.0
     """multiplies e (1.0 at 256 px; the release uses 2.0 at 512 px)"""
 
-    def model_kwargs(self, fused):
-        kw = super().model_kwargs(fused)
-        kw.pop("fused_kernels")  # no fused JiT block kernel: the eager ops, fused by torch.compile
-        return kw
-
     def draw(self, batch, generator):
         d = self.draw_data(batch, generator)
         x = d["x"]
