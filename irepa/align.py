@@ -3,7 +3,9 @@
 REPA aligns the diffusion hidden state h [B, T, D] after block `depth` to frozen encoder
 patch tokens y [B, T, E] through an MLP projector; iREPA replaces the MLP with one 3x3
 convolution (kernel size configurable) on the sqrt(T) x sqrt(T) token grid and spatially normalizes the target
-(per channel over the token axis, with the mean scaled by gamma). See SPEC.md section 2.
+(per channel over the token axis, with the mean scaled by gamma), as in the iREPA paper (arXiv
+2512.10794) and End2End-Diffusion/iREPA @99ad4ac (ldm/models/sit.py projectors, ldm/utils.py
+spatial_zscore, ldm/projection_loss.py).
 
 The functions here are the eager references: all norm and cosine math in fp32, since
 fp16 cosine normalization was reported to produce NaNs late in training.

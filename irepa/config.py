@@ -1,10 +1,10 @@
 """Typed configuration tree and CLI overrides.
 
-A run is described by `Config` (model, align, data, optim, train, plus the option section a
-recipe may register under its own name). `build_config(tree, overrides)` applies overrides
-given as dotted keys ("train.batch_size") or unique leaf names ("batch_size") to a preset
-tree; every section validates itself in __post_init__ and the resolved tree is written to
-the run folder as config.json. Every override is converted to its field's declared type
+A run is described by `Config` (model, align, data, optim, train, plus the run's recipe's own
+option section under the recipe's name; the recipe sections are passed in as `sections`).
+`build_config(tree, overrides)` applies overrides given as dotted keys ("train.batch_size")
+or unique leaf names ("batch_size") to a preset tree; every section validates itself in
+__post_init__ and the resolved tree is written to the run folder as config.json. Every override is converted to its field's declared type
 (irepa.coerce: `--train.resume false` is False, `--train.steps 2.5` is refused) and every
 error a config can cause is a `ConfigError`, a one-line UserError naming the key. The presets
 themselves belong to the recipes (irepa.recipes.resolve(preset, overrides) looks them up):
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from irepa.coerce import annotations_of, coerce, type_name
@@ -142,8 +144,6 @@ class TrainConfig:
     batch_size: int = 256
     """global batch over all ranks"""
     seed: int = 0
-    time_sampling: Literal["uniform", "lognormal"] = "uniform"
-    """time distribution of the sit recipe: uniform | lognormal"""
     ema_decays: list[float] = field(default_factory=lambda: [0.9999])
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32"""
@@ -224,27 +224,19 @@ class LogConfig:
 
 _SECTION_TYPES = {"model": ModelConfig, "align": AlignConfig, "data": DataConfig, "optim": OptimConfig,
                   "train": TrainConfig, "log": LogConfig}
-_RECIPE_SECTIONS: dict[str, type] = {}
-"""option sections recipes register under their own name (register_section), e.g. "meanflow" """
 _RENAMED = {("train", "objective"): "recipe"}  # config.json of runs made before the key was renamed
+Sections = Mapping[str, type]
+"""recipe option sections by name (a recipe's `Options` under its name, irepa.recipes.sections()): every
+function here that reads or builds a config takes them as an argument; this module keeps no registry"""
 
 
-def register_section(name: str, cls: type) -> None:
-    """Register a recipe's option dataclass as config section `name` (cfg.<name>, --<name>.<key>)."""
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"config section {name!r}: {cls!r} is not a dataclass")
-    if name in _SECTION_TYPES or name == "preset" or _RECIPE_SECTIONS.get(name, cls) is not cls:
-        raise ValueError(f"config section {name!r} is already taken")
-    _RECIPE_SECTIONS[name] = cls
-
-
-def _section_type(name: str) -> type:
+def _section_type(name: str, sections: Sections) -> type:
     if name in _SECTION_TYPES:
         return _SECTION_TYPES[name]
-    if name in _RECIPE_SECTIONS:
-        return _RECIPE_SECTIONS[name]
+    if name in sections and name != "preset":
+        return sections[name]
     raise ConfigError(f"config: unknown section {name!r} (sections: {list(_SECTION_TYPES)}"
-                     f"{', recipe sections: ' + str(sorted(_RECIPE_SECTIONS)) if _RECIPE_SECTIONS else ''})")
+                      f"{', recipe sections: ' + str(sorted(sections)) if sections else ''})")
 
 
 @dataclass
@@ -257,13 +249,18 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     preset: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-    """recipe option sections by name (register_section); also reachable as cfg.<name>"""
+    """recipe option sections by name (`sections`); also reachable as cfg.<name>"""
 
     def __getattr__(self, name: str):
         extra = self.__dict__.get("extra") or {}
         if name in extra:
             return extra[name]
         raise AttributeError(f"Config has no section or field {name!r}")
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder: train.out_dir / (train.run_name, else the preset's name)."""
+        return Path(self.train.out_dir) / (self.train.run_name or self.preset or "run")
 
     def to_dict(self) -> dict:
         out = {k: dataclasses.asdict(getattr(self, k)) for k in _SECTION_TYPES}
@@ -274,13 +271,15 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict, sections: Sections | None = None) -> "Config":
+        """A config tree (config.json) -> Config; `sections`: the recipe sections it may hold."""
+        sections = sections or {}
         kw: dict[str, Any] = {"extra": {}}
         for name, value in d.items():
             if name == "preset":
                 kw[name] = value
                 continue
-            sec_cls = _section_type(name)
+            sec_cls = _section_type(name, sections)
             value = {_RENAMED.get((name, k), k): v for k, v in value.items()}
             known = {f.name for f in dataclasses.fields(sec_cls)}
             bad = set(value) - known
@@ -307,20 +306,23 @@ def merge_trees(base: dict, over: dict) -> dict:
     return out
 
 
-def _sections_of(tree: dict) -> dict[str, type]:
+def _sections_of(tree: dict, sections: Sections) -> dict[str, type]:
     """The core sections plus the recipe sections `tree` holds."""
-    return {**_SECTION_TYPES, **{k: _section_type(k) for k in tree if k not in _SECTION_TYPES and k != "preset"}}
+    return {**_SECTION_TYPES, **{k: _section_type(k, sections) for k in tree if k not in _SECTION_TYPES
+                                 and k != "preset"}}
 
 
-def build_config(tree: dict, overrides: dict[str, Any] | None = None, preset: str = "") -> Config:
+def build_config(tree: dict, overrides: dict[str, Any] | None = None, preset: str = "",
+                 sections: Sections | None = None) -> Config:
     """A preset tree + overrides -> validated Config. An unknown key is a ValueError naming it.
 
-    A recipe section belongs to the recipe of its name (register_section): the run's recipe
+    A recipe section belongs to the recipe of its name (`sections`): the run's recipe
     (train.recipe, after the overrides) gets its section, an override of another recipe's
     section is refused (it would be stored and never read), and such a section carried by the
     preset (one whose recipe --train.recipe replaced) is dropped."""
     tree = merge_trees(tree, {})
-    sections = _sections_of(tree)
+    recipe_sections = sections or {}
+    sections = _sections_of(tree, recipe_sections)
     leaves: dict[str, list[str]] = {}
     given: dict[str, str] = {}
     for sec, typ in sections.items():
@@ -337,24 +339,24 @@ def build_config(tree: dict, overrides: dict[str, Any] | None = None, preset: st
             if len(secs) > 1:
                 raise ConfigError(f"override {key!r} is in sections {secs}; write it as section.{key}")
             sec, name = secs[0], key
-        typ = sections.get(sec) or _RECIPE_SECTIONS.get(sec)
+        typ = sections.get(sec) or recipe_sections.get(sec)
         if typ is None or name not in {f.name for f in dataclasses.fields(typ)}:
             raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, sections)} (--help lists every key)")
         tree.setdefault(sec, {})[name] = coerce(value, field_types(typ).get(name, Any), f"{sec}.{name}")
-        if sec in _RECIPE_SECTIONS:
+        if sec in recipe_sections:
             given.setdefault(sec, f"{sec}.{name}")
-    return Config.from_dict({**_own_recipe_section(tree, given), "preset": preset})
+    return Config.from_dict({**_own_recipe_section(tree, given, recipe_sections), "preset": preset}, recipe_sections)
 
 
-def _own_recipe_section(tree: dict, given: dict[str, str]) -> dict:
+def _own_recipe_section(tree: dict, given: dict[str, str], sections: Sections) -> dict:
     """`tree` with the recipe sections of train.recipe only; `given`: recipe section -> a key the user set in it."""
     recipe = tree.get("train", {}).get("recipe", TrainConfig.recipe)
     for sec, key in given.items():
         if sec != recipe:
             raise ConfigError(f"--{key} is an option of the {sec!r} recipe, but this run's recipe is {recipe!r} "
                               f"(train.recipe), which never reads it; drop it, or pick a {sec} preset (--list_presets)")
-    out = {k: v for k, v in tree.items() if k not in _RECIPE_SECTIONS or k == recipe}
-    if recipe in _RECIPE_SECTIONS:
+    out = {k: v for k, v in tree.items() if k not in sections or k == recipe}
+    if recipe in sections:
         out.setdefault(recipe, {})  # its options are written to config.json and listed by --help
     return out
 
@@ -390,7 +392,7 @@ def describe(cfg: Config) -> str:
     values = cfg.to_dict()
     lines = [f"config keys (values of preset {cfg.preset!r}; override with --section.key VALUE or --key VALUE):"]
     for sec in [*_SECTION_TYPES, *sorted(cfg.extra)]:
-        typ = _section_type(sec)
+        typ = _SECTION_TYPES.get(sec) or type(cfg.extra[sec])
         docs, types_ = _field_docs(typ), field_types(typ)
         lines.append(f"\n[{sec}]")
         for f in dataclasses.fields(typ):

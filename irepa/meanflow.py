@@ -1,7 +1,8 @@
-"""MeanFlow: regress the average velocity u(z_t, r, t) = 1/(t - r) * int_r^t v dtau (SPEC_RECIPES.md A).
+"""MeanFlow: regress the average velocity u(z_t, r, t) = 1/(t - r) * int_r^t v dtau, as the MeanFlow
+authors' JAX code computes it (Gsunshine/meanflow @d70cb55: meanflow.py, models/models_dit.py).
 
 Same linear path as SiT, z_t = (1 - t) x + t e, v = e - x, t = 1 noise. The network is a
-two-time SiT (A5): `attach_h_embedder(model)` gives it a second TimestepEmbedder for the
+two-time SiT (`DiT`): `attach_h_embedder(model)` gives it a second TimestepEmbedder for the
 interval h = t - r, and `average_velocity(model, z, t, h, y, drop)` calls it as
 model(z, t, y, drop, extra_cond=model.h_embedder(h)): c = t_emb(t) + y_emb(y) + h_emb(h),
 both times raw in [0, 1]. From the identity u = v - (t - r) du/dt, with
@@ -13,12 +14,12 @@ f(z, t, r) = net(z, t, t - r, y): the tangent of t is 1 and that of r is 0, so h
 with dh = 1. Loss per sample L_i = sum_{C,H,W} (u - u_tgt)^2, weighted by sg(1/(L_i + c)^p),
 p = 1, c = 0.01, then the batch mean.
 
-Draws (A4, for the whole batch, sliceable): t, r from two sigmoid(N(-0.4, 1)) samples (t the
+Draws (`sample_tr`, for the whole batch, sliceable): t, r from two sigmoid(N(-0.4, 1)) samples (t the
 larger), the first int(0.75 B) entries by index get r = t; the noise; label dropout as
 MeanFlow's `cond_drop`: num_drop = #(rand < 0.1) and the first num_drop entries (`first_k`)
 get the null label and the unguided target v_g = v.
 
-Guidance during training (A6): v_g = omega v + (1 - omega - kappa) v_unc + kappa v_cond with
+Guidance during training (`guidance_fn`): v_g = omega v + (1 - omega - kappa) v_unc + kappa v_cond with
 v_unc / v_cond the net's instantaneous velocity (h = 0) without / with the label, under
 no_grad; omega = 1 and kappa = 0 outside [t_start, t_end]. The scale baked in is
 omega / (1 - kappa); samples are drawn with cfg 1.
@@ -30,10 +31,10 @@ How u and du/dt are computed (`jvp`):
   attention, eager adaLN), or through `jvp_fn`, a torch.compile'd `jvp_call` (one graph).
   Costs one extra forward, keeps no graph of the tangent pass.
 - "joint": one torch.func.jvp with gradient and has_aux for the hidden state: u, du/dt and
-  the hidden state all from the primal pass (what MF-PT does, without its whole-step compile);
-  activation checkpointing does not apply inside it.
-`target_precision` "fp32" (default, as MF-PT) runs the guidance passes and the JVP with
-autocast off; "amp" keeps the caller's autocast.
+  the hidden state all from the primal pass (what Gsunshine/py-meanflow @1f6d72d does, without
+  its whole-step compile); activation checkpointing does not apply inside it.
+`target_precision` "fp32" (default, as py-meanflow's forward_with_loss) runs the guidance
+passes and the JVP with autocast off; "amp" keeps the caller's autocast.
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ class MeanFlowSettings:
     jvp: str = "split"
     """split: u with gradient from the normal forward, du/dt from a no-grad JVP; joint: one JVP with gradient"""
     target_precision: str = "fp32"
-    """fp32: guidance passes and the JVP with autocast off (MF-PT; under FSDP with bf16/fp16 parameters
+    """fp32: guidance passes and the JVP with autocast off (py-meanflow; under FSDP with bf16/fp16 parameters
     it falls back to amp, with a log line); amp: under the run's autocast"""
     compile_jvp: bool | None = None
     """torch.compile the no-grad JVP of the split mode (one graph of the whole model); None = train.compile"""
@@ -163,7 +164,8 @@ def _fp32_up(a: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def guided_target_velocity(model, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
                            null_class: int | None, s: MeanFlowSettings) -> torch.Tensor:
-    """v_g (A6): the conditional velocity v mixed with the net's own instantaneous velocities."""
+    """v_g (MeanFlow's guidance_fn): the conditional velocity v mixed with the net's own
+    instantaneous velocities."""
     if not s.guided:
         return v
     if null_class is None:

@@ -3,7 +3,7 @@
     python launch/encoders.py list                 # every encoder, one row each
     python launch/encoders.py list --present       # only those that can run now
     python launch/encoders.py info dinov2-vit-b    # one encoder as JSON
-    python launch/encoders.py table --markdown     # the README's encoder table
+    python launch/encoders.py table --markdown     # the encoder table of docs/encoders.md
     python launch/encoders.py check hog --resolution 256 [--tiny]   # build + one forward
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def list_encoders(present: bool = False, as_json: bool = False) -> None:
 
 
 def table(markdown: bool = False) -> None:
-    """The registry's preprocessing table (README.md holds the --markdown form)."""
+    """The registry's preprocessing table (docs/encoders.md holds the --markdown form)."""
     if markdown:
         print(encoders.table_markdown(), end="")
         return

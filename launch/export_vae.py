@@ -38,7 +38,7 @@ def main(run: str, out: str, overwrite: bool = False) -> str:
     ckpt = find_checkpoint(run)
     cfg = run_config(ckpt)
     recipe = recipes.for_config(cfg)
-    if cfg.train.recipe != "repae":
+    if not recipe.trains_decoder:
         raise InputError(f"{ckpt}: a {cfg.train.recipe!r} run; only end-to-end (repae) runs train a VAE")
     if checkpoint.read_manifest(ckpt).get("sharded"):
         raise InputError(f"{ckpt}: a sharded (FSDP) checkpoint; first: python -m irepa.train.export {run}")

@@ -178,7 +178,7 @@ def freeze() -> str:
     missing = sorted(n for n, v in need.items() if not v)
     if missing:
         raise SystemExit(f"lock.py: required but not installed: {', '.join(missing)}")
-    head = [f"# The exact dependency set launch/install.sh installs: launch/requirements.txt and everything it",
+    head = ["# The exact dependency set launch/install.sh installs: launch/requirements.txt and everything it",
             f"# pulls in ({', '.join(OPTIONAL)} with its dependencies included), tested together with the suite.",
             f"# Written by `bash launch/relock.sh` on {time.strftime('%Y-%m-%d')}: Python {platform.python_version()}, "
             f"{platform.system()} {platform.machine()}. Do not edit by hand.",

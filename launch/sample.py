@@ -100,23 +100,23 @@ def load_model(path: str, which: str, model_name: str | None, device):
     p = Path(path)
     if not p.exists():
         raise InputNotFound(f"MODEL {p}: not found (expected {MODEL_KINDS})")
-    if p.is_file():  # a released SiT + REPA/iREPA state dict: the SiT recipe
+    if p.is_file():  # a released state dict: the recipe its release trained with (irepa.models.convert)
         from irepa.models.convert import load_reference_checkpoint
         check_model_file(p)
         model, _, info = load_reference_checkpoint(p, which=which, name=model_name, head=False)
-        return model.to(device), recipes.get("sit")(), {"num_classes": info["num_classes"], "data": None,
-                                                        "builtin": None, "source": str(p.resolve()),
-                                                        "release": info["release"]}
+        return model.to(device), recipes.get(info["recipe"])(), {"num_classes": info["num_classes"], "data": None,
+                                                                 "builtin": None, "source": str(p.resolve()),
+                                                                 "release": info["release"]}
     from irepa.train.build import dataset_dir
     from irepa.train.export import find_checkpoint, load_for_inference
     ckpt = find_checkpoint(p)
     # the run's config.json builds the model: another --model_name is refused before any weight is read
     model, cfg = load_for_inference(ckpt, which=which, device=device, model_name=model_name)
     recipe = recipes.for_config(cfg)
-    recipe.checkpoint = ckpt  # a decoder that is a trained part (REPA-E's VAE) is read from it
     builtin = cfg.data.source if cfg.data.source == "digits" else None
+    # "checkpoint": where a decoder that is a trained part (REPA-E's VAE) is read from
     return model, recipe, {"num_classes": cfg.model.num_classes, "data": str(dataset_dir(cfg, recipe.data_kind)),
-                           "builtin": builtin, "source": str(p.resolve())}
+                           "builtin": builtin, "source": str(p.resolve()), "checkpoint": ckpt}
 
 
 def release_latent_scaling(info: dict, channels: int, latent_stats: str | None,
@@ -149,7 +149,8 @@ def build_decoder(recipe, info: dict, channels: int, vae: str | None, latent_sta
     check_decoder_options(recipe, info, vae, latent_stats, latent_scale)
     manifest_path, manifest = _manifest(info["data"])
     if recipe.data_kind == "pixels":  # pixels, or images through the run's own VAE (REPA-E; --vae: an export of it)
-        return recipe.decoder(manifest, device, vae=vae), getattr(recipe, "decoder_tag", "pixels")
+        ckpt = info.get("checkpoint")
+        return recipe.decoder(manifest, device, vae=vae, checkpoint=ckpt), recipe.decoder_tag(ckpt)
     name = vae or latent_codec(info, manifest_path, manifest)
     if "release" in info:  # a released .pt checkpoint
         scaling, how = release_latent_scaling(info, channels, latent_stats, latent_scale)
@@ -176,7 +177,7 @@ def check_decoder_options(recipe, info: dict, vae: str | None, latent_stats: str
     """Refuse a decoding option that would not act on this model's samples, and a --vae that is not there."""
     given = {"--vae": vae, "--latent_stats": latent_stats, "--latent_scale": latent_scale}
     if recipe.data_kind == "pixels":
-        own_vae = getattr(recipe, "decoder_tag", "pixels") != "pixels"  # REPA-E decodes with its trained VAE
+        own_vae = recipe.trains_decoder  # REPA-E decodes with its trained VAE
         unused = [k for k, v in given.items() if v is not None and not (k == "--vae" and own_vae)]
         if unused:
             what = "decodes with its own trained VAE (--vae: an export of it)" if own_vae else "generates pixels"

@@ -3,7 +3,8 @@
     python perf/bench_repae.py --device cpu --preset digits        # the digits demo's shapes (CPU)
     python perf/bench_repae.py --preset xl                         # SiT-XL/2 + SD-VAE f8d4 at 256 px (GPU)
 
-end-to-end   irepa.recipes.repae.RepaEStep (what the trainer runs): VAE forward, VAE update through the
+end-to-end   irepa.recipes.repae.RepaEStep in the run the trainer builds (irepa.train.assemble.build_run):
+             VAE forward, VAE update through the
              frozen SiT's first blocks (+ L1, LPIPS, KL, GAN), discriminator update, SiT
              update, EMA; three AdamW optimizers, clipping each
 latent-only  the step train_ldm_only / our prepare -> train path runs with an exported VAE:
@@ -25,7 +26,6 @@ import shlex
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,44 +34,33 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from irepa import recipes  # noqa: E402
-from irepa.align import AlignmentHead  # noqa: E402
-from irepa.autoencoder.lpips import LPIPS  # noqa: E402
-from irepa.train.build import AlignedDiffusion  # noqa: E402
-from irepa.train.ema import EMA  # noqa: E402
-from irepa.train.loss_scale import LossScaler  # noqa: E402
-from irepa.train.step import Part, TrainStep  # noqa: E402
+from irepa.train.assemble import build_run  # noqa: E402
+from irepa.train.build import DataBundle  # noqa: E402
 
-# bench preset -> (recipe preset, overrides, LPIPS width divisor)
+# bench preset -> (recipe preset, overrides): random weights everywhere (no files needed); LPIPS at the
+# recipe's width (the digits demo's tiny one, else VGG16's at random init)
 PRESETS = {
-    "digits": ("digits-repae-irepa", {}, 16),  # 32 px, batch 32
-    "b": ("repae-sit-b2-irepa", {"repae.lpips": "tiny"}, 1),
-    "xl": ("repae-sit-xl2-irepa", {"repae.lpips": "tiny"}, 1),
+    "digits": ("digits-repae-irepa", {}),  # 32 px, batch 32
+    "b": ("repae-sit-b2-irepa", {"repae.lpips": "vgg-random"}),
+    "xl": ("repae-sit-xl2-irepa", {"repae.lpips": "vgg-random"}),
 }
 
 
-def build(preset: str, device, batch: int, amp):
-    """The REPA-E step with random weights (VAE, discriminator, LPIPS: no files needed), as the trainer builds it."""
-    name, over, lp_div = PRESETS[preset]
+def build(preset: str, device, batch: int, precision: str):
+    """The REPA-E run the trainer would build (irepa.train.assemble.build_run), with random weights and
+    random stand-ins for the encoder features: -> (run, a batch of its data)."""
+    name, over = PRESETS[preset]
     cfg = recipes.resolve(name, {**over, "repae.vae_weights": "random", "repae.disc_weights": "random",
                                  "repae.latent_stats": "estimate", "repae.recon_every": 0, "train.batch_size": batch,
-                                 "model.num_classes": 1000})
-    r = recipes.for_config(cfg)
-    torch.manual_seed(0)
-    model = r.build_model(fused=False)
+                                 "train.precision": precision, "train.parallel": "none", "model.num_classes": 1000})
     enc_dim = 128 if preset == "digits" else 768
-    net = AlignedDiffusion(model, AlignmentHead(model.dim, [enc_dim], "conv", 0.6), r).to(device)
-    adam = lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=device.type == "cuda" or None)  # noqa: E731
-    ps = list(net.parameters())
-    parts = {"model": Part(net, net, adam(ps), ps, 1e-4, EMA(model, [0.9999]), model, 1.0)}
-    for pname, spec in r.extra_parts(device).items():
-        m = spec.module.to(device)
-        pps = list(m.parameters())
-        parts[pname] = Part(m, m, adam(pps), pps, 1e-4, None, None, 1.0)
-    r._lpips = LPIPS(width_div=lp_div).to(device)
-    st = TrainStep(r, parts, features=lambda b: b["feats"], micro_batch=batch, amp_dtype=amp,
-                   scaler=LossScaler(False), align_weight=cfg.align.weight, warmup_steps=0, seed=0, rank=0,
-                   device=device)
-    return r, r.make_step(st), st, cfg.data.resolution, enc_dim
+    run = build_run(cfg, device=device, data=DataBundle(loader=None, encoder_dims=[enc_dim], manifest={}))
+    g = torch.Generator(device=device).manual_seed(0)
+    res, T = cfg.data.resolution, (cfg.data.resolution // 16) ** 2
+    data = {"x": torch.rand(batch, 3, res, res, generator=g, device=device) * 2 - 1,
+            "y": torch.randint(0, 1000, (batch,), generator=g, device=device),
+            "feats": [torch.randn(batch, T, enc_dim, generator=g, device=device)]}
+    return run, data
 
 
 def _timed(fn, steps: int, warmup: int, device) -> list[float]:
@@ -106,22 +95,18 @@ def main(argv=None):
     device = torch.device(a.device)
     batch = a.batch or (32 if a.preset == "digits" or device.type == "cuda" else 2)
     prec = a.precision or ("bf16" if device.type == "cuda" else "fp32")
-    amp = torch.bfloat16 if prec == "bf16" else None
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    r, e2e_step, st, res, enc_dim = build(a.preset, device, batch, amp)
-    g = torch.Generator(device=device).manual_seed(0)
-    T = (res // 16) ** 2
-    data = {"x": torch.rand(batch, 3, res, res, generator=g, device=device) * 2 - 1,
-            "y": torch.randint(0, 1000, (batch,), generator=g, device=device),
-            "feats": [torch.randn(batch, T, enc_dim, generator=g, device=device)]}
-    e2e_fn = lambda i: e2e_step(data, i)  # noqa: E731
+    run, data = build(a.preset, device, batch, prec)
+    r, st, res = run.recipe, run.default_step, run.cfg.data.resolution
+    e2e_fn = lambda i: run.step_fn(data, i)  # noqa: E731
 
     # latent-only: stored posteriors of the (fixed) VAE, the latent BatchNorm held in eval, SiT update + EMA
-    part = st.parts["model"]
+    part = run.model
+    g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
-        mean, logvar, _, _ = st.parts["vae"].module(data["x"], g)
+        mean, logvar, _, _ = run.parts["vae"].module(data["x"], g)
     std = torch.exp(0.5 * logvar.clamp(-30, 20))
 
     def latent_step(i):

@@ -4,10 +4,10 @@
     python perf/bench_step.py --models SiT-XL/2 --configs compile+fused+flash,baseline
     python perf/bench_step.py --quick --device cpu    # tiny models: proves the script runs end to end
 
-One step = the trainer's own step, irepa.train.step.TrainStep, called as the trainer calls it:
-the recipe's draws for the whole batch, autocast forward of the trained tree (model +
-projectors, both losses) per micro-batch, backward, grad clipping, AdamW, EMA. Built with the
-trainer's pieces (irepa.recipes, irepa.train.build, irepa.train.parallelize, irepa.train.memory).
+One step = the trainer's own step, built by the trainer's own assembly (irepa.train.assemble.
+build_run) and called as the trainer calls it: the recipe's draws for the whole batch, autocast
+forward of the trained tree (model + projectors, both losses) per micro-batch, backward, grad
+clipping, AdamW, EMA. Only the data differs: random tensors of the right shapes, no loader.
 Configurations:
   eager                iREPA (conv projector, spatial norm), stored features, SDPA, bf16
   compile              + torch.compile per block (fullgraph), as train.compile=True
@@ -16,9 +16,11 @@ Configurations:
                        is opaque to Inductor, so the residual add and gate around it cannot fuse)
   compile+fused        + fused Triton adaLN and alignment loss (CUDA only; the trainer's CUDA default)
   compile+fused+flash  + flash-attn (when installed)
-  baseline             reference-style REPA step: whole-model torch.compile (default mode),
-                       SDPA, fp16 autocast + dynamic loss scaling (bf16 on CPU), MLP projector, a ViT-B-sized
-                       encoder (random init, stand-in) run online on the images of every micro-batch
+  baseline             reference-style REPA step: whole-model torch.compile (default mode;
+                       build_run's compile_scope "model"), SDPA, fp16 autocast + dynamic loss scaling
+                       (bf16 on CPU), MLP projector, a ViT-B-sized encoder (random init, stand-in) run
+                       online on the images of every micro-batch (the trainer's online-encoder path:
+                       bf16 autocast on CUDA, not compiled)
 Micro-batches: a batch whose activations do not fit the device (SiT-XL/2 at 256 saves ~96 GiB
 in eager bf16) accumulates gradients over equal micro-batches, as the trainer does
 (train.micro_batch_size); `--micro_batch auto` (default) takes the trainer's planner
@@ -53,15 +55,11 @@ except ImportError:  # a bare checkout: irepa/ from here (its kernels/ and data/
     sys.path.insert(0, str(ROOT))
 
 from irepa import models, recipes  # noqa: E402
-from irepa.align import AlignmentHead, alignment_loss  # noqa: E402
 from irepa.config import build_config  # noqa: E402
 from irepa.models.attention import available_backends  # noqa: E402
-from irepa.train import memory, parallelize  # noqa: E402
-from irepa.train.build import AlignedDiffusion  # noqa: E402
-from irepa.train.ema import EMA  # noqa: E402
-from irepa.train.flops import peak_tflops, train_flops_per_image  # noqa: E402
-from irepa.train.loss_scale import LossScaler  # noqa: E402
-from irepa.train.step import Part, TrainStep  # noqa: E402
+from irepa.train.assemble import build_run  # noqa: E402
+from irepa.train.build import DataBundle  # noqa: E402
+from irepa.train.flops import peak_tflops  # noqa: E402
 
 CONFIGS = ("eager", "compile", "compile+fusedloss", "compile+fused", "compile+fused+flash", "baseline")
 # name -> (model kwargs, recipe, iREPA spatial-norm gamma, encoder image side, encoder patch, encoder dim/depth/heads)
@@ -117,86 +115,59 @@ def skip_reason(config: str, device: torch.device) -> str | None:
     return None
 
 
-def plan_micro_batch(net, recipe, encoder_dim, amp_dtype, batch, n_ema, device, micro_batch: str,
-                     budget_gib: float | None) -> int:
-    """--micro_batch N, or auto: the trainer's planner on this case's net (irepa.train.memory)."""
-    if micro_batch != "auto":
-        m = int(micro_batch)
-        if m <= 0 or batch % m:
-            raise SystemExit(f"--micro_batch {m} must be a positive divisor of --batch {batch}")
-        return m
-    budget = None if budget_gib is None else int(budget_gib * 2**30)
-    if budget is None and device.type != "cuda":
-        return batch
-    static = memory.static_bytes(net, n_ema, 1, False, device)
-    plan = memory.plan_train_step(net, recipe, [encoder_dim], amp_dtype, batch, static, device, budget)
-    print(f"[bench_step]   memory plan: {plan.describe()}", flush=True)
-    return plan.micro_batch
+def case_config(name, spec, config, batch, micro_batch="auto", budget_gib=None, compile_mode="default",
+                overrides: dict | None = None, amp_dtype: torch.dtype | None = None, device=torch.device("cpu")):
+    """The Config of one case: the trainer's run of `config` (see the module docstring) on random data."""
+    model_kw, recipe_name, gamma, _, _, (enc_dim, _, _) = spec
+    baseline = config == "baseline"
+    fused = "fused" in config  # the alignment loss kernel; adaLN too unless only the loss is asked for
+    # fp16 GEMMs on CPU are emulated (seconds per step): the CPU smoke run uses bf16 throughout
+    if amp_dtype is None:
+        amp_dtype = torch.float16 if baseline and device.type == "cuda" else torch.bfloat16
+    if micro_batch != "auto" and (int(micro_batch) <= 0 or batch % int(micro_batch)):
+        raise SystemExit(f"--micro_batch {micro_batch} must be a positive divisor of --batch {batch}")
+    tree = {"model": {"name": name, "attn_backend": "flash" if "flash" in config else "sdpa",
+                      "fused_kernels": fused and "fusedloss" not in config, **model_kw},
+            "align": {"encoders": ["dinov2-vit-b"], "projector": "mlp" if baseline else "conv",
+                      "gamma": None if baseline else gamma, "weight": 0.5 if baseline else 1.0, "fused_loss": fused,
+                      "hidden_dim": 2048 if enc_dim >= 512 else 4 * enc_dim},  # REPA's MLP width; less for --quick
+            "train": {"recipe": recipe_name, "compile": config != "eager", "batch_size": batch, "parallel": "none",
+                      "compile_mode": "default" if baseline else compile_mode, "ema_decays": [0.9999],
+                      "precision": {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[amp_dtype],
+                      "micro_batch_size": 0 if micro_batch == "auto" else int(micro_batch),
+                      "memory_budget_gib": budget_gib}}
+    for section, values in (overrides or {}).items():
+        tree[section] = {**tree.get(section, {}), **values}
+    return build_config(tree, sections=recipes.sections())
 
 
 def build_case(name, spec, config, batch, device, micro_batch="auto", budget_gib=None, plan_only=False,
                compile_mode="default", overrides: dict | None = None, amp_dtype: torch.dtype | None = None):
-    """-> (step(i) -> loss, useful FLOPs per image, micro-batch). overrides: more config (e.g. a
-    recipe's own section, perf/bench_meanflow.py); amp_dtype: replaces the bf16 / fp16 default
-    (None keeps it; torch.float32 runs without autocast)."""
-    model_kw, recipe_name, gamma, enc_img, enc_patch, (enc_dim, enc_depth, enc_heads) = spec
+    """-> (step(i) -> loss, useful FLOPs per image, micro-batch): the run irepa.train.assemble.build_run
+    makes of the case's config, trained on random tensors of the right shapes. overrides: more config
+    (e.g. a recipe's own section, perf/bench_meanflow.py); amp_dtype: replaces the bf16 / fp16 default
+    (torch.float32 runs without autocast)."""
+    model_kw, _, _, enc_img, enc_patch, (enc_dim, enc_depth, enc_heads) = spec
     baseline = config == "baseline"
-    fused = "fused" in config  # the alignment loss kernel; adaLN too unless only the loss is asked for
     torch._dynamo.reset()  # cases share code objects: no recompiles with dynamic shapes across them
-    torch.manual_seed(0)
-    tree = {"model": {"name": name, "attn_backend": "flash" if "flash" in config else "sdpa", **model_kw},
-            "train": {"recipe": recipe_name, "compile": config not in ("eager", "baseline")}}
-    for section, values in (overrides or {}).items():
-        tree[section] = {**tree.get(section, {}), **values}
-    cfg = build_config(tree)
-    recipe = recipes.for_config(cfg)
-    model = recipe.build_model(fused and "fusedloss" not in config)
-    loss_fn = alignment_loss
-    if fused:
-        from irepa.kernels import fused_alignment_loss
-        loss_fn = fused_alignment_loss
-    hidden = 2048 if enc_dim >= 512 else 4 * enc_dim  # REPA's MLP width; scaled down for --quick
-    head = AlignmentHead(model.dim, [enc_dim], "mlp" if baseline else "conv", None if baseline else gamma, hidden,
-                         loss_fn)
-    net = AlignedDiffusion(model, head, recipe).to(device)
-    flops_per_image = train_flops_per_image(model, head)
-    # fp16 GEMMs on CPU are emulated (seconds per step): the CPU smoke run uses bf16 throughout
-    if amp_dtype is None:
-        amp_dtype = torch.float16 if baseline and device.type == "cuda" else torch.bfloat16
-    elif amp_dtype == torch.float32:
-        amp_dtype = None
-    micro = plan_micro_batch(net, recipe, enc_dim, amp_dtype, batch, 1, device, micro_batch, budget_gib)
-    if plan_only:
-        return None, flops_per_image, micro
-    ema = EMA(net.model, [0.9999])
-    if baseline:
-        train_module = torch.compile(net)
-    else:
-        train_module = parallelize.parallelize(net, "none", device, compile=config != "eager", compile_mode=compile_mode)
-    params = list(net.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda" or None)
-    part = Part(net, train_module, opt, params, 1e-4, ema, net.model, grad_clip=1.0)
+    cfg = case_config(name, spec, config, batch, micro_batch, budget_gib, compile_mode, overrides, amp_dtype, device)
     g = torch.Generator(device=device).manual_seed(0)
-    C, S = model.in_channels, model.input_size
-    data = {"x": torch.randn(batch, C, S, S, device=device, generator=g),
-            "y": torch.randint(0, model.num_classes, (batch,), device=device, generator=g)}
-    if baseline:
+    C, S = model_kw["in_channels"], model_kw["input_size"]
+    tokens = (S // int(name.rsplit("/", 1)[1])) ** 2
+    batch_data = {"x": torch.randn(batch, C, S, S, device=device, generator=g),
+                  "y": torch.randint(0, model_kw["num_classes"], (batch,), device=device, generator=g)}
+    if baseline:  # the trainer's online-encoder path, with a stand-in for DINOv2-B
         encoder = StandInViT(enc_img, enc_patch, enc_dim, enc_depth, enc_heads).to(device).eval().requires_grad_(False)
-        data["images"] = torch.rand(batch, 3, enc_img, enc_img, device=device, generator=g)
-
-        @torch.no_grad()
-        def features(mb):
-            with torch.autocast(device.type, amp_dtype):
-                return [encoder(mb["images"])]
+        data = DataBundle(loader=None, encoder_dims=[enc_dim], manifest={}, online_encoders=[encoder])
+        batch_data["images"] = torch.rand(batch, 3, enc_img, enc_img, device=device, generator=g)
     else:
-        data["feats"] = [torch.randn(batch, model.num_tokens, enc_dim, device=device, generator=g).to(torch.bfloat16)]
-
-        def features(mb):
-            return mb["feats"]
-    step = TrainStep(recipe, {"model": part}, features=features, micro_batch=micro, amp_dtype=amp_dtype,
-                     scaler=LossScaler(baseline and device.type == "cuda"), align_weight=0.5 if baseline else 1.0,
-                     warmup_steps=0, seed=0, rank=0, device=device)
-    return (lambda i: step(data, i)["loss"]), flops_per_image, micro
+        data = DataBundle(loader=None, encoder_dims=[enc_dim], manifest={})
+        batch_data["feats"] = [torch.randn(batch, tokens, enc_dim, device=device, generator=g).to(torch.bfloat16)]
+    run = build_run(cfg, device=device, data=data, log=lambda m: print(f"[bench_step]   {m}", flush=True),
+                    compile_scope="model" if baseline else "blocks")
+    if plan_only:
+        return None, run.flops_per_image, run.micro_batch
+    return (lambda i: run.step_fn(batch_data, i)["loss"]), run.flops_per_image, run.micro_batch
 
 
 def measure(step, device, warmup: int, steps: int) -> list[float]:

@@ -5,12 +5,14 @@
     python perf/roofline.py --device h200,h100-sxm --record  # also perf/results/roofline.csv + RESULTS.md
     python perf/suite_report.py --update                     # then the targets table shows the predictions
 
-What is counted. The training step of perf/bench_step.py (one optimizer step of the batch,
-micro-batches as the trainer's planner picks them for the device's memory) runs once on
-fake tensors (no memory, no arithmetic: SiT-XL/2 at batch 256 in well under a minute on
-one CPU core) under a TorchDispatchMode that sees every aten op the GPU would run: the
-forward and backward of our model, projector and losses, gradient clipping, AdamW
-(fused), EMA, and for the reference-style baseline its online encoder and loss scaling.
+What is counted. The training step of perf/bench_step.py's case, built by the trainer's own
+assembly (irepa.train.assemble.build_run) and run by the trainer's own step (one optimizer
+step of the batch, micro-batches as the trainer's planner picks them for the device's
+memory), on fake tensors (no memory, no arithmetic: SiT-XL/2 at batch 256 in about a minute
+on one CPU core) under a TorchDispatchMode that sees every aten op the GPU would run: the
+recipe's draws, the forward and backward of our model, projector and losses, gradient
+clipping, AdamW (fused), EMA, and for the reference-style baseline its online encoder and
+loss scaling.
 CUDA's autocast policy (ATen's lists: matmuls in bf16/fp16, layer/RMS norms, pow, sum,
 softmax, upsampling in fp32) is applied by a TorchFunctionMode, so the dtypes and casts,
 and so the bytes, are those of a CUDA run, not of CPU autocast. Per op:
@@ -52,8 +54,8 @@ Configurations (as perf/bench_step.py): eager; compile (per-block compile); comp
 (+ the fused alignment loss; adaLN left to Inductor); compile+fused (+ fused adaLN too, the
 trainer's CUDA default; the Triton op is opaque to Inductor, so the residual add and gate
 around it cannot fuse with it); baseline
-(reference style: whole-model compile, SDPA, fp16 autocast + GradScaler, MLP projector, a
-ViT-B/14-sized encoder run online each step).
+(reference style: whole-model compile, SDPA, fp16 autocast + dynamic loss scaling, MLP
+projector, a ViT-B/14-sized encoder run online each step, in bf16 as the trainer runs it).
 
 MFU = useful FLOPs (irepa.train.flops: model + projector, forward + backward, what
 bench_step counts) / (predicted step time x the dense bf16 peak, 989 TFLOP/s on an
@@ -76,9 +78,8 @@ import re
 import shlex
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -92,14 +93,10 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import bench_step  # noqa: E402,F401  (finds irepa: installed, linked by gpu_suite.sh, or this checkout)
 
-from irepa import recipes  # noqa: E402
-from irepa.align import AlignmentHead, alignment_loss  # noqa: E402
-from irepa.train import memory, parallelize  # noqa: E402
-from irepa.train.ema import EMA  # noqa: E402
-from irepa.train.flops import train_flops_per_image  # noqa: E402
-from irepa.config import build_config  # noqa: E402
-from irepa.train.build import AlignedDiffusion  # noqa: E402
-from irepa.train.step import slice_tree  # noqa: E402
+from irepa.align import alignment_loss  # noqa: E402
+from irepa.train.assemble import build_run  # noqa: E402
+from irepa.train.build import DataBundle  # noqa: E402
+from irepa.train.step import UPDATE  # noqa: E402
 
 aten = torch.ops.aten
 
@@ -213,7 +210,6 @@ class Tagger:
     def __init__(self, names: dict[int, str]):
         self.names = names
         self.stack: list[tuple[str, str]] = []
-        self.phase_override: str | None = None
         self._walk = 0
 
     def current(self) -> str:
@@ -271,15 +267,6 @@ class Tagger:
         finally:
             h1.remove()
             h2.remove()
-
-    @contextlib.contextmanager
-    def update_phase(self):
-        """Gradient clipping, optimizer, EMA: outside the forward and backward."""
-        self.phase_override = "update"
-        try:
-            yield
-        finally:
-            self.phase_override = None
 
 
 # ---- recording ops -----------------------------------------------------------------------------
@@ -344,7 +331,10 @@ def _attention_flops(name: str, args, out) -> tuple[float, float]:
 
 class Recorder(TorchDispatchMode):
     """Records every kernel-launching aten op: FLOPs, bytes read and written (by storage),
-    the tag of the code that ran it and the phase."""
+    the tag of the code that ran it and the phase. The update phase is what runs inside the
+    train step's profiler range irepa.train.step.UPDATE (unscale, clipping, optimizer, EMA).
+    A host read of a fake tensor (.item()) has no value: it is answered 0, which is the loss
+    scaler's "no overflow" (the steady-state step)."""
 
     def __init__(self, tagger: Tagger):
         super().__init__()
@@ -352,21 +342,33 @@ class Recorder(TorchDispatchMode):
         self.ops: list[Op] = []
         self.last_writer: dict[int, int] = {}
         self._keep: list = []  # storages stay alive, so their keys are never reused
+        self._ranges: list[str] = []  # the open profiler ranges (record_function), innermost last
 
     def _key(self, t: torch.Tensor) -> int:
         st = t.untyped_storage()
         self._keep.append(st)
         return st._cdata
 
+    def _track_range(self, name: str, args) -> None:
+        if name == "_record_function_enter_new":
+            self._ranges.append(args[0])
+        elif name == "_record_function_exit" and self._ranges:
+            self._ranges.pop()
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         name = func.__name__.split(".")[0]
-        if name in _NO_KERNEL or func.is_view or func.namespace == "prim" or func.namespace == "profiler":
+        if name == "_local_scalar_dense":
+            return 0
+        out = func(*args, **kwargs)
+        if func.namespace == "profiler":
+            self._track_range(name, args)
+            return out
+        if name in _NO_KERNEL or func.is_view or func.namespace == "prim":
             return out
         node = torch._C._current_autograd_node()
-        if self.tagger.phase_override:
-            phase, tag = self.tagger.phase_override, ""
+        if UPDATE in self._ranges:
+            phase, tag = "update", ""
         elif node is not None:
             phase = "accum" if type(node).__name__ == "AccumulateGrad" else "bwd"
             tag = node.metadata.get(TAG_KEY, "")
@@ -502,7 +504,7 @@ def fuse(ops: list[Op]) -> int:
     return len(region_start)
 
 
-# ---- the step on fake tensors (mirrors perf/bench_step.py build_case / step) --------------------
+# ---- the step on fake tensors (perf/bench_step.py's case, built and stepped as the trainer does) -----
 
 @dataclass
 class Trace:
@@ -542,106 +544,75 @@ def _module_names(net: nn.Module, encoder: nn.Module | None) -> dict:
 
 def trace_step(name: str, config: str, batch: int, device: Device, micro_batch: int | None = None,
                quick: bool = False) -> Trace:
-    """One optimizer step of bench_step's `config` at `batch`, on fake CPU tensors, recorded.
+    """One optimizer step of bench_step's `config` at `batch`, on fake CPU tensors, recorded: the run
+    irepa.train.assemble.build_run makes of bench_step's case config, its own step, after one untraced
+    step (so the optimizer state exists, as in a steady-state step).
 
-    micro_batch None: the trainer's planner (eager activations counted under the CUDA autocast
-    policy) on 90% of `device.memory_gib`, as bench_step's `--micro_batch auto` does on that card."""
-    from bench_step import FULL, QUICK, StandInViT
+    The build differs from a CUDA run only where CPU fake tensors need it: CUDA's autocast policy
+    (CudaAutocast) for the step, the planner and the online encoder; fused AdamW; no compile (the
+    compile scope is the cost model's, `cost`); the fused Triton ops called as the custom ops CUDA
+    would run (on CPU tensors they fall back to the references). micro_batch None: the trainer's
+    planner on 90% of `device.memory_gib`, as bench_step's `--micro_batch auto` does on that card."""
+    from bench_step import FULL, QUICK, StandInViT, case_config
 
     table = QUICK if quick else FULL
     if name not in table:
         raise SystemExit(f"unknown model {name!r}; choose from {list(table)}")
     if config not in CONFIGS:
         raise SystemExit(f"unknown config {config!r}; choose from {CONFIGS}")
-    model_kw, recipe_name, gamma, enc_img, enc_patch, (enc_dim, enc_depth, enc_heads) = table[name]
+    spec = table[name]
+    model_kw, _, _, enc_img, enc_patch, (enc_dim, enc_depth, enc_heads) = spec
     baseline = config == "baseline"
     fused_loss, fused_adaln = "fused" in config, config == "compile+fused"
     amp_dtype = torch.float16 if baseline else torch.bfloat16
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
-        torch.manual_seed(0)
-        cfg = build_config({"model": {"name": name, "attn_backend": "sdpa", **model_kw},
-                            "train": {"recipe": recipe_name}})
-        recipe = recipes.for_config(cfg)
-        model = recipe.build_model(False)
-        ema_model = recipe.build_model(False)
-        hidden = 2048 if enc_dim >= 512 else 4 * enc_dim
-        head = AlignmentHead(model.dim, [enc_dim], "mlp" if baseline else "conv", None if baseline else gamma, hidden,
-                             _fused_loss if fused_loss else alignment_loss)
-        net = AlignedDiffusion(model, head, recipe)
-        useful = train_flops_per_image(model, head) * batch
+    # the kernels' choice is made by `instrument` below; the compile scope by `cost`
+    cfg = case_config(name, spec, "eager" if not baseline else config, batch,
+                      "auto" if micro_batch is None else micro_batch,
+                      budget_gib=0.9 * device.memory_gib if micro_batch is None else None, amp_dtype=amp_dtype)
+    cfg = replace(cfg, train=replace(cfg.train, compile=False))
+    with FakeTensorMode(allow_non_fake_inputs=True):
         encoder = None
         if baseline:
             encoder = StandInViT(enc_img, enc_patch, enc_dim, enc_depth, enc_heads).eval().requires_grad_(False)
-        names = _module_names(net, encoder)
-        tagger = Tagger(names)
-        norm_blocks = [blk for blk in model.blocks if hasattr(blk, "modulate_norm")]
-        if hasattr(model.final_layer, "modulate_norm"):
-            norm_blocks.append(model.final_layer)
-        for blk in norm_blocks:
-            blk.modulate_norm = tagger.wrap(_fused_adaln if fused_adaln else blk.modulate_norm, "norm")
-        head.loss_fn = tagger.wrap(head.loss_fn, "align_loss")
-        jit_module = sys.modules.get(type(model).__module__)
-        patch_modulate = contextlib.nullcontext()
-        if jit_module is not None and hasattr(jit_module, "modulate"):
-            patch_modulate = mock.patch.object(jit_module, "modulate", tagger.wrap(jit_module.modulate, "norm"))
+        data = DataBundle(loader=None, encoder_dims=[enc_dim], manifest={},
+                          online_encoders=[encoder] if encoder is not None else [],
+                          encoder_autocast=lambda: CudaAutocast(torch.bfloat16))
+        tagger = Tagger({})
 
-        ema = EMA.__new__(EMA)  # EMA's own __init__ deep-copies and .float()s, which fake modules refuse
-        ema.decays, ema.models = [0.9999], [ema_model.eval().requires_grad_(False)]
-        params = [p for p in net.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-        for p in params:  # optimizer state exists before the recorded (steady-state) step
-            p.grad = torch.zeros_like(p)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        scaler = torch.amp.GradScaler("cpu", enabled=baseline)
-        C, S = model.in_channels, model.input_size
-        x = torch.randn(batch, C, S, S)
-        y = torch.randint(0, model.num_classes, (batch,))
-        images = torch.rand(batch, 3, enc_img, enc_img) if baseline else None
-        feats = None if baseline else [torch.randn(batch, model.num_tokens, enc_dim).to(torch.bfloat16)]
+        def instrument(net, _):
+            tagger.names.update(_module_names(net, encoder))
+            _tag_kernels(net, tagger, fused_adaln, fused_loss)
 
-        def forward(mb, fs):
-            with CudaAutocast(amp_dtype):
-                net(mb, recipe.draw(mb, None), fs)
-
-        if micro_batch is None:
-            def make_inputs(n):
-                return ({"x": torch.randn(n, C, S, S), "y": torch.zeros(n, dtype=torch.long)},
-                        [torch.randn(n, model.num_tokens, enc_dim, dtype=torch.bfloat16)])
-            static = memory.static_bytes(net, 1, 1, False, torch.device("cpu"))
-            plan = memory.plan_micro_batch(forward, make_inputs, batch, static, torch.device("cpu"),
-                                           int(0.9 * device.memory_gib * 2 ** 30))
-            micro_batch, plan_text = plan.micro_batch, plan.describe()
+        run = build_run(cfg, data=data, autocast=CudaAutocast, fused_optimizer=True, instrument=instrument)
+        C, S = model_kw["in_channels"], model_kw["input_size"]
+        tokens = run.model.module.model.num_tokens
+        batch_data = {"x": torch.randn(batch, C, S, S), "y": torch.randint(0, model_kw["num_classes"], (batch,))}
+        if baseline:
+            batch_data["images"] = torch.rand(batch, 3, enc_img, enc_img)
         else:
-            if micro_batch <= 0 or batch % micro_batch:
-                raise SystemExit(f"--micro_batch {micro_batch} must be a positive divisor of --batch {batch}")
-            plan_text = f"micro-batch {micro_batch} x {batch // micro_batch} (given)"
-        weight = 0.5 if baseline else 1.0
-        rec = Recorder(tagger)
-        with tagger.hooks(), patch_modulate, rec:
-            data = {"x": x, "y": y}
-            draws = recipe.draw(data, None)  # the SiT/JiT recipes draw label dropout themselves (p = 0.1)
-            for start in range(0, batch, micro_batch):
-                s = slice(start, start + micro_batch)
-                with CudaAutocast(amp_dtype):
-                    if encoder is not None:
-                        with torch.no_grad():
-                            f = [encoder(images[s])]
-                    else:
-                        f = [t[s] for t in feats]
-                    denoise, align, _ = net(slice_tree(data, s), slice_tree(draws, s), f)
-                loss = (denoise + weight * align) * (micro_batch / batch)
-                scaler.scale(loss).backward()
-            with tagger.update_phase():
-                scaler.unscale_(opt)
-                parallelize.clip_grad_norm_(params, 1.0)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                ema.update(net.model)
-    n_params = sum(p.numel() for p in params)
-    return Trace(name, config, batch, micro_batch, rec.ops, useful, plan_text, n_params)
+            batch_data["feats"] = [torch.randn(batch, tokens, enc_dim).to(torch.bfloat16)]
+        with tagger.hooks():
+            with Recorder(tagger):  # the optimizer state comes to exist in this step
+                run.step_fn(batch_data, 0)
+            with Recorder(tagger) as rec:
+                run.step_fn(batch_data, 1)
+    plan = run.memory_plan
+    plan_text = plan.describe() if plan is not None else \
+        f"micro-batch {run.micro_batch} x {batch // run.micro_batch} (given)"
+    n_params = sum(p.numel() for p in run.model.params)
+    return Trace(name, config, batch, run.micro_batch, rec.ops, run.flops_per_image * batch, plan_text, n_params)
+
+
+def _tag_kernels(net: nn.Module, tagger: Tagger, fused_adaln: bool, fused_loss: bool) -> None:
+    """The adaLN modulation (SiT's modulate_norm, JiT's modulate) and the alignment loss, tagged; the
+    fused configurations' Triton ops called directly (their fake kernels), as on CUDA."""
+    for blk in [*net.model.blocks, net.model.final_layer]:
+        if hasattr(blk, "modulate_norm"):
+            blk.modulate_norm = tagger.wrap(_fused_adaln if fused_adaln else blk.modulate_norm, "norm")
+        if hasattr(blk, "modulate"):
+            blk.modulate = tagger.wrap(blk.modulate, "norm")
+    if net.head is not None:
+        net.head.loss_fn = tagger.wrap(_fused_loss if fused_loss else alignment_loss, "align_loss")
 
 
 # ---- cost -----------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Faults injected into a trainer through its loader (the production loop has no test hook).
 
-    tr.data.loader = Interrupt(tr.data.loader, 5, crash)          # dies before batch 5 is handed out
-    tr.data.loader = Interrupt(tr.data.loader, 2, nan_into("x"))  # batch 2 (step 3) holds a NaN latent
+    tr.run.data.loader = Interrupt(tr.run.data.loader, 5, crash)          # dies before batch 5 is handed out
+    tr.run.data.loader = Interrupt(tr.run.data.loader, 2, nan_into("x"))  # batch 2 (step 3) holds a NaN latent
 
 Run as a script (under torchrun), it trains with a NaN put into one rank's batch, for the
 multi-rank fault tests; each rank prints `[rank R] <error>` on stdout before it exits with it:
@@ -58,12 +58,12 @@ def _train_with_nan(nan_rank: int, nan_at: int, nan_key: str, preset: str = DEFA
     from irepa.recipes import resolve
     from irepa.train.trainer import Trainer
     trainer = Trainer(resolve(preset, overrides))
-    if trainer.rank == nan_rank:
-        trainer.data.loader = Interrupt(trainer.data.loader, nan_at, nan_into(nan_key))
+    if trainer.run.rank == nan_rank:
+        trainer.run.data.loader = Interrupt(trainer.run.data.loader, nan_at, nan_into(nan_key))
     try:
         trainer.train()
     except Exception as e:
-        line = f"[rank {trainer.rank}] {type(e).__name__}: {e}\n"
+        line = f"[rank {trainer.run.rank}] {type(e).__name__}: {e}\n"
         os.write(1, line.encode())  # one write: the ranks share stdout, and a pipe keeps a short write whole
         raise
 

@@ -3,7 +3,7 @@
 Compared against: diffusers' own LDM->diffusers converter (key mapping), hand-written
 formulas (L1, KL, hinge, LPIPS computed layer by layer in float64 with F.conv2d), and
 file layouts written as the reference releases them. A side-by-side run of REPA-E's
-loss module on the same inputs (outside the project) agreed bit for bit; see README.
+loss module on the same inputs (outside the project) agreed bit for bit.
 """
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ def _interrupt(monkeypatch, run: str, steps: int, at: int, action):
     def train(cfg):
         tr = trainer_mod.Trainer(cfg)
         if cfg.train.run_name == run and cfg.train.steps == steps:
-            tr.data.loader = Interrupt(tr.data.loader, at, action)
+            tr.run.data.loader = Interrupt(tr.run.data.loader, at, action)
         return tr.train()
     monkeypatch.setattr(trainer_mod, "train", train)
 
@@ -218,19 +218,27 @@ def test_report_table_and_speedup(tmp_path):
 
 def _record_sampling(monkeypatch):
     """Every recipe.sample call of the comparison's evaluations as (recipe name, method, steps,
-    checkpoint); the trainers' own sample grids (no checkpoint set) are left out."""
+    checkpoint: the one the recipe's decoder was made for); the trainers' own sample grids (a
+    decoder of the live parts, no checkpoint) are left out."""
     from irepa.recipes import base
 
-    calls, original = [], base.Recipe.sample
+    calls, seen = [], {}
+    original_sample, original_decoder = base.Recipe.sample, base.Recipe.decoder
 
     def wrap(cls):
-        inner = cls.__dict__.get("sample", original)
+        inner_sample = cls.__dict__.get("sample", original_sample)
+        inner_decoder = cls.__dict__.get("decoder", original_decoder)
+
+        def decoder(self, *args, **kw):
+            seen[id(self)] = kw.get("checkpoint")
+            return inner_decoder(self, *args, **kw)
 
         def sample(self, model, noise, labels, **kw):
-            if getattr(self, "checkpoint", None) is not None:
-                calls.append((self.name, kw["method"], kw["steps"], self.checkpoint))
-            return inner(self, model, noise, labels, **kw)
+            if seen.get(id(self)) is not None:
+                calls.append((self.name, kw["method"], kw["steps"], seen[id(self)]))
+            return inner_sample(self, model, noise, labels, **kw)
         monkeypatch.setattr(cls, "sample", sample)
+        monkeypatch.setattr(cls, "decoder", decoder)
     from irepa import recipes
     for name in recipes.names():
         wrap(recipes.get(name))

@@ -35,7 +35,7 @@ VARIANT_NAMES = ["mae-vit-l+norm", "pe-vit-bnorm", "pe-vit-lnorm", "pe-vit-gnorm
     n + "+siglip-norm" for n in README_NAMES if n.startswith("siglip")]
 ALL_NAMES = README_NAMES + RADIO + CLASSICAL + DIGITS_CNN + VARIANT_NAMES
 
-# documented widths of the real models (SPEC.md section 7 and the model cards)
+# documented widths of the real models (the iREPA paper's encoder list and the model cards)
 REAL_DIMS = {
     "dinov2-vit-b": 768, "dinov2-vit-l": 1024, "dinov2-vit-g": 1536, "dinov3-vit-7b16": 4096,
     "webssl-vit-dino2b_full2b_224": 2688, "clip-vit-L": 1024, "jepa-vit-h": 1280, "siglip-vit-so400m": 1152,

@@ -402,17 +402,17 @@ def test_sift_refuses_other_kornia_versions(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------
-# the README's table comes from the registry
+# the encoder table of docs/encoders.md comes from the registry
 
 def test_readme_encoder_table_is_generated():
-    """README.md holds exactly `table_markdown()` between its markers; regenerate with
+    """docs/encoders.md holds exactly `table_markdown()` between its markers; regenerate with
     `python launch/encoders.py table --markdown`."""
     from pathlib import Path
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "encoders.md").read_text()
     start, end = "<!-- encoders-table:start -->\n", "<!-- encoders-table:end -->"
     assert start in readme and end in readme
     body = readme[readme.index(start) + len(start):readme.index(end)]
-    assert body == encoders.table_markdown(), "README encoder table is stale: python launch/encoders.py table --markdown"
+    assert body == encoders.table_markdown(), "docs/encoders.md table is stale: python launch/encoders.py table --markdown"
     rows = encoders.table()
     assert [r["name"] for r in rows] == encoders.names()
     by = {r["name"]: r for r in rows}

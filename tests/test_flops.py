@@ -57,7 +57,7 @@ def test_train_step_flops_match_counted(projector):
     assert flops.train_flops_per_image(m, head) == pytest.approx(counted, rel=0.03)
 
 
-# forward GMACs at 256 px: SiT from the DiT paper (SPEC.md section 3), JiT-B/16 from the JiT release
+# forward GMACs at 256 px: SiT from the DiT paper (its Gflops are MACs), JiT-B/16 from the JiT release
 @pytest.mark.parametrize("name,gmacs,kw", [("SiT-S/2", 6.06, {}), ("SiT-B/2", 23.0, {}), ("SiT-L/2", 80.7, {}),
                                            ("SiT-XL/2", 118.6, {}),
                                            ("JiT-B/16", 25.2, dict(input_size=256, in_channels=3))])

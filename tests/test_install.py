@@ -31,7 +31,7 @@ def lock(monkeypatch, tmp_path):
 def _dist(tmp_path: Path, name: str, version: str, *requires: str) -> None:
     d = tmp_path / "site" / f"{name.replace('-', '_')}-{version}.dist-info"
     d.mkdir()
-    d.joinpath("METADATA").write_text("\n".join([f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}",
+    d.joinpath("METADATA").write_text("\n".join(["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}",
                                                  *(f"Requires-Dist: {r}" for r in requires)]) + "\n")
 
 

@@ -3,7 +3,8 @@
 References: central finite differences in float64 for du/dt; the closed-form average
 velocity of the linear path for Gaussian data N(mu, s^2 I) (derived below) for the loss
 and the samplers; the flow-matching MSE of irepa.transport for the r = t case; the
-formulas of SPEC_RECIPES.md A4-A7 written out here for draws and guidance.
+formulas of Gsunshine/meanflow meanflow.py@d70cb55 (sample_tr, guidance_fn, cond_drop,
+solver_step) written out here for draws and guidance.
 """
 import math
 
@@ -336,8 +337,9 @@ def test_sampler_steps_and_times():
 
 
 def test_h_embedder_conditioning_and_plain_state_dict():
-    """MeanFlow's SiT (SPEC_RECIPES.md A5): c = t_emb(t) + y_emb(y) + h_emb(h), a second timestep
-    embedder initialized N(0, 0.02) like t_embedder; the plain SiT's keys are untouched."""
+    """MeanFlow's SiT (Gsunshine/meanflow models/models_dit.py@d70cb55, DiT): c = t_emb(t)
+    + y_emb(y) + h_emb(h), a second timestep embedder initialized N(0, 0.02) like t_embedder;
+    the plain SiT's keys are untouched."""
     torch.manual_seed(0)
     plain = models.build("SiT-Tiny/2", input_size=8, in_channels=4, num_classes=10)
     m = mf.attach_h_embedder(models.build("SiT-Tiny/2", input_size=8, in_channels=4, num_classes=10))

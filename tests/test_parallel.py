@@ -73,25 +73,26 @@ def replay_steps(tr, steps: int, after_step=None) -> list[dict]:
     after_step(step) runs after each step (snapshots)."""
     from irepa.train.build import build_data
 
-    loaders = [iter(build_data(tr.cfg, tr.recipe, tr.net.model, r, WORLD, "cpu").loader) for r in range(WORLD)]
+    run, model = tr.run, tr.run.model
+    loaders = [iter(build_data(tr.cfg, run.recipe, model.module.model, r, WORLD, "cpu").loader) for r in range(WORLD)]
     logs = []
     for step in range(steps):
         losses = []
         for r in range(WORLD):
-            tr.default_step.rank = r  # the per-rank generator of the train step
-            gen, batch = tr._generator(step), next(loaders[r])
-            draws = tr.recipe.draw(batch, gen)  # the draws of the train step, for this rank's batch
-            denoise, align, _ = tr.net(batch, draws, batch["feats"])
+            run.default_step.rank = r  # the per-rank generator of the train step
+            gen, batch = run.default_step.generator(step), next(loaders[r])
+            draws = run.recipe.draw(batch, gen)  # the draws of the train step, for this rank's batch
+            denoise, align, _ = model.module(batch, draws, batch["feats"])
             loss = denoise + tr.cfg.align.weight * align
             (loss / WORLD).backward()
             losses.append(float(loss.detach()))
-        tr.default_step.rank = 0
-        gnorm = torch.nn.utils.clip_grad_norm_(tr.params, tr.cfg.optim.grad_clip)
-        for g in tr.optimizer.param_groups:
-            g["lr"] = tr._lr(step)
-        tr.optimizer.step()
-        tr.optimizer.zero_grad(set_to_none=True)
-        tr.ema.update(tr.net.model)
+        run.default_step.rank = 0
+        gnorm = torch.nn.utils.clip_grad_norm_(model.params, tr.cfg.optim.grad_clip)
+        for g in model.optimizer.param_groups:
+            g["lr"] = run.default_step.lr(model, step)
+        model.optimizer.step()
+        model.optimizer.zero_grad(set_to_none=True)
+        model.ema.update(model.module.model)
         logs.append({"loss": sum(losses) / WORLD, "grad_norm": float(gnorm)})
         if after_step is not None:
             after_step(step)
@@ -107,11 +108,12 @@ def _replay(out_dir: Path) -> tuple[list[dict], dict]:
 
     def snapshot(step):
         if step + 1 == 2:
-            snap.update({"model": {k: v.clone() for k, v in tr.net.state_dict().items()},
-                         "ema": {k: v.clone() for k, v in tr.ema.state_dicts()[0].items()},
-                         "opt": [s["exp_avg_sq"].clone() for s in tr.optimizer.state_dict()["state"].values()]})
+            snap.update({"model": {k: v.clone() for k, v in tr.run.model.module.state_dict().items()},
+                         "ema": {k: v.clone() for k, v in tr.run.model.ema.state_dicts()[0].items()},
+                         "opt": [s["exp_avg_sq"].clone()
+                                 for s in tr.run.model.optimizer.state_dict()["state"].values()]})
     logs = replay_steps(tr, STEPS, snapshot)
-    final = {"model": tr.net.state_dict(), "ema": tr.ema.state_dicts()[0]}
+    final = {"model": tr.run.model.module.state_dict(), "ema": tr.run.model.ema.state_dicts()[0]}
     return logs, {"step2": snap, "final": final}
 
 
@@ -163,13 +165,13 @@ def test_two_rank_checkpoint_resumes_on_one_rank(fsdp_run, tmp_path):
     run = tmp_path / "one"
     shutil.copytree(out / "fsdp", run, ignore=shutil.ignore_patterns("export", "step-0000004", "events*"))
     tr = Trainer(_cfg(tmp_path, "one"))  # WORLD_SIZE unset: one process, plain module
-    assert tr.step == 2 and tr.parallel == "none"
-    _close(tr.net.state_dict(), ref["step2"]["model"], what="resumed model ")
-    _close(tr.ema.state_dicts()[0], ref["step2"]["ema"], what="resumed ema ")
-    got = [s["exp_avg_sq"] for s in tr.optimizer.state_dict()["state"].values()]
+    assert tr.step == 2 and tr.run.parallel == "none"
+    _close(tr.run.model.module.state_dict(), ref["step2"]["model"], what="resumed model ")
+    _close(tr.run.model.ema.state_dicts()[0], ref["step2"]["ema"], what="resumed ema ")
+    got = [s["exp_avg_sq"] for s in tr.run.model.optimizer.state_dict()["state"].values()]
     for a, b in zip(got, ref["step2"]["opt"]):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-4)
-    assert tr.data.loader.state_dict() == {"epoch": 0, "index": 2}  # rank 0's position
+    assert tr.run.data.loader.state_dict() == {"epoch": 0, "index": 2}  # rank 0's position
     last = tr.train()
     assert last["step"] == STEPS and torch.isfinite(torch.tensor(last["loss"]))
 
@@ -177,7 +179,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(fsdp_run, tmp_path):
 def _trainer_losses(tmp_path, name, steps=2, **extra) -> list[float]:
     from irepa.train.trainer import Trainer
     tr = Trainer(_cfg(tmp_path, name, **{"train.steps": steps, "train.ckpt_every": 1000, **extra}))
-    it = iter(tr.data.loader)
+    it = iter(tr.run.data.loader)
     return [float(tr.train_step(next(it), s)["loss"]) for s in range(steps)]
 
 
@@ -210,18 +212,19 @@ def test_micro_batches_match_the_whole_batch(tmp_path):
     from irepa.train.trainer import Trainer
     trs = [Trainer(_cfg(tmp_path, f"mb{m}", **{"train.micro_batch_size": m, "train.ckpt_every": 1000}))
            for m in (0, 2)]
-    assert [tr.micro_batch for tr in trs] == [BATCH, 2]
+    assert [tr.run.micro_batch for tr in trs] == [BATCH, 2]
     outs = []
     for tr in trs:
-        it = iter(tr.data.loader)
+        it = iter(tr.run.data.loader)
         outs.append([{k: float(v) for k, v in tr.train_step(next(it), s).items()} for s in range(3)])
     for whole, micro in zip(*outs):
         assert micro == pytest.approx(whole, rel=1e-5, abs=1e-6)
-    _close(trs[1].net.state_dict(), trs[0].net.state_dict(), atol=1e-6, rtol=1e-5, what="weights ")
+    _close(trs[1].run.model.module.state_dict(), trs[0].run.model.module.state_dict(), atol=1e-6, rtol=1e-5,
+           what="weights ")
     with pytest.raises(ValueError, match="must divide the per-rank batch 8"):
         Trainer(_cfg(tmp_path, "mb3", **{"train.micro_batch_size": 3}))
     # auto (0) with a budget: measured on fake tensors; the whole batch fits 100 GiB, nothing fits 1 KiB
-    assert Trainer(_cfg(tmp_path, "big", **{"train.memory_budget_gib": 100.0})).micro_batch == BATCH
+    assert Trainer(_cfg(tmp_path, "big", **{"train.memory_budget_gib": 100.0})).run.micro_batch == BATCH
     with pytest.raises(MemoryError, match="activations but only 0.00 GiB is left"):
         Trainer(_cfg(tmp_path, "small", **{"train.memory_budget_gib": 2.0 ** -20}))
 
@@ -272,20 +275,20 @@ def test_fp16_loss_scaling_skips_overflow_and_resumes(tmp_path):
     from irepa.train.trainer import Trainer
     cfg = {"train.precision": "fp16", "train.ckpt_every": 1000}
     tr = Trainer(_cfg(tmp_path, "fp16", **cfg))
-    assert tr.scaler.enabled and tr.scaler.scale == 2.0 ** 16
-    it = iter(tr.data.loader)
+    assert tr.run.scaler.enabled and tr.run.scaler.scale == 2.0 ** 16
+    it = iter(tr.run.data.loader)
     out = tr.train_step(next(it), 0)
-    assert torch.isfinite(out["loss"]) and torch.isfinite(out["grad_norm"]) and tr.scaler.scale == 2.0 ** 16
-    before = {k: v.clone() for k, v in tr.net.state_dict().items()}
-    tr.scaler.scale = 2.0 ** 120  # the scaled fp16 gradients overflow
+    assert torch.isfinite(out["loss"]) and torch.isfinite(out["grad_norm"]) and tr.run.scaler.scale == 2.0 ** 16
+    before = {k: v.clone() for k, v in tr.run.model.module.state_dict().items()}
+    tr.run.scaler.scale = 2.0 ** 120  # the scaled fp16 gradients overflow
     tr.train_step(next(it), 1)
-    assert tr.scaler.scale == 2.0 ** 119
-    _close(tr.net.state_dict(), before, atol=0, rtol=0, what="skipped step changed ")
+    assert tr.run.scaler.scale == 2.0 ** 119
+    _close(tr.run.model.module.state_dict(), before, atol=0, rtol=0, what="skipped step changed ")
     tr.step = 2
     tr.save()
     again = Trainer(_cfg(tmp_path, "fp16", **cfg))
-    assert again.step == 2 and again.scaler.scale == 2.0 ** 119
-    assert not Trainer(_cfg(tmp_path, "bf16", **{"train.precision": "bf16"})).scaler.enabled
+    assert again.step == 2 and again.run.scaler.scale == 2.0 ** 119
+    assert not Trainer(_cfg(tmp_path, "bf16", **{"train.precision": "bf16"})).run.scaler.enabled
 
 
 def test_loss_scaler_policy():
@@ -314,9 +317,9 @@ def test_online_encoders_match_stored_features(tmp_path):
     outs = {}
     for name, extra in runs.items():
         tr = Trainer(_cfg(tmp_path, name, **{"train.ckpt_every": 1000, **extra}))
-        it = iter(tr.data.loader)
+        it = iter(tr.run.data.loader)
         outs[name] = [{k: float(v) for k, v in tr.train_step(next(it), s).items()} for s in range(2)]
-    assert "images" in next(iter(tr.data.loader)) and tr.data.online_encoders
+    assert "images" in next(iter(tr.run.data.loader)) and tr.run.data.online_encoders
     for s, o, m in zip(outs["stored"], outs["online"], outs["online_mb"]):
         assert o["denoise"] == s["denoise"]  # same data, same draws
         assert o["align"] == pytest.approx(s["align"], rel=2e-2, abs=1e-4)  # bf16-stored targets vs fp32 online
@@ -327,10 +330,12 @@ def test_warmup_epochs_count_steps_from_the_dataset_and_batch(tmp_path):
     """optim.warmup_epochs (the JiT recipe's 5 epochs) follows the run's dataset size and global batch."""
     from irepa.train.trainer import Trainer
     tr = Trainer(_cfg(tmp_path, "wu", **{"optim.warmup_epochs": 0.5, "optim.warmup_steps": 7}))
-    per_epoch = tr.data.loader.batches_per_epoch
-    assert per_epoch == tr.data.loader.n // BATCH > 10
-    assert tr.warmup_steps == round(0.5 * per_epoch)
-    assert tr._lr(0) == pytest.approx(tr.base_lr / tr.warmup_steps) and tr._lr(tr.warmup_steps) == tr.base_lr
-    assert Trainer(_cfg(tmp_path, "ws", **{"optim.warmup_steps": 7})).warmup_steps == 7
+    per_epoch = tr.run.data.loader.batches_per_epoch
+    assert per_epoch == tr.run.data.loader.n // BATCH > 10
+    assert tr.run.warmup_steps == round(0.5 * per_epoch)
+    run = tr.run
+    lr = lambda step: run.default_step.lr(run.model, step)  # noqa: E731
+    assert lr(0) == pytest.approx(run.model.base_lr / run.warmup_steps) and lr(run.warmup_steps) == run.model.base_lr
+    assert Trainer(_cfg(tmp_path, "ws", **{"optim.warmup_steps": 7})).run.warmup_steps == 7
     with pytest.raises(ValueError, match="warmup_steps and warmup_epochs must be >= 0"):
         resolve(overrides={"optim.warmup_epochs": -1})

@@ -143,14 +143,15 @@ def test_nonfinite_gradient_is_reported_at_its_step_and_never_saved(tmp_path):
     every 5 steps: the error names step 3 and the gradient, and no checkpoint exists."""
     tr = Trainer(_cfg(tmp_path, "nan", **{"train.steps": 6, "train.log_every": 5, "train.ckpt_every": 5}))
     calls = {"n": 0}
-    step_fn = tr.step_fn
+    step_fn = tr.run.step_fn
 
     def step(batch, index):
         calls["n"] = index
         return step_fn(batch, index)
 
-    tr.step_fn = step
-    w = tr.net.model.final_layer.linear.weight if hasattr(tr.net.model, "final_layer") else tr.params[-1]
+    tr.run.step_fn = step
+    model = tr.run.model.module.model
+    w = model.final_layer.linear.weight if hasattr(model, "final_layer") else tr.run.model.params[-1]
     w.register_hook(lambda g: g * float("nan") if calls["n"] == 2 else g)
     with pytest.raises(checkpoint.NonFiniteError, match=r"non-finite gradient of model at step 3 .*Last good "
                                                          r"checkpoint: None"):
@@ -185,7 +186,7 @@ def test_nan_on_one_rank_stops_every_rank_at_its_step(tmp_path, digits_cache):
     assert not (run / "metrics.jsonl").exists() or _steps(run) == []
     checkpoint.verify_checkpoint(run / "checkpoints/step-0000002")
     tr = Trainer(parallel_cfg(tmp_path, "nan", **cache))
-    assert tr.step == 2 and all(torch.isfinite(p).all() for p in tr.params)
+    assert tr.step == 2 and all(torch.isfinite(p).all() for p in tr.run.model.params)
     last = tr.train()
     assert last["step"] == 4 and math.isfinite(last["loss"])
     assert [p.name for p in checkpoint.complete_checkpoints(run)] == ["step-0000002", "step-0000004"]
@@ -215,7 +216,7 @@ def test_resume_skips_a_nonfinite_checkpoint(two_ckpts, tmp_path, capsys):
     run = _copy(two_ckpts, tmp_path)
     _poison(run / "checkpoints/step-0000006", "model.safetensors")
     tr = Trainer(_cfg(tmp_path, "run", **{"train.steps": 6}))
-    assert tr.step == 3 and all(torch.isfinite(p).all() for p in tr.params)
+    assert tr.step == 3 and all(torch.isfinite(p).all() for p in tr.run.model.params)
     err = capsys.readouterr().err
     assert "skipping checkpoint" in err and "step-0000006" in err and "non-finite" in err
     assert (run / "checkpoints/step-0000006.nonfinite/model.safetensors").is_file()
@@ -374,7 +375,7 @@ def test_first_nonfinite_loss_checks_its_batch_and_names_the_record(tmp_path):
     src = _prepared(tmp_path)
     over = {"train.steps": 4, "train.log_every": 4, "train.ckpt_every": 4, "data.backend": "memmap"}
     probe = Trainer(_cfg(tmp_path, "probe", **over, **{"data.source": str(src)}))
-    rec = int(probe.data.loader.records(0, 1)[5])  # 6th sample of the 2nd batch
+    rec = int(probe.run.data.loader.records(0, 1)[5])  # 6th sample of the 2nd batch
     ds, _ = _corrupt_dataset(tmp_path, rec)
     tr = Trainer(_cfg(tmp_path, "bad", **over, **{"data.source": str(ds)}))
     with pytest.raises(checkpoint.NonFiniteError, match=rf"non-finite loss .*at step 2 .*the data is bad: "
@@ -410,14 +411,14 @@ def test_metrics_have_no_duplicate_steps_after_a_resume(tmp_path):
         pass
 
     tr = Trainer(_cfg(tmp_path, "k", **{"train.steps": 7}))
-    step_fn = tr.step_fn
+    step_fn = tr.run.step_fn
 
     def step(batch, index):
         if index == 5:
             raise Crash()
         return step_fn(batch, index)
 
-    tr.step_fn = step
+    tr.run.step_fn = step
     with pytest.raises(Crash):
         tr.train()
     assert _steps(tmp_path / "k") == [1, 2, 3, 4, 5]

@@ -92,7 +92,7 @@ def test_resume_after_a_crash_matches_uninterrupted(tmp_path):
     Trainer(_cfg(tmp_path, "full", **{"train.steps": 6})).train()
     tr = Trainer(_cfg(tmp_path, "killed", **{"train.steps": 6}))
 
-    tr.data.loader = Interrupt(tr.data.loader, 4, crash)  # dies before batch 5: the run is killed during step 5
+    tr.run.data.loader = Interrupt(tr.run.data.loader, 4, crash)  # dies before batch 5: the run is killed during step 5
     with pytest.raises(Crash):
         tr.train()
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "killed")] == ["step-0000003"]
@@ -120,12 +120,12 @@ def test_micro_batches_match_the_whole_batch(tmp_path):
     outs, trs = [], []
     for m in (0, 2):
         tr = Trainer(_cfg(tmp_path, f"mb{m}", **{"train.micro_batch_size": m, "train.ckpt_every": 1000}))
-        it = iter(tr.data.loader)
-        outs.append([{k: float(v) for k, v in tr.step_fn(next(it), s).items()} for s in range(2)])
+        it = iter(tr.run.data.loader)
+        outs.append([{k: float(v) for k, v in tr.run.step_fn(next(it), s).items()} for s in range(2)])
         trs.append(tr)
     for whole, micro in zip(*outs):
         assert micro == pytest.approx(whole, rel=1e-5, abs=1e-6)
-    for (k, a), b in zip(trs[0].net.state_dict().items(), trs[1].net.state_dict().values()):
+    for (k, a), b in zip(trs[0].run.model.module.state_dict().items(), trs[1].run.model.module.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=k)
 
 
@@ -138,8 +138,8 @@ def test_compiled_checkpointed_and_joint_steps_match_eager(tmp_path, monkeypatch
 
     def losses(name, **over):
         tr = Trainer(_cfg(tmp_path, name, **{"train.ckpt_every": 1000, **over}))
-        it = iter(tr.data.loader)
-        return [float(tr.step_fn(next(it), s)["loss"]) for s in range(2)], tr
+        it = iter(tr.run.data.loader)
+        return [float(tr.run.step_fn(next(it), s)["loss"]) for s in range(2)], tr
 
     eager, _ = losses("eager", **{"meanflow.jvp": "split"})
     joint, _ = losses("joint", **{"meanflow.jvp": "joint"})
@@ -152,7 +152,7 @@ def test_compiled_checkpointed_and_joint_steps_match_eager(tmp_path, monkeypatch
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager", dynamic=False))
     compiled, tr = losses("compiled", **{"train.compile": True, "meanflow.jvp": "split"})
-    assert tr.recipe._jvp_fn is not None  # the JVP went through the compiled function
+    assert tr.run.recipe._jvp_fn is not None  # the JVP went through the compiled function
     assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)
 
 

@@ -100,8 +100,7 @@ class ToyRecipe(SiTRecipe):
 @pytest.fixture
 def toy(monkeypatch):
     reg = recipes._registry()
-    monkeypatch.setitem(reg, "toy", ToyRecipe)
-    monkeypatch.setitem(config._RECIPE_SECTIONS, "toy", ToyOptions)
+    monkeypatch.setitem(reg, "toy", ToyRecipe)  # its config section comes with it (recipes.sections())
     return ToyRecipe
 
 
@@ -119,7 +118,7 @@ def test_a_recipe_section_is_typed_overridable_and_saved(toy, tmp_path):
     cfg = _toy_cfg(tmp_path, "a", disc_weight=0.25)  # a short key of the recipe's own section
     assert cfg.toy.disc_weight == 0.25 and cfg.train.recipe == "toy"
     assert json.loads(cfg.to_json())["toy"] == {"disc_weight": 0.25}
-    assert config.Config.from_dict(json.loads(cfg.to_json())).toy.disc_weight == 0.25
+    assert recipes.stored_config(json.loads(cfg.to_json())).toy.disc_weight == 0.25
     assert "--toy.disc_weight = 0.5" in recipes.describe("toy-digits")
     assert _toy_cfg(tmp_path, "b").toy.disc_weight == 0.5  # the defaults are written out too
     with pytest.raises(ValueError, match="unknown config key 'toy.disc_wieght'"):
@@ -131,25 +130,25 @@ def test_extra_part_with_its_own_step_checkpoints_and_resumes_exactly(toy, tmp_p
     from irepa.train.trainer import Trainer
 
     full = Trainer(_toy_cfg(tmp_path, "full", cache, **{"train.steps": 4}))
-    bn0 = full.parts["disc"].ema.models[0][0].running_mean.clone()
+    bn0 = full.run.parts["disc"].ema.models[0][0].running_mean.clone()
     full.train()
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert all("disc" in r and "disc_grad_norm" in r for r in rows)
     ckpt = checkpoint.latest_checkpoint(tmp_path / "full")
     files = set(json.loads((ckpt / "manifest.json").read_text())["files"])
     assert {"disc.safetensors", "disc-optimizer.safetensors", "disc-ema.safetensors", "model.safetensors"} <= files
-    ema_bn = full.parts["disc"].ema.models[0][0].running_mean
-    assert not torch.equal(ema_bn, bn0) and not torch.equal(ema_bn, full.parts["disc"].module[0].running_mean)
+    ema_bn = full.run.parts["disc"].ema.models[0][0].running_mean
+    assert not torch.equal(ema_bn, bn0) and not torch.equal(ema_bn, full.run.parts["disc"].module[0].running_mean)
 
     Trainer(_toy_cfg(tmp_path, "half", cache, **{"train.steps": 2})).train()
     resumed = Trainer(_toy_cfg(tmp_path, "half", cache, **{"train.steps": 4}))
     assert resumed.step == 2
     resumed.train()
     for name in ("model", "disc"):
-        a, b = full.parts[name], resumed.parts[name]
+        a, b = full.run.parts[name], resumed.run.parts[name]
         for k, v in a.module.state_dict().items():
             torch.testing.assert_close(b.module.state_dict()[k], v, rtol=1e-6, atol=1e-7, msg=f"{name}.{k}")
         for k, v in a.ema.state_dicts()[0].items():
             torch.testing.assert_close(b.ema.state_dicts()[0][k], v, rtol=1e-6, atol=1e-7, msg=f"{name} ema {k}")
     with pytest.raises(checkpoint.CheckpointError, match="holds no trained part 'extra'"):
-        checkpoint.load(ckpt, {"model": full.parts["model"], "extra": full.parts["disc"]})
+        checkpoint.load(ckpt, {"model": full.run.parts["model"], "extra": full.run.parts["disc"]})

@@ -128,13 +128,12 @@ def test_step_routes_gradients_as_the_reference():
     batch = _batch()
     vae0, sit0 = _params(st.vae.module), _params(st.model.module)
     st(batch, 1)  # index 1: no statistics estimate (that is index 0 only)
-    r = ref.recipe
     d, mean, logvar, z, recon, t, noise = _replay_vae_and_draws(ref, batch, 1)
     net = ref.model.module.eval()
     xn = net.model.latent_norm(z)
     _, hidden = net.model(transport.interpolate(xn, noise, t), t, batch["y"], None)
     align_v = net.head(hidden, batch["feats"])
-    rec, _ = generator_loss(d["x"], recon, Posterior(mean, logvar), ref.disc.module, r._lpips, 1, ref.loss_cfg)
+    rec, _ = generator_loss(d["x"], recon, Posterior(mean, logvar), ref.disc.module, ref.lpips, 1, ref.loss_cfg)
     vae_ps = list(ref.vae.module.parameters())
     g_vae = torch.autograd.grad(rec + 1.5 * align_v, vae_ps, retain_graph=True)
     for p0, p1, gr in zip(vae0, st.vae.module.parameters(), g_vae):

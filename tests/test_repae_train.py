@@ -63,10 +63,10 @@ def test_resume_is_exact_for_all_parts(tmp_path, cache):
             assert torch.equal(a[f][k], b[f][k]), f"{f}:{k}"
     assert any(k.endswith("latent_norm.bn.running_var") for k in a["ema.safetensors"])
     # the trained pos_embed (repae.train_pos_embed, default true) is saved, averaged and resumed with the rest
-    table = tr.net.model.sincos_pos_embed()
+    table = tr.run.model.module.model.sincos_pos_embed()
     assert not torch.equal(a["model.safetensors"]["model.pos_embed"], table)
     assert not torch.equal(a["ema.safetensors"]["pos_embed"], table)
-    assert any(p is tr.net.model.pos_embed for p in tr.optimizer.param_groups[0]["params"])
+    assert any(p is tr.run.model.module.model.pos_embed for p in tr.run.model.optimizer.param_groups[0]["params"])
     assert (tmp_path / "straight/samples/step-0000004.png").is_file()
 
 
@@ -84,9 +84,9 @@ def test_compiled_steps_match_eager(tmp_path, cache, monkeypatch):
 
     def run(name, **over):
         tr = Trainer(_cfg(tmp_path, name, cache, **{"train.steps": 3, "train.ckpt_every": 1000, **over}))
-        it = iter(tr.data.loader)
-        outs = [{k: float(v) for k, v in tr.step_fn(next(it), s).items()} for s in range(3)]
-        return outs, {n: p.module.state_dict() for n, p in tr.parts.items()}
+        it = iter(tr.run.data.loader)
+        outs = [{k: float(v) for k, v in tr.run.step_fn(next(it), s).items()} for s in range(3)]
+        return outs, {n: p.module.state_dict() for n, p in tr.run.parts.items()}
 
     eager, eager_w = run("eager")
     torch._dynamo.reset()
@@ -123,22 +123,22 @@ def _replay(out: Path, cache: str, steps: int, **extra):
     from irepa.train.build import build_data
     from irepa.train.trainer import Trainer
     tr = Trainer(_cfg(out, "replay", cache, **{"train.steps": steps, **extra}))
-    st = tr.step_fn
+    st = tr.run.step_fn
     r, model, vae, disc = st.recipe, st.model, st.vae, st.disc
     net = model.module
     loaders = [iter(build_data(tr.cfg, r, net.model, k, WORLD, "cpu").loader) for k in range(WORLD)]
     for index in range(steps):
         per = []
         for k in range(WORLD):
-            tr.default_step.rank = k
-            g = tr.default_step.generator(index)
+            tr.run.default_step.rank = k
+            g = tr.run.default_step.generator(index)
             batch = next(loaders[k])
             d = r.draw_data(batch, g)
             mean, logvar, z, recon = vae.module(d["x"], g)
             t = transport.sample_time(z.shape[0], generator=g)
             noise = torch.randn(z.shape, generator=g)
             per.append(dict(batch=batch, d=d, mean=mean, logvar=logvar, z=z, recon=recon, t=t, noise=noise))
-        tr.default_step.rank = 0
+        tr.run.default_step.rank = 0
         if index == 0:
             st._estimate_stats(torch.cat([p["z"].detach() for p in per]))
         trained = [p for p in net.parameters() if p.requires_grad]
@@ -146,20 +146,19 @@ def _replay(out: Path, cache: str, steps: int, **extra):
         for p in trained:
             p.requires_grad_(False)
         for p in per:
-            hidden = r.loss(net.model, p["batch"], {"x": p["z"], "t": p["t"], "noise": p["noise"],
-                                                     "align_only": True}).hidden
+            hidden = r.alignment_hidden(net.model, p["batch"], {"x": p["z"], "t": p["t"], "noise": p["noise"]})
             al = net.head(hidden, p["batch"]["feats"])
             rec, _ = generator_loss(p["d"]["x"], p["recon"], Posterior(p["mean"], p["logvar"]), disc.module,
-                                    r._lpips, index, st.loss_cfg)
+                                    st.lpips, index, st.loss_cfg)
             ((rec + r.options.vae_align_weight * al) / WORLD).backward()
         for p in trained:
             p.requires_grad_(True)
         net.train()
-        tr.default_step.optimizer_step(vae, index, update_scale=False)
+        tr.run.default_step.optimizer_step(vae, index, update_scale=False)
         for p in per:
             dl, _ = discriminator_loss(p["d"]["x"], p["recon"], disc.module, index, st.loss_cfg)
             (dl / WORLD).backward()
-        tr.default_step.optimizer_step(disc, index, update_scale=False)
+        tr.run.default_step.optimizer_step(disc, index, update_scale=False)
         cat = lambda key: torch.cat([p[key] for p in per])  # noqa: E731
         batch = {"y": torch.cat([p["batch"]["y"] for p in per])}
         feats = [torch.cat([p["batch"]["feats"][0] for p in per])]
@@ -167,7 +166,7 @@ def _replay(out: Path, cache: str, steps: int, **extra):
                  "drop": torch.cat([p["d"]["drop"] for p in per])}
         dn, al, _ = net(batch, draws, feats)
         (dn + tr.cfg.align.weight * al).backward()
-        tr.default_step.optimizer_step(model, index)
+        tr.run.default_step.optimizer_step(model, index)
     return tr
 
 
@@ -192,10 +191,10 @@ def test_two_ranks_match_one_process(tmp_path, cache):
             if what == "disc" and ("running_" in k or "num_batches" in k):
                 continue
             torch.testing.assert_close(a[k].float(), v.float(), atol=2e-5, rtol=1e-4, msg=lambda m: f"{what}.{k}: {m}")
-    close(got["model.safetensors"], ref.parts["model"].module.state_dict(), "model")
-    close(got["ema.safetensors"], ref.parts["model"].ema.state_dicts()[0], "ema")
-    close(got["vae.safetensors"], ref.parts["vae"].module.state_dict(), "vae")
-    close(got["disc.safetensors"], ref.parts["disc"].module.state_dict(), "disc")
+    close(got["model.safetensors"], ref.run.parts["model"].module.state_dict(), "model")
+    close(got["ema.safetensors"], ref.run.parts["model"].ema.state_dicts()[0], "ema")
+    close(got["vae.safetensors"], ref.run.parts["vae"].module.state_dict(), "vae")
+    close(got["disc.safetensors"], ref.run.parts["disc"].module.state_dict(), "disc")
     metrics = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
 

@@ -1,7 +1,7 @@
 """perf/roofline.py: the op counting against hand-computed FLOPs and bytes (a Linear, attention),
 the CUDA autocast emulation against ATen's CUDA lists, the fusion model on two small graphs
 worked out by hand, and whole-model matmul FLOPs against irepa.train.flops and the published
-forward GMACs (DiT paper for SiT, the JiT release for JiT; SPEC.md sections 3 and 4)."""
+forward GMACs (DiT paper for SiT, the JiT release for JiT)."""
 from __future__ import annotations
 
 import csv

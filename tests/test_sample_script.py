@@ -15,7 +15,7 @@ from irepa import generate as gen
 from irepa.recipes import resolve
 from irepa.recipes.sit import SiTRecipe
 from irepa.train import checkpoint
-from irepa.train.build import offline_parts
+from irepa.train.assemble import offline_parts
 from irepa.errors import InputError, InputNotFound
 
 ROOT = Path(__file__).resolve().parents[1]

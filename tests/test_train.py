@@ -56,7 +56,7 @@ def losses(run_dir: Path) -> dict[int, tuple]:
 def test_resume_after_a_crash_matches_uninterrupted(tmp_path):
     Trainer(_cfg(tmp_path, "full", **{"train.steps": 8})).train()
     tr = Trainer(_cfg(tmp_path, "killed", **{"train.steps": 8}))
-    tr.data.loader = Interrupt(tr.data.loader, 5, crash)  # dies during step 6: nothing saved after step 3
+    tr.run.data.loader = Interrupt(tr.run.data.loader, 5, crash)  # dies during step 6: nothing saved after step 3
     with pytest.raises(Crash):
         tr.train()
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "killed")] == ["step-0000003"]
@@ -76,7 +76,7 @@ def test_resume_after_a_crash_matches_uninterrupted(tmp_path):
 def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     tr = Trainer(_cfg(tmp_path, "term", **{"train.steps": 50}))
-    tr.data.loader = Interrupt(tr.data.loader, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    tr.run.data.loader = Interrupt(tr.run.data.loader, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
     last = tr.train()  # returns normally after the step the signal arrived in
     assert last["step"] == 4 and signal.getsignal(signal.SIGTERM) is before  # the handler is put back
     ckpt = checkpoint.latest_checkpoint(tmp_path / "term")
@@ -98,7 +98,7 @@ def test_jit_digits_preset_trains_and_samples(tmp_path):
     cfg = _cfg(tmp_path, "jit", "digits-jit-irepa", **{"model.name": "JiT-T/16", "model.input_size": 64,
                                                        "train.steps": 2, "train.ema_decays": [0.9, 0.8]})
     tr = Trainer(cfg)
-    assert tr.recipe.name == "jit" and tr.data.manifest["kind"] == "pixels"
+    assert tr.run.recipe.name == "jit" and tr.run.data.manifest["kind"] == "pixels"
     tr.train()
     assert (tmp_path / "jit" / "samples" / "step-0000002.png").stat().st_size > 0
     assert len(checkpoint.read_checkpoint(checkpoint.latest_checkpoint(tmp_path / "jit"))["ema"]) == 2

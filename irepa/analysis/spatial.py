@@ -1,4 +1,5 @@
-"""Spatial-structure metrics of encoder patch tokens (SPEC.md section 6).
+"""Spatial-structure metrics of encoder patch tokens, as the iREPA release defines them
+(End2End-Diffusion/iREPA metrics/spatial_metrics.py@99ad4ac).
 
 Every metric takes patch tokens [B, T, D] on a row-major sqrt(T) x sqrt(T) grid (no CLS or
 register tokens) and returns one value per image, [B], in fp32. K(t, u) is the cosine

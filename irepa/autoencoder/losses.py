@@ -1,4 +1,5 @@
-"""The VAE's losses in REPA-E: L1 + LPIPS + KL + PatchGAN hinge (SPEC_RECIPES.md B3).
+"""The VAE's losses in REPA-E: L1 + LPIPS + KL + PatchGAN hinge
+(End2End-Diffusion/REPA-E loss/losses.py@3ad8046).
 
 Reductions and weights are those of REPA-E's `ReconstructionLoss_Single_Stage` with
 `configs/l1_lpips_kl_gan.yaml`:

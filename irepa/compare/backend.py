@@ -150,11 +150,12 @@ def prepare_data(cfg: Config, device="cpu") -> Data:
     with _one_process_run():
         bundle = build_data(cfg, recipe, recipe.build_model(fused=False), 0, 1, torch.device(device))
     torch.set_rng_state(torch_state)
-    if bundle.decode is None:
+    decode = recipe.decoder(bundle.manifest, torch.device(device))
+    if decode is None:
         raise ValueError(f"{cfg.data.source}: no decoder for this dataset on this machine (its VAE folder is "
                          f"missing); the comparison evaluates decoded samples")
     loader = bundle.loader
-    return Data(Path(loader.root), bundle.decode, getattr(loader, "shift", None), getattr(loader, "scale", None),
+    return Data(Path(loader.root), decode, getattr(loader, "shift", None), getattr(loader, "scale", None),
                 dict(bundle.manifest))
 
 
@@ -173,8 +174,7 @@ def sample_images(model, cfg: Config, ckpt: str | Path, data: Data, noise: torch
     from irepa.recipes import for_config
 
     recipe = for_config(cfg)
-    recipe.checkpoint = Path(ckpt)
-    decode = recipe.decoder(data.manifest, device)
+    decode = recipe.decoder(data.manifest, device, checkpoint=Path(ckpt))
     if decode is None:
         raise ValueError(f"{ckpt}: no decoder for this run's samples on this machine")
     out = []

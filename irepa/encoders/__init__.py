@@ -7,7 +7,7 @@
 pool4, raw patches, the digits CNN targets trained here, and the variants of registry.VARIANTS);
 any of them + "+global" or "+perm" is a control target (controls.py). `info(name)` gives
 its width, input resolution and whether its weights are on this machine, `table()` the
-preprocessing of each as the README shows it. Each name computes the tokens the official iREPA release computes for
+preprocessing of each as docs/encoders.md shows it. Each name computes the tokens the official iREPA release computes for
 it (registry.py). Weights are read from local files only (see `base.resolve_weights`);
 `build(name, tiny=True)` gives a randomly initialised small model of the same
 architecture for tests.
@@ -109,7 +109,7 @@ def infos() -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------
-# the README's encoder table, generated from the registry
+# the encoder table of docs/encoders.md, generated from the registry
 
 TABLE_COLUMNS = ("name", "source", "input", "resize", "normalization", "pos embed", "final norm", "dim",
                  "tokens@256")
@@ -139,7 +139,7 @@ def table() -> list[dict]:
 
 
 def table_markdown() -> str:
-    """The README's encoder table (python launch/encoders.py table --markdown)."""
+    """The encoder table of docs/encoders.md (python launch/encoders.py table --markdown)."""
     cols = TABLE_COLUMNS + ("note",)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in table():

@@ -5,7 +5,8 @@ An `Encoder` takes images [B, 3, H, W] in [0, 1] at the diffusion model's resolu
 no CLS or register tokens. Each encoder resizes to its own input size first: the token
 grid is kept at H/16 x W/16, so an encoder whose tokens cover `patch` pixels sees
 (H/16 * patch) x (W/16 * patch) pixels (DINOv2's 14 px patches -> 224 px at 256,
-SAM2's stride-32 last stage -> 512 px at 256; SPEC.md section 7).
+SAM2's stride-32 last stage -> 512 px at 256, as End2End-Diffusion/iREPA ldm/vision_encoder.py@99ad4ac
+resizes them).
 
 Weights are only ever read from this machine (never downloaded at run time); see
 `resolve_weights` for the search order. A missing file is a FileNotFoundError that

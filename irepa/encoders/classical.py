@@ -1,6 +1,6 @@
 """Classical spatial features as alignment targets: HOG, dense HOG, upright SIFT, raw patches, VGG16 pool4.
 
-The paper (SPEC.md sections 1 and 7) shows that features with strong spatial structure
+The iREPA paper (arXiv 2512.10794) shows that features with strong spatial structure
 but no learned semantics still help REPA. All three give one 128-d (HOG, SIFT) or 512-d
 (VGG16 pool4) token per 16 px patch of the model input, so no resize is needed.
 

@@ -80,7 +80,7 @@ class DigitsCNN(nn.Module):
 def grid_digits(resolution: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """The digits as the network sees them at `resolution` (the diffusion presets' 128 px):
     grid inputs [N, 1, R/16, R/16], labels [N]."""
-    from irepa.data.digits import load_digits_images
+    from irepa.digits import load_digits_images
     images, labels = load_digits_images(resolution)
     return DigitsCNN.grid_input(images), labels
 

@@ -62,7 +62,7 @@ normalization (the model's input conditioner does it). Not confirmed: prefix-tok
 counts of the tiny test models for v2-H/g and v3 (real checkpoints say their own);
 heads per size.
 
-Resolution: RADIO runs at any multiple of 16 px (v3's preferred 512). SPEC.md section 7
+Resolution: RADIO runs at any multiple of 16 px (v3's preferred 512). The iREPA paper
 gives C-RADIO no resolution, so it sees 16 px per output token like the other
 patch-16 encoders: 256 px at the 256 px model resolution (16 x 16 = 256 tokens), 512 px
 at 512 (1024 tokens), with the 128 x 128 grid resampled as above.

@@ -8,7 +8,7 @@ meet the token grid (`pos`, see POS_RULES), whether the final norm is applied, a
 LayerNorm eps overrides. The defaults are those of End2End-Diffusion/iREPA @99ad4ac
 (`ldm/vision_encoder.py`; the `jit/` copy computes the same tokens), quirks included;
 where a quirk looks like a mistake the other choice is registered as a variant name
-(`VARIANTS`). `table()` in __init__.py renders these specs for the README.
+(`VARIANTS`). `table()` in __init__.py renders these specs for docs/encoders.md.
 
 Upstream code each family was run against side by side (same weights and pixels, fp32;
 max rel after the fixes in brackets), or read where marked:
@@ -80,7 +80,7 @@ class EncoderSpec:
 
     @property
     def normalization(self) -> str:
-        """Name of the normalization constants (README table)."""
+        """Name of the normalization constants (the docs/encoders.md table)."""
         if self.mean is None:
             return "none"
         known = {(IMAGENET_MEAN, IMAGENET_STD): "ImageNet", (CLIP_MEAN, CLIP_STD): "CLIP", (HALF, HALF): "0.5 / 0.5"}

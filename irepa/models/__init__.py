@@ -3,8 +3,18 @@ from __future__ import annotations
 
 from .sit import SIT_SIZES, SiT
 
-# default alignment depth per family size (SPEC.md section 2)
+# default alignment depth per family size: 4 for B, 8 for L/XL (iREPA paper; End2End-Diffusion/iREPA
+# README.md@99ad4ac runs B with depth 4, ldm/train.py defaults to 8)
 _SIT_ALIGN_DEPTH = {"SiT-S/2": 4, "SiT-B/2": 4, "SiT-L/2": 8, "SiT-XL/2": 8, "SiT-T/2": 2, "SiT-Tiny/2": 1}
+
+
+FUSED_FAMILIES = ("SiT",)
+"""model families whose blocks have a fused kernel (`fused_kernels`); JiT's RMSNorm + modulation has none"""
+
+
+def takes_fused_kernels(name: str) -> bool:
+    """Whether model `name` is built with the `fused_kernels` keyword (the others refuse it)."""
+    return name.split("-", 1)[0] in FUSED_FAMILIES
 
 
 def names() -> list[str]:

@@ -22,7 +22,9 @@ info["release"] says which release trained the checkpoint, as far as it shows: "
 (the iREPA code: its ProjectionLayer keys, a conv head, or its training args), "repa"
 (REPA's projectors.K.{0,2,4} head or REPA training args), None (neither: no projectors,
 no args). It matters for decoding: the iREPA code scales SD-VAE latents per channel
-(sdvae-ft-mse-f8d4-latents-stats.pt), REPA by 0.18215.
+(sdvae-ft-mse-f8d4-latents-stats.pt), REPA by 0.18215. info["recipe"] is the training recipe
+(irepa.recipes) that samples such a model: "sit", the flow-matching velocity all three
+releases (SiT, REPA, iREPA) train.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ from irepa.errors import InputError, InputKeyError, InputNotFound
 
 from .sit import SIT_SIZES, SiT
 
+RELEASE_RECIPE = "sit"
+"""the recipe of every release this module reads: SiT flow matching (velocity, t = 1 noise)"""
 _PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
@@ -195,7 +199,7 @@ def convert_reference(sd: dict[str, torch.Tensor], name: str | None = None, inpu
     """Build our SiT from a reference-layout state dict -> (model in eval mode, head state dict, info).
 
     info["head"]: the head's AlignmentHead arguments (None without projectors or with head=False);
-    info["release"]: see the module doc. train_args: the checkpoint's "args" entry, if any."""
+    info["release"], info["recipe"]: see the module doc. train_args: the checkpoint's "args" entry, if any."""
     size, kw = infer_sit_kwargs(sd, name)
     if input_size is not None:
         kw["input_size"] = input_size
@@ -213,7 +217,7 @@ def convert_reference(sd: dict[str, torch.Tensor], name: str | None = None, inpu
         raise InputError(f"reference checkpoint does not fit {size}: missing {missing[:6]}, "
                          f"unexpected {unexpected[:6]}")
     info = {"name": size, **kw, "projectors": sorted({k.split(".")[1] for k in head_sd}, key=int),
-            "head": head_spec(head_sd), "release": release_kind(sd, train_args)}
+            "head": head_spec(head_sd), "release": release_kind(sd, train_args), "recipe": RELEASE_RECIPE}
     return model.eval(), head_sd, info
 
 

@@ -6,8 +6,9 @@ the width), RMSNorm, qk-norm (RMSNorm per head), 2-D RoPE, SwiGLU MLP (hidden
 int(4 d * 2/3)), adaLN-Zero conditioning on t + y, and 32 in-context class tokens
 (the class embedding repeated, plus a learned position embedding) prepended before block
 index `in_context_start` (0-indexed; blocks k+1..depth, 1-indexed, see them). The final
-layer predicts the clean image x. Sizes and dropout per SPEC.md section 4 / the JiT
-release. Parameters at 256 px (the fixed sin-cos pos-embed is a buffer, not counted):
+layer predicts the clean image x. Sizes and dropout per the JiT
+release (End2End-Diffusion/iREPA jit/model_jit.py@99ad4ac).
+Parameters at 256 px (the fixed sin-cos pos-embed is a buffer, not counted):
 B/16 131.12M, L/16 458.88M, H/16 952.51M; the paper lists 131M, 459M, 953M (counting the
 release's frozen pos-embed Parameter adds 0.20 / 0.26 / 0.33M). Forward GMACs at 256 px:
 25.2 / 87.9 / 181.9 (`forward_flops()` / 2).
@@ -16,7 +17,7 @@ forward(x, t, y, drop_mask) -> (x_prediction [B, C, H, W], hidden [B, T, D]), hi
 output of block `align_depth` (1-indexed) with the in-context tokens removed, so the
 alignment projector always sees the (H/p) x (W/p) patch grid. Time is JiT's: t = 1 is
 data (the JiT recipe, irepa.recipes.jit, handles the flip to SiT time for its loss and
-the samplers). Default alignment depth: 4 for B (SPEC.md section 2), 8 for L and H
+the samplers). Default alignment depth: 4 for B (the iREPA README's JiT-B runs), 8 for L and H
 (the iREPA JiT release's default encoder depth; for H it lies before the in-context
 tokens, which start at block 11).
 
@@ -24,8 +25,10 @@ Parameter names follow the JiT release (x_embedder.proj1/proj2, blocks.i.attn.q_
 mlp.w12/w3, in_context_posemb, final_layer.norm_final, ...), so its checkpoints map onto
 this module key for key (its pos_embed parameter is our buffer).
 
-JiT has no fused RMSNorm + adaLN kernel yet (model.fused_kernels applies to SiT only): it
-runs the eager ops, which torch.compile per block fuses.
+JiT has no fused RMSNorm + adaLN kernel yet (model.fused_kernels applies to SiT only, see
+irepa.models.takes_fused_kernels): it runs the eager ops, which torch.compile per block fuses.
+Blocks call the modulation through their `modulate` attribute (as SiT blocks call
+`modulate_norm`), where a tool can see it (perf/roofline.py tags it).
 """
 from __future__ import annotations
 
@@ -179,11 +182,12 @@ class JiTBlock(nn.Module):
         self.norm2 = RMSNorm(dim)
         self.mlp = SwiGLU(dim, int(dim * mlp_ratio), proj_dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.modulate = modulate
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         sh_a, sc_a, g_a, sh_m, sc_m, g_m = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + g_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), sh_a, sc_a), cos, sin)
-        return x + g_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), sh_m, sc_m))
+        x = x + g_a.unsqueeze(1) * self.attn(self.modulate(self.norm1(x), sh_a, sc_a), cos, sin)
+        return x + g_m.unsqueeze(1) * self.mlp(self.modulate(self.norm2(x), sh_m, sc_m))
 
 
 class JiTFinalLayer(nn.Module):
@@ -192,10 +196,11 @@ class JiTFinalLayer(nn.Module):
         self.norm_final = RMSNorm(dim)
         self.linear = nn.Linear(dim, patch * patch * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.modulate = modulate
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(self.modulate(self.norm_final(x), shift, scale))
 
 
 class JiT(nn.Module):

@@ -1,7 +1,7 @@
 """REPA-E's latent normalization: a BatchNorm on the clean latent at the SiT input.
 
 BatchNorm2d(C, eps 1e-4, momentum 0.1, affine off), as REPA-E's SiT applies to the VAE
-latent before noising (SPEC_RECIPES.md B2):
+latent before noising (End2End-Diffusion/REPA-E models/sit.py@3ad8046):
 - train mode (the SiT update): batch statistics over (B, H, W), running statistics
   updated with the unbiased variance; with several ranks the statistics are those of
   the global batch (what SyncBatchNorm computes), summed with an autograd-aware

@@ -5,7 +5,8 @@ vector), a 2-D sin-cos position embedding (fixed, or with train_pos_embed a trai
 parameter that starts from it), zero-initialized modulation and final layer, label
 dropout with a null class. forward returns (velocity, h_at_depth) where h_at_depth
 [B, T, D] is the hidden state after block `align_depth` (1-indexed) that the alignment
-projector reads. Sizes per SPEC.md section 3.
+projector reads. Sizes as in the DiT paper (Peebles & Xie 2023) and End2End-Diffusion/iREPA
+ldm/models/sit.py@99ad4ac.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import torch
 import torch.nn as nn
 
 from .attention import attention, resolve_backend
-from .latent_norm import LatentNorm
 from .layers import LabelEmbedder, Mlp, TimestepEmbedder, get_modulate_norm, init_adaln_zero_, sincos_pos_embed_2d
 
 
@@ -85,7 +85,7 @@ class SiT(nn.Module):
                  dim: int = 1152, depth: int = 28, heads: int = 16, mlp_ratio: float = 4.0,
                  num_classes: int = 1000, class_dropout_prob: float = 0.1, learn_sigma: bool = False,
                  align_depth: int = 8, attn_backend: str = "sdpa", fused_kernels: bool = False,
-                 latent_norm: bool = False, train_pos_embed: bool = False):
+                 train_pos_embed: bool = False):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
@@ -106,8 +106,6 @@ class SiT(nn.Module):
             self.register_buffer("pos_embed", self.sincos_pos_embed(), persistent=False)
         self.blocks = nn.ModuleList(SiTBlock(dim, heads, mlp_ratio, backend, fused_kernels) for _ in range(depth))
         self.final_layer = FinalLayer(dim, patch_size, self.out_channels, fused_kernels)
-        # REPA-E: BatchNorm of the clean latent, applied by the caller before noising (not in forward)
-        self.latent_norm = LatentNorm(in_channels) if latent_norm else None
         self.initialize_weights()
 
     def initialize_weights(self):

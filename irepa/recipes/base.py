@@ -12,7 +12,9 @@ the posterior sample of stored latents, then the label-dropout mask.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -70,10 +72,9 @@ class Recipe:
     recipe's release writes its samples: "round" or "truncate" (irepa.grid.quantize_unit)"""
     interval_rule: ClassVar[str] = "sit"
     """where CFG is on, as the recipe's release decides it (irepa.sampling.guidance_schedule)"""
-
-    checkpoint = None
-    """the checkpoint folder a sampling tool loaded the model from (launch/sample.py sets it), for
-    recipes whose decoder is a trained part of the run (REPA-E's VAE); None while training"""
+    trains_decoder: ClassVar[bool] = False
+    """the decoder is a trained part of the run (REPA-E's VAE): `decoder` takes it from the live parts
+    or a checkpoint, and launch/export_vae.py exports it"""
 
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg if cfg is not None else Config(train=TrainConfig(recipe=self.name))
@@ -90,7 +91,9 @@ class Recipe:
         """Constructor keywords for irepa.models.build(model.name, ...); add recipe-specific ones here."""
         m = self.cfg.model
         kw = dict(input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
-                  class_dropout_prob=m.class_dropout_prob, attn_backend=m.attn_backend, fused_kernels=fused)
+                  class_dropout_prob=m.class_dropout_prob, attn_backend=m.attn_backend)
+        if models.takes_fused_kernels(m.name):  # a family without a fused kernel refuses the flag
+            kw["fused_kernels"] = fused
         if m.align_depth is not None:
             kw["align_depth"] = m.align_depth
         return kw
@@ -127,6 +130,12 @@ class Recipe:
         """One micro-batch: `batch` and `draws` are the same slice of the loader batch and of `draw`."""
         raise NotImplementedError(f"recipe {self.name!r} does not define loss()")
 
+    def alignment_hidden(self, model: nn.Module, batch: dict, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The hidden state the alignment head reads, without the denoising output: for a step that
+        aligns through the model's first blocks only (REPA-E's VAE update; the trained tree's
+        forward with align_only=True)."""
+        raise NotImplementedError(f"recipe {self.name!r} has no alignment-only pass")
+
     # -- sampling -------------------------------------------------------------------------
     def velocity_fn(self, model: nn.Module) -> VelocityFn:
         """The trained model as a velocity in SiT time (t = 1 noise) for irepa.sampling."""
@@ -142,16 +151,24 @@ class Recipe:
                          null_class=null_class, generator=generator, interval_rule=self.interval_rule)
 
     def decoder(self, manifest: dict | None, device, vae: str | None = None,
-                scaling: codec.LatentScaling | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+                scaling: codec.LatentScaling | None = None, *, parts: Mapping[str, nn.Module] | None = None,
+                checkpoint: Path | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """Model outputs -> images in [0, 1], or None when no decoder is available on this machine.
         manifest: the run's prepared-data manifest (its codec and latent statistics) when known;
-        vae / scaling override them (launch/sample.py --vae, --latent_stats, --latent_scale)."""
+        vae / scaling override them (launch/sample.py --vae, --latent_stats, --latent_scale).
+        For a recipe that `trains_decoder`: parts, the run's live trained parts by name (while
+        training), or checkpoint, the single-file checkpoint folder a sampling tool loaded the
+        model from."""
         if self.data_kind == "pixels":
             return codec.decode_pixels
         name = vae or ((manifest or {}).get("latent") or {}).get("vae")
         if scaling is None and manifest is not None and (manifest.get("latent") or {}).get("channel_mean"):
             scaling = codec.LatentScaling.from_manifest(manifest)
         return codec.latent_decoder(name, scaling, device)
+
+    def decoder_tag(self, checkpoint: Path | None = None) -> str:
+        """How launch/sample.py's plan.json names the decoder of a pixel-data recipe's samples."""
+        return "pixels"
 
     # -- trained parts and the step -------------------------------------------------------
     def extra_parts(self, device) -> dict[str, PartSpec]:
@@ -166,5 +183,7 @@ class Recipe:
         A recipe that trains several parts in its own order returns an object of its own that
         uses the given step's pieces: step.parts (name -> Part: module, train_module, optimizer,
         ema, params), step.generator(index), step.slices(B), step.features(batch), step.autocast(),
-        step.grad_sync(part, enabled), step.backward(loss), step.optimizer_step(part, index)."""
+        step.grad_sync(part, enabled), step.backward(loss), step.optimizer_step(part, index).
+        Called once per run (irepa.train.assemble.build_run), right after `extra_parts`: what the
+        step needs besides the parts (REPA-E's LPIPS, its initial latent statistics) it builds here."""
         return step

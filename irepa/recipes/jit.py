@@ -1,4 +1,5 @@
-"""JiT: x-prediction on pixels with the loss in velocity space, SPEC.md section 4.
+"""JiT: x-prediction on pixels with the loss in velocity space, as End2End-Diffusion/iREPA
+jit/denoiser.py@99ad4ac trains it.
 
 JiT time runs the other way from SiT: z = t x + (1 - t) e, t = 1 is data. t is drawn
 logit-normal, t = sigmoid(N(-0.8, 0.8)), so most samples are noisy. The network predicts
@@ -92,11 +93,6 @@ class JiTRecipe(Recipe):
     """the clamp of 1 - t in the loss and of t in the sampler's velocity"""
     NOISE_SCALE = 1.0
     """multiplies e (1.0 at 256 px; the release uses 2.0 at 512 px)"""
-
-    def model_kwargs(self, fused):
-        kw = super().model_kwargs(fused)
-        kw.pop("fused_kernels")  # no fused JiT block kernel: the eager ops, fused by torch.compile
-        return kw
 
     def draw(self, batch, generator):
         d = self.draw_data(batch, generator)

@@ -1,4 +1,5 @@
-"""MeanFlow (+ REPA / iREPA): one-step generation from the average velocity, SPEC_RECIPES.md part A.
+"""MeanFlow (+ REPA / iREPA): one-step generation from the average velocity (Gsunshine/meanflow @d70cb55;
+docs/recipes.md lists the choices made where the sources are silent).
 
 The math (draws, guided target, JVP, adaptive loss, samplers) is irepa.meanflow; this file
 binds it to the trainer. The model is a SiT with a second timestep embedder for h = t - r
@@ -11,7 +12,8 @@ of every recipe (`draw_data`: rand < model.class_dropout_prob), turned into Mean
 Alignment (REPA / iREPA) reads the hidden state of the pass that makes u, at (z_t, t, h =
 t - r, the possibly dropped label): the normal forward in the "split" JVP mode, the primal of
 the JVP through has_aux in "joint" mode; both give the same values and gradients (tested).
-The release of MeanFlow + REPA is not public (SPEC_RECIPES.md A11); the alternative seen in
+The release of MeanFlow + REPA is not public (iREPA App. G: the MeanFlow authors gave
+it to them privately); the alternative seen in
 a third-party port, a separate plain forward at the same inputs, is the same hidden state.
 
 Sampling (`sample`): method "euler" is MeanFlow's N-step sampler, z <- z - (t_i - t_{i+1})
@@ -19,7 +21,8 @@ u(z, t_i, h = t_i - t_{i+1}) on a uniform grid, one call per step (`steps` = NFE
 in iREPA Table 3b). "heun" / "sde" integrate the instantaneous velocity u(z, t, h = 0)
 (`velocity_fn`) with irepa.sampling. Guidance is trained in: sample with cfg 1.
 
-Presets: meanflow-sit-{b2,l2,xl2}-{repa,irepa} (guidance per size, SPEC_RECIPES.md A6; Adam
+Presets: meanflow-sit-{b2,l2,xl2}-{repa,irepa} (guidance per size from the MeanFlow paper; B/2 as
+Gsunshine/meanflow configs/default.py@d70cb55; Adam
 betas (0.9, 0.95), lr 1e-4 constant, no clipping, EMA 0.9999, batch 256, 100K steps as
 iREPA Table 3b), digits-meanflow-{irepa,repa} (CPU, minutes).
 """
@@ -36,7 +39,7 @@ from irepa.config import merge_trees
 from .base import Loss
 from .sit import DATASET, SiTRecipe, _presets as _sit_presets
 
-# (omega, kappa, t_start, t_end) per size: SPEC_RECIPES.md A6 (effective scale omega / (1 - kappa))
+# (omega, kappa, t_start, t_end) per size: the MeanFlow paper's settings (effective scale omega / (1 - kappa))
 GUIDANCE = {"SiT-B/2": (1.0, 0.5, 0.0, 1.0), "SiT-L/2": (0.2, 0.92, 0.0, 0.8), "SiT-XL/2": (0.2, 0.92, 0.0, 0.75)}
 
 

@@ -1,4 +1,5 @@
-"""REPA-E (and iREPA-E): the VAE trained end to end with the SiT, SPEC_RECIPES.md part B.
+"""REPA-E (and iREPA-E): the VAE trained end to end with the SiT, as
+End2End-Diffusion/REPA-E train_repae.py@3ad8046 trains it.
 
 Data: images (a prepared "pixels" dataset: uint8 crops + stored encoder features). Parts,
 each with its own AdamW and grad-norm clip 1.0, all in every checkpoint:
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -46,10 +47,11 @@ from irepa import transport
 from irepa.autoencoder.discriminator import build_discriminator
 from irepa.autoencoder.export import load_bn_stats
 from irepa.autoencoder.losses import VAELossConfig, discriminator_loss, generator_loss
-from irepa.autoencoder.lpips import build_lpips
+from irepa.autoencoder.lpips import LPIPS, build_lpips
 from irepa.autoencoder.sdvae import REPAE_VAE_FILE, Posterior, VAEAutoencode, build_sdvae, load_sdvae, resolve_vae
 from irepa.config import merge_trees
 from irepa.errors import InputError, InputNotFound
+from irepa.models.latent_norm import LatentNorm
 
 from .base import Loss, PartSpec
 from .sit import SiTRecipe
@@ -74,7 +76,8 @@ class RepaEOptions:
     disc_weights: str | None = None
     """REPA-E sdvae-f8d4-discriminator-ckpt.pt; None = looked up; "random" = random init"""
     lpips: str = "vgg"
-    """vgg (LPIPS VGG16 + v0.1 heads from local files) | tiny (random init, 1/16 width: tests, demo)"""
+    """vgg (LPIPS VGG16 + v0.1 heads from local files) | tiny (random init, 1/16 width: tests, demo) |
+    vgg-random (the VGG16 network at random init: its cost without its files, perf/bench_repae.py)"""
     vae_lr: float = 1e-4
     disc_lr: float = 1e-4
     vae_align_weight: float = 1.5
@@ -91,6 +94,8 @@ class RepaEOptions:
     train_pos_embed: bool = True
     """train the SiT's sin-cos position embedding with its other weights (optimizer, clipping, EMA), as the
     release does; false = the fixed table of the other recipes"""
+    time_sampling: Literal["uniform", "lognormal"] = "uniform"
+    """distribution of t in both passes: uniform | lognormal (as sit.time_sampling; train.time_sampling before)"""
 
     ADDED: ClassVar[dict[str, Any]] = {"train_pos_embed": False}
     """keys added after runs were made -> the value such a run had (its config.json lacks the key)"""
@@ -98,8 +103,9 @@ class RepaEOptions:
     def __post_init__(self):
         if self.vae not in ("f8d4", "tiny", "digits"):
             raise ValueError(f"repae.vae must be f8d4, tiny or digits, got {self.vae!r}")
-        if self.lpips not in ("vgg", "tiny"):
-            raise ValueError(f"repae.lpips must be vgg or tiny, got {self.lpips!r}")
+        if self.lpips not in ("vgg", "tiny", "vgg-random"):
+            raise ValueError(f"repae.lpips must be vgg, tiny or vgg-random, got {self.lpips!r}")
+        transport.check_time_sampling(self.time_sampling)
         if self.vae_lr <= 0 or self.disc_lr <= 0 or self.vae_align_weight < 0:
             raise ValueError("repae: vae_lr and disc_lr must be > 0, vae_align_weight >= 0")
         self.loss_config()  # validates the loss settings now
@@ -143,21 +149,20 @@ class RepaERecipe(SiTRecipe):
     data_kind = "pixels"
     presets = _presets()
     Options = RepaEOptions
+    trains_decoder = True
     # where the parts' first weights come from (a resume loads its own), their learning rates, logging
     resume_may_change = frozenset({"vae_weights", "latent_stats", "disc_weights", "vae_lr", "disc_lr", "recon_every"})
 
-    def __init__(self, cfg=None):
-        super().__init__(cfg)
-        self._vae: VAEAutoencode | None = None
-        self._lpips = None
-
     # -- model and parts ------------------------------------------------------------------
     def model_kwargs(self, fused):
-        return {**super().model_kwargs(fused), "latent_norm": True, "train_pos_embed": self.options.train_pos_embed}
+        return {**super().model_kwargs(fused), "train_pos_embed": self.options.train_pos_embed}
 
-    def _run_dir(self) -> Path:
-        t = self.cfg.train
-        return Path(t.out_dir) / (t.run_name or self.cfg.preset or "run")
+    def build_model(self, fused: bool):
+        """The SiT with `latent_norm`, REPA-E's BatchNorm of the clean latent (applied before noising,
+        in `loss`, not in the SiT's forward): its statistics are saved and averaged with the model."""
+        model = super().build_model(fused)
+        model.latent_norm = LatentNorm(model.in_channels)
+        return model
 
     def _stats_path(self) -> Path:
         o = self.options
@@ -186,33 +191,35 @@ class RepaERecipe(SiTRecipe):
         vae = build_sdvae(o.vae) if o.vae_weights == RANDOM else load_sdvae(o.vae_weights, config=o.vae)
         disc = build_discriminator(None if o.disc_weights == RANDOM else o.disc_weights, tiny=o.vae != "f8d4",
                                    pretrained=o.disc_weights != RANDOM)
-        # the latent BatchNorm's initial statistics, read now (a missing file fails before step 0) and
-        # set at step 0 in the model and its EMA; a resumed run takes them from its checkpoint
-        self._bn_stats = None if o.latent_stats == ESTIMATE else load_bn_stats(self._stats_path())
-        self._vae = VAEAutoencode(vae)
-        self._lpips = build_lpips(tiny=o.lpips == "tiny").to(device)
         adamw = lambda lr: lambda ps: torch.optim.AdamW(  # noqa: E731
             ps, lr=lr, betas=self.cfg.optim.betas, eps=self.cfg.optim.eps, weight_decay=self.cfg.optim.weight_decay,
             fused=torch.device(device).type == "cuda" or None)
         clip = self.cfg.optim.grad_clip
-        return {"vae": PartSpec(self._vae, adamw(o.vae_lr), grad_clip=clip),
+        return {"vae": PartSpec(VAEAutoencode(vae), adamw(o.vae_lr), grad_clip=clip),
                 "disc": PartSpec(disc, adamw(o.disc_lr), grad_clip=clip)}
+
+    def make_step(self, step):
+        """REPA-E's step, with what it needs besides the parts: LPIPS (built right after the parts, from
+        the same seeded stream) and the latent BatchNorm's initial statistics, read now (a missing file
+        fails before step 0) and set at step 0; a resumed run takes them from its checkpoint."""
+        o = self.options
+        lpips = LPIPS() if o.lpips == "vgg-random" else build_lpips(tiny=o.lpips == "tiny")
+        stats = None if o.latent_stats == ESTIMATE else load_bn_stats(self._stats_path())
+        return RepaEStep(self, step, lpips.to(step.device), stats)
 
     # -- objective: the SiT part ------------------------------------------------------------
     def loss(self, model, batch, draws):
-        """draws["x"]: the VAE latent (unnormalized); the latent BatchNorm comes first.
-        draws["align_only"]: stop after block align_depth (the VAE's alignment pass)."""
+        """draws["x"]: the VAE latent (unnormalized); the latent BatchNorm comes first."""
         x = model.latent_norm(draws["x"])
         t, noise = draws["t"], draws["noise"]
-        align_only = bool(draws.get("align_only", False))
-        pred, hidden = model(transport.interpolate(x, noise, t), t, batch["y"], draws.get("drop"),
-                             hidden_only=align_only)
-        if align_only:
-            return Loss(x.new_zeros(()), hidden)
+        pred, hidden = model(transport.interpolate(x, noise, t), t, batch["y"], draws.get("drop"))
         return Loss(transport.denoising_loss(pred, transport.velocity_target(x, noise)), hidden)
 
-    def make_step(self, step):
-        return RepaEStep(self, step)
+    def alignment_hidden(self, model, batch, draws):
+        """The VAE's alignment pass: the normalized latent noised, through blocks 1..align_depth."""
+        x = model.latent_norm(draws["x"])
+        t, noise = draws["t"], draws["noise"]
+        return model(transport.interpolate(x, noise, t), t, batch["y"], draws.get("drop"), hidden_only=True)[1]
 
     # -- sampling and decoding ------------------------------------------------------------
     @torch.no_grad()
@@ -220,27 +227,27 @@ class RepaERecipe(SiTRecipe):
         """VAE latents: the SiT's samples mapped back by its BatchNorm statistics (x / scale + bias)."""
         return model.latent_norm.denormalize(super().sample(model, noise, labels, **kw))
 
-    def decoder(self, manifest, device, vae=None, scaling=None):
-        state = {"vae": None}
+    def decoder(self, manifest, device, vae=None, scaling=None, *, parts=None, checkpoint=None):
+        """The run's own VAE: the live "vae" part while training, else an export of it (`vae`), else
+        the checkpoint's vae.safetensors; read at the first call."""
+        state = {"vae": parts["vae"].vae if parts is not None and "vae" in parts else None}
 
         @torch.no_grad()
         def decode(z):
-            ae = self._vae.vae if self._vae is not None else state["vae"]
+            ae = state["vae"]
             if ae is None:
-                ae = state["vae"] = self._load_decoder_vae(vae, device)
+                ae = state["vae"] = self._load_decoder_vae(vae, checkpoint, device)
             img = ae.decode(z.to(next(ae.parameters()).dtype)).sample
             return ((img.float() + 1) / 2).clamp(0, 1)
         return decode
 
-    @property
-    def decoder_tag(self) -> str:
-        return f"repae-vae:{getattr(self, 'checkpoint', None)}"
+    def decoder_tag(self, checkpoint=None) -> str:
+        return f"repae-vae:{checkpoint}"
 
-    def _load_decoder_vae(self, vae, device):
+    def _load_decoder_vae(self, vae, checkpoint, device):
         if vae is not None:  # an exported VAE folder
             return load_sdvae(vae, config=self.options.vae).to(device).eval()
-        ckpt = getattr(self, "checkpoint", None)
-        path = Path(ckpt) / "vae.safetensors" if ckpt else None
+        path = Path(checkpoint) / "vae.safetensors" if checkpoint else None
         if path is None or not path.is_file():
             raise InputNotFound(f"REPA-E decoding needs the run's VAE: {path} not found (a sharded checkpoint? "
                                     f"export it with launch/export_vae.py and pass --vae EXPORTED)")
@@ -258,10 +265,15 @@ class RepaERecipe(SiTRecipe):
 class RepaEStep:
     """One REPA-E step from the default step's pieces (irepa.train.step.TrainStep)."""
 
-    def __init__(self, recipe: RepaERecipe, step):
+    def __init__(self, recipe: RepaERecipe, step, lpips: nn.Module,
+                 initial_stats: tuple[torch.Tensor, torch.Tensor] | None):
         self.recipe, self.step = recipe, step
         self.model, self.vae, self.disc = step.parts["model"], step.parts["vae"], step.parts["disc"]
         self.loss_cfg = recipe.options.loss_config()
+        self.lpips = lpips
+        """the frozen LPIPS network of the reconstruction loss"""
+        self.initial_stats = initial_stats
+        """(scale, bias) the latent BatchNorm starts from at step 0; None: estimated from that step's batch"""
         self.observer = None
         """test hook: observer(name, **values) at each pass"""
 
@@ -273,7 +285,7 @@ class RepaEStep:
         x = data["x"]
         with st.autocast():
             mean, logvar, z, recon = self.vae.train_module(x, g)
-        t = transport.sample_time(x.shape[0], r.cfg.train.time_sampling, generator=g, device=x.device)
+        t = transport.sample_time(x.shape[0], r.time_sampling, generator=g, device=x.device)
         noise = torch.randn(z.shape, generator=g, device=z.device, dtype=z.dtype)
         feats = st.features(batch)
         net = self.model.module  # model + head, plain (frozen passes need no gradient reduction)
@@ -287,11 +299,11 @@ class RepaEStep:
             p.requires_grad_(False)
         try:
             with st.autocast():  # through the tree's own forward: FSDP gathers its root parameters there
-                _, vae_align, _ = net(batch, {"x": z, "t": t, "noise": noise, "align_only": True}, feats)
+                _, vae_align, _ = net(batch, {"x": z, "t": t, "noise": noise}, feats, align_only=True)
             if self.observer:
                 self.observer("vae_pass", t=t, noise=noise, training=net.training,
                               frozen=not any(p.requires_grad for p in net.parameters()))
-            rec, logs = generator_loss(x, recon, Posterior(mean, logvar), self.disc.module, r._lpips, index,
+            rec, logs = generator_loss(x, recon, Posterior(mean, logvar), self.disc.module, self.lpips, index,
                                        self.loss_cfg)
             vae_loss = rec + o.vae_align_weight * vae_align
             st.backward(vae_loss)
@@ -329,7 +341,7 @@ class RepaEStep:
         from irepa.grid import save_grid, to_uint8_nhwc
         k = min(8, x.shape[0])
         both = torch.cat([x[:k], recon[:k]]).float().add(1).div(2).clamp(0, 1).cpu()
-        path = self.recipe._run_dir() / "recon" / f"step-{n:07d}.png"
+        path = self.recipe.cfg.run_dir / "recon" / f"step-{n:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(to_uint8_nhwc(both), path, nrow=k)
 
@@ -338,10 +350,9 @@ class RepaEStep:
         """Step 0: the latent BatchNorm and its EMA copies start from the configured statistics
         (REPA-E's init_bn: running_mean = bias, running_var = scale^-2), or with
         repae.latent_stats=estimate from the first batch's posterior samples pooled over ranks."""
-        stats = self.recipe._bn_stats
-        if stats is None:
+        if self.initial_stats is None:
             return self._estimate_stats(z)
-        scale, bias = (t.to(z.device) for t in stats)
+        scale, bias = (t.to(z.device) for t in self.initial_stats)
         self._set_stats(bias, scale.reciprocal().pow(2))
 
     @torch.no_grad()
@@ -358,15 +369,8 @@ class RepaEStep:
         self._set_stats(mean, var)
 
     def _set_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
-        targets = [self.model.module.model.latent_norm]
-        ema = self.model.ema
-        for m in getattr(ema, "models", []):
-            targets.append(m.latent_norm)
-        for ln in targets:
-            ln.init_from_stats(var.rsqrt(), mean)
-        for bufs in getattr(ema, "buffers", None) or []:  # ShardedEMA: full buffer copies by name, per decay
-            for k, b in bufs.items():
-                if k.endswith("latent_norm.bn.running_mean"):
-                    b.copy_(mean)
-                elif k.endswith("latent_norm.bn.running_var"):
-                    b.copy_(var)
+        """The live latent BatchNorm's statistics, then the EMA's buffers from the live model's (step 0:
+        nothing else of them has moved yet)."""
+        self.model.module.model.latent_norm.init_from_stats(var.rsqrt(), mean)
+        if self.model.ema is not None:
+            self.model.ema.copy_buffers(self.model.module.model)

@@ -1,7 +1,8 @@
-"""SiT flow matching (REPA / iREPA): the latent-diffusion recipe, SPEC.md section 3.
+"""SiT flow matching (REPA / iREPA): the latent-diffusion recipe of
+End2End-Diffusion/iREPA ldm/train.py and ldm/loss.py @99ad4ac.
 
 Time runs from data to noise: x_t = (1 - t) x + t e, t = 1 is noise, t drawn uniformly
-(SiT / REPA default) or logit-normal (train.time_sampling). The network regresses the
+(SiT / REPA default) or logit-normal (sit.time_sampling). The network regresses the
 velocity e - x with an MSE in fp32; trained models are velocities for irepa.sampling as
 they are. Data: VAE latents (posterior mean and std; a fresh posterior sample each step).
 
@@ -11,6 +12,9 @@ Presets: SiT-B/2, L/2, XL/2 with REPA (MLP projector, target y, lambda 0.5) or i
 scikit-learn's digits with a HOG target that trains in minutes on a CPU.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -51,6 +55,15 @@ def _presets() -> dict[str, dict]:
     return out
 
 
+@dataclass
+class SiTOptions:
+    time_sampling: Literal["uniform", "lognormal"] = "uniform"
+    """distribution of t: uniform | lognormal (sigmoid of a standard normal); train.time_sampling before"""
+
+    def __post_init__(self):
+        transport.check_time_sampling(self.time_sampling)  # an unknown name fails now, not at step 0
+
+
 class SiTRecipe(Recipe):
     """Flow matching with the velocity target e - x on the linear path."""
 
@@ -58,18 +71,20 @@ class SiTRecipe(Recipe):
     model_families = ("SiT",)
     data_kind = "latent"
     presets = _presets()
+    Options = SiTOptions
     # iREPA ldm/generate.py@99ad4ac (and REPA-E generate.py@3ad8046): clamp(255 x, 0, 255).to(uint8)
     sample_quantize = "truncate"
 
-    def __init__(self, cfg=None):
-        super().__init__(cfg)
-        transport.check_time_sampling(self.cfg.train.time_sampling)  # an unknown name fails now, not at step 0
+    @property
+    def time_sampling(self) -> str:
+        """<name>.time_sampling; a recipe built on this one whose own Options have no such key draws t as
+        SiT's default does (uniform)."""
+        return getattr(self.options, "time_sampling", SiTOptions.time_sampling)
 
     def draw(self, batch, generator):
         d = self.draw_data(batch, generator)
         x = d["x"]
-        d["t"] = transport.sample_time(x.shape[0], self.cfg.train.time_sampling, generator=generator,
-                                       device=x.device)
+        d["t"] = transport.sample_time(x.shape[0], self.time_sampling, generator=generator, device=x.device)
         d["noise"] = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return d
 

@@ -1,8 +1,12 @@
-"""Construct what a run needs from its Config and recipe: the trained tree, its parts, data, encoders."""
+"""The pieces a run is built from (irepa.train.assemble.build_run puts them together): the trained
+tree (diffusion model + alignment head), its optimizer and learning rate, and the data with its
+alignment targets (stored features or online encoders)."""
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -10,8 +14,6 @@ import torch.nn as nn
 from irepa.align import AlignmentHead, alignment_loss
 from irepa.config import Config
 from irepa.errors import InputError
-from irepa.train.ema import make_ema
-from irepa.train.step import Part
 
 
 def build_head(cfg: Config, dim: int, encoder_dims: list[int], fused: bool) -> AlignmentHead | None:
@@ -30,6 +32,8 @@ class AlignedDiffusion(nn.Module):
 
     forward(batch, draws, feats) -> (denoising loss, alignment loss, logs) for one micro-batch:
     the recipe's loss on the model, then the alignment head on the hidden state it returns.
+    align_only=True: the alignment loss of the recipe's `alignment_hidden` alone, the denoising
+    loss 0 (REPA-E's VAE update; through this forward, where FSDP gathers the root's parameters).
     Parameter names: model.* and head.* (checkpoint keys)."""
 
     def __init__(self, model: nn.Module, head: AlignmentHead | None, recipe):
@@ -38,64 +42,48 @@ class AlignedDiffusion(nn.Module):
         self.head = head
         self.recipe = recipe
 
-    def forward(self, batch: dict, draws: dict, feats: list[torch.Tensor]):
+    def forward(self, batch: dict, draws: dict, feats: list[torch.Tensor], align_only: bool = False):
+        if align_only:
+            hidden = self.recipe.alignment_hidden(self.model, batch, draws)
+            zero = hidden.new_zeros(())
+            return zero, (zero if self.head is None else self.head(hidden, feats)), {}
         out = self.recipe.loss(self.model, batch, draws)
         if self.head is None or out.hidden is None:
             return out.denoise, out.denoise.new_zeros(()), out.logs
         return out.denoise, self.head(out.hidden, feats), out.logs
 
 
-def adamw(cfg: Config, params: list[torch.Tensor], lr: float, device: torch.device) -> torch.optim.Optimizer:
+def to_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """module.to(device), skipped where every tensor is there already (fake tensors, perf/roofline.py's
+    trace, cannot go through the move, which would change nothing)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return module if all(t.device == torch.device(device) for t in tensors) else module.to(device)
+
+
+def adamw(cfg: Config, params: list[torch.Tensor], lr: float, device: torch.device,
+          fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW with the run's optim settings; fused (one kernel for all parameters) on CUDA unless told."""
     o = cfg.optim
     return torch.optim.AdamW(params, lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                             fused=device.type == "cuda" or None)
+                             fused=(device.type == "cuda" or None) if fused is None else fused)
 
 
 def base_lr(cfg: Config) -> float:
     return cfg.optim.lr * (cfg.train.batch_size / 256 if cfg.optim.scale_lr_with_batch else 1.0)
 
 
-def extra_parts(cfg: Config, recipe, device: torch.device, parallel: str) -> dict[str, Part]:
-    """The recipe's further trained parts (Recipe.extra_parts), each with optimizer and EMA;
-    data-parallel ones are DDP-wrapped (their gradients are all-reduced)."""
-    out = {}
-    for name, spec in recipe.extra_parts(device).items():
-        module = spec.module.to(device)
-        ema = make_ema(module, list(spec.ema_decays), sharded=False) if spec.ema_decays else None
-        train_module = module
-        if parallel in ("ddp", "fsdp"):
-            from irepa.train.parallelize import apply_ddp
-            train_module = apply_ddp(module, device)
-        params = [p for p in module.parameters() if p.requires_grad]
-        opt = spec.optimizer(params) if spec.optimizer is not None else adamw(cfg, params, base_lr(cfg), device)
-        out[name] = Part(module, train_module, opt, params, opt.param_groups[0]["lr"], ema, None, spec.grad_clip,
-                         "ddp" if train_module is not module else "none")
-    return out
-
-
-def offline_parts(cfg: Config, encoder_dims: list[int]) -> dict[str, Part]:
-    """Every trained part of a run as plain modules on the CPU (one process): for export and inspection."""
-    from irepa import recipes
-    recipe = recipes.for_config(cfg)
-    model = recipe.build_model(fused=False)
-    head = build_head(cfg, model.dim, encoder_dims, fused=False)
-    net = AlignedDiffusion(model, head, recipe)
-    params = [p for p in net.parameters() if p.requires_grad]
-    cpu = torch.device("cpu")
-    parts = {"model": Part(net, net, adamw(cfg, params, base_lr(cfg), cpu), params, base_lr(cfg),
-                           make_ema(net.model, cfg.train.ema_decays, sharded=False), net.model, cfg.optim.grad_clip)}
-    return {**parts, **extra_parts(cfg, recipe, cpu, "none")}
-
-
 @dataclass
 class DataBundle:
+    """What a run trains on: the loader (None for a run that is given its batches: export, benchmarks),
+    the alignment targets' widths, the dataset's manifest and the online encoders."""
+
     loader: object
     encoder_dims: list[int]
     manifest: dict
-    decode: object = None
-    """model outputs -> images in [0, 1] for sample grids (None: no decoder on this machine)"""
     online_encoders: list = field(default_factory=list)
     """frozen encoders run in the step on batch["images"] when features are not stored"""
+    encoder_autocast: Callable[[], AbstractContextManager] | None = None
+    """the online encoders' autocast; None: bf16 on CUDA, none elsewhere (perf/roofline.py: CUDA's policy)"""
 
     def features(self, batch: dict) -> list[torch.Tensor]:
         """Alignment targets of a batch (slice): its stored features, or the online encoders' output."""
@@ -110,7 +98,8 @@ class DataBundle:
 
     @torch.no_grad()
     def online_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        amp = torch.autocast(images.device.type, torch.bfloat16, enabled=images.device.type == "cuda")
+        amp = (self.encoder_autocast() if self.encoder_autocast is not None else
+               torch.autocast(images.device.type, torch.bfloat16, enabled=images.device.type == "cuda"))
         with amp:
             return [enc(images) for enc in self.online_encoders]
 
@@ -162,7 +151,16 @@ def build_data(cfg: Config, recipe, model: nn.Module, rank: int, world_size: int
     loader = data_pkg.build_loader(path, local_batch, [] if online else cfg.align.encoders, seed=cfg.train.seed,
                                    rank=rank, world_size=world_size, device=device, backend=cfg.data.backend,
                                    images=online, verify=cfg.data.verify, hflip=cfg.data.hflip)
-    return DataBundle(loader, dims, manifest, decode=recipe.decoder(manifest, device), online_encoders=encs)
+    return DataBundle(loader, dims, manifest, online_encoders=encs)
+
+
+def scan_full(data: DataBundle, is_main: bool, log: Callable[[str], None]) -> None:
+    """data.verify full: every byte against a full digest where prepare recorded one (the loader did
+    that), and every record of the dataset scanned for non-finite values and bad labels (rank 0)."""
+    from irepa import data as data_pkg
+    loader = data.loader
+    done = data_pkg.scan_dataset(loader.root, loader.manifest, fields=loader.fields) if is_main else None
+    log(f"data.verify full: {done}")
 
 
 def check_num_classes(manifest: dict, num_classes: int, path: str) -> None:

@@ -45,7 +45,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decays: list[float]):
         self.decays = list(decays)
-        self.models = [copy.deepcopy(model).float().eval().requires_grad_(False) for _ in self.decays]
+        self.models = [_fp32_copy(model).eval().requires_grad_(False) for _ in self.decays]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -56,6 +56,15 @@ class EMA:
             if bufs:
                 _average_buffers([b for _, b in persistent_buffers(m)], bufs, d)
 
+    @torch.no_grad()
+    def copy_buffers(self, model: nn.Module) -> None:
+        """Every copy's persistent buffers := `model`'s: state a recipe sets outside the optimizer
+        (REPA-E's latent statistics at step 0) starts the average where the model starts."""
+        src = [b for _, b in persistent_buffers(model)]
+        for m in self.models:
+            for d, s in zip([b for _, b in persistent_buffers(m)], src):
+                d.copy_(s)
+
     def state_dicts(self) -> list[dict[str, torch.Tensor]]:
         return [m.state_dict() for m in self.models]
 
@@ -64,6 +73,14 @@ class EMA:
             raise ValueError(f"checkpoint has {len(sds)} EMA models, config asks for {len(self.models)}")
         for m, sd in zip(self.models, sds):
             m.load_state_dict(sd)
+
+
+def _fp32_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in fp32; an fp32 model is copied as it is (fake tensors, perf/roofline.py's trace,
+    cannot go through the conversion pass, which would change nothing)."""
+    out = copy.deepcopy(model)
+    tensors = [*out.parameters(), *out.buffers()]
+    return out.float() if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors) else out
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -98,6 +115,14 @@ class ShardedEMA:
             torch._foreach_lerp_(shards, params, 1.0 - d)
             if bufs:
                 _average_buffers(list(own.values()), bufs, d)
+
+    @torch.no_grad()
+    def copy_buffers(self, model: nn.Module) -> None:
+        """As EMA.copy_buffers: every copy's (full) buffers := `model`'s, by name."""
+        src = {n: _local(b) for n, b in persistent_buffers(model)}
+        for own in self.buffers:
+            for n, b in own.items():
+                b.copy_(src[n])
 
     def _dtensor(self, j: int, local: torch.Tensor) -> torch.Tensor:
         from torch.distributed.tensor import DTensor

@@ -22,8 +22,8 @@ from irepa import recipes
 from irepa.config import Config
 from irepa.errors import InputError, InputNotFound
 from irepa.train import checkpoint
+from irepa.train.assemble import offline_parts
 from irepa.train.run_folder import read_config
-from irepa.train.build import offline_parts
 from irepa.train.checkpoint import CheckpointError
 
 

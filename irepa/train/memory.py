@@ -131,11 +131,14 @@ def plan_micro_batch(forward, make_inputs, batch: int, static: int, device: torc
 
 
 def plan_train_step(net, recipe, encoder_dims: list[int], amp_dtype: torch.dtype | None, batch: int, static: int,
-                    device: torch.device, budget: int | None = None) -> MemoryPlan:
+                    device: torch.device, budget: int | None = None, autocast=None) -> MemoryPlan:
     """The plan for a trained tree (irepa.train.build.AlignedDiffusion): one forward of the recipe's
-    draws and loss plus the alignment head, on fake inputs of the model's shape (the trainer and
-    perf/bench_step.py plan the same way)."""
+    draws and loss plus the alignment head, on fake inputs of the model's shape, under the step's
+    autocast (`autocast(dtype)`, default torch.autocast on `device`): irepa.train.assemble plans
+    every run this way."""
     from contextlib import nullcontext
+
+    autocast = autocast or (lambda dtype: torch.autocast(device.type, dtype))
 
     model = net.model
     C, S = model.in_channels, model.input_size
@@ -145,7 +148,7 @@ def plan_train_step(net, recipe, encoder_dims: list[int], amp_dtype: torch.dtype
         return batch, [torch.randn(n, model.num_tokens, d, device=device, dtype=torch.bfloat16) for d in encoder_dims]
 
     def forward(batch, feats):
-        with torch.autocast(device.type, amp_dtype) if amp_dtype else nullcontext():
+        with autocast(amp_dtype) if amp_dtype else nullcontext():
             net(batch, recipe.draw(batch, None), feats)
 
     return plan_micro_batch(forward, make_inputs, batch, static, device, budget)

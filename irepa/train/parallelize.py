@@ -93,11 +93,18 @@ def apply_ddp(net: nn.Module, device: torch.device) -> nn.Module:
 
 
 def parallelize(net: nn.Module, mode: str, device: torch.device, *, compile: bool = False,
-                param_dtype: torch.dtype | None = None, compile_mode: str = "default") -> nn.Module:
+                param_dtype: torch.dtype | None = None, compile_mode: str = "default",
+                compile_scope: str = "blocks") -> nn.Module:
     """Compile per block -> FSDP2 / DDP; returns the module the train step calls (net itself for none/fsdp).
 
-    Activation checkpointing, when asked for, is applied before (by the trainer, ahead of
-    the micro-batch planner, which then counts its savings)."""
+    compile_scope "model" compiles the whole tree in one graph instead, as reference
+    implementations do (perf/bench_step.py's baseline; one process only). Activation
+    checkpointing, when asked for, is applied before (irepa.train.assemble, ahead of the
+    micro-batch planner, which then counts its savings)."""
+    if compile and compile_scope == "model":
+        if mode != "none":
+            raise ValueError(f"compile_scope 'model' runs in one process, not under {mode}")
+        return torch.compile(net, mode=compile_mode)
     if compile:
         apply_compile(net.model, compile_mode)
     if mode == "fsdp":

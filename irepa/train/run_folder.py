@@ -5,8 +5,8 @@ its parents should be, and a resume into a folder whose config.json describes an
 different train.recipe, or a different setting that a resume cannot change (model, align and
 data settings, the recipe's own options, `RESUME_FREE` and `Recipe.resume_may_change` aside).
 The trainer calls it first, then builds, checks the data, loads the checkpoint, and only then
-calls `write_config` (which moves a previous run aside on a fresh start) and
-`drop_logged_steps_after`: a refused start leaves the folder as it was.
+calls `start` (`write_config`, which moves a previous run aside on a fresh start, and
+`drop_logged_steps_after`): a refused start leaves the folder as it was.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ RESUME_FREE = {("model", "attn_backend"), ("model", "fused_kernels"), ("align", 
 
 
 def check(cfg: Config, run_dir: Path, recipe) -> None:
-    """Refuse (InputError, one line) a run folder this run cannot start or resume in; writes nothing."""
+    """Refuse (InputError, one line) a run folder this run cannot start or resume in; writes nothing.
+    recipe: the run's recipe (its class is enough: its name, Options and resume_may_change)."""
     _check_no_file_in_the_way(run_dir)
     path = run_dir / CONFIG
     if not cfg.train.resume or not path.is_file():
@@ -45,7 +46,6 @@ def check(cfg: Config, run_dir: Path, recipe) -> None:
 def read_config(path: Path) -> Config:
     """A run folder's config.json (every recipe's section registered), or an InputError naming the file."""
     from irepa import recipes
-    recipes.names()  # registers the recipes' option sections the file may hold
     try:
         return recipes.stored_config(json.loads(path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -81,6 +81,13 @@ def _check_no_file_in_the_way(run_dir: Path) -> None:
                 raise InputError(f"{p}: a file, where the run folder {run_dir} (train.out_dir / train.run_name) "
                                  f"needs a folder; choose another --train.out_dir or --train.run_name")
             return
+
+
+def start(cfg: Config, run_dir: Path, step: int, log: Callable[[str], None]) -> None:
+    """The first write to the run folder, after every check and the checkpoint's load: config.json
+    (a fresh start moves the previous run aside) and the rows of steps after `step` dropped."""
+    write_config(cfg, run_dir, log)
+    drop_logged_steps_after(run_dir, step, log)
 
 
 def write_config(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> None:

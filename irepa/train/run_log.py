@@ -80,7 +80,7 @@ class WandbSink:
         if run_id is None:
             run_id = secrets.token_hex(4)  # W&B ids: lowercase letters and digits
             id_file.write_text(run_id + "\n")
-        self.run = wandb.init(project=lg.wandb_project, entity=lg.wandb_entity, name=lg.wandb_name or run_dir.name,
+        self.run = self.wandb.init(project=lg.wandb_project, entity=lg.wandb_entity, name=lg.wandb_name or run_dir.name,
                               mode=lg.wandb_mode, dir=str(run_dir), id=run_id, resume="allow",
                               config=cfg.to_dict())
 

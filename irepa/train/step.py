@@ -14,7 +14,7 @@ the pieces here: `parts`, `generator`, `slices`, `features`, `autocast`, `grad_s
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,6 +23,10 @@ import torch.nn as nn
 
 from irepa.train import parallelize
 from irepa.train.loss_scale import LossScaler
+
+
+UPDATE = "irepa.optimizer_step"
+"""the profiler label of a part's update (unscale, clip, optimizer, EMA)"""
 
 
 @dataclass
@@ -60,11 +64,14 @@ def slice_tree(tree, s: slice):
 class TrainStep:
     def __init__(self, recipe, parts: dict[str, Part], *, features: Callable[[dict], list[torch.Tensor]],
                  micro_batch: int, amp_dtype: torch.dtype | None, scaler: LossScaler, align_weight: float,
-                 warmup_steps: int, seed: int, rank: int, device: torch.device):
+                 warmup_steps: int, seed: int, rank: int, device: torch.device,
+                 autocast: Callable[[torch.dtype], AbstractContextManager] | None = None):
         self.recipe, self.parts = recipe, parts
         self.features = features
         """batch (slice) -> alignment targets: stored features, or the online encoders run on its images"""
         self.micro_batch, self.amp_dtype, self.scaler = micro_batch, amp_dtype, scaler
+        self.autocast_fn = autocast or (lambda dtype: torch.autocast(device.type, dtype))
+        """dtype -> the autocast context of the forward passes (perf/roofline.py: CUDA's policy on fake CPU tensors)"""
         self.align_weight, self.warmup_steps = align_weight, warmup_steps
         self.seed, self.rank, self.device = seed, rank, device
         self.grad_norms: dict[str, torch.Tensor] = {}
@@ -86,7 +93,7 @@ class TrainStep:
         return [slice(start, min(start + m, batch_size)) for start in range(0, batch_size, m)]
 
     def autocast(self):
-        return torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
+        return self.autocast_fn(self.amp_dtype) if self.amp_dtype else nullcontext()
 
     def grad_sync(self, part: Part, enabled: bool):
         """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch."""
@@ -101,7 +108,12 @@ class TrainStep:
 
     def optimizer_step(self, part: Part, step: int, update_scale: bool = True) -> torch.Tensor:
         """Unscale (fp16: an overflow on any rank skips the step), clip, set the lr, step, zero the
-        gradients, update the EMA; returns the gradient norm before clipping."""
+        gradients, update the EMA; returns the gradient norm before clipping. Marked for profilers
+        (record_function UPDATE: perf/roofline.py counts what runs inside as the update)."""
+        with torch.profiler.record_function(UPDATE):
+            return self._optimizer_step(part, step, update_scale)
+
+    def _optimizer_step(self, part: Part, step: int, update_scale: bool) -> torch.Tensor:
         ok = self.scaler.unscale_and_check(part.params)
         clip = part.grad_clip
         grad_norm = parallelize.clip_grad_norm_(part.params, clip if clip else math.inf)

@@ -1,5 +1,5 @@
 """How much of an alignment target is the per-image global component that iREPA's spatial
-normalization removes, and how local it is, on the embedded digits (README, "Comparing recipes").
+normalization removes, and how local it is, on the embedded digits (docs/digits-study.md).
 
   python perf/compare/target_structure.py              # the digits presets' encoder
   python perf/compare/target_structure.py hog-dense sift   # others; 400 digits at 128 px, the presets' input
