@@ -108,7 +108,7 @@ def test_interrupted_study_resumes_to_the_same_tables(tmp_path, digits_cache, on
     def train(cfg):
         tr = trainer_mod.Trainer(cfg)
         if cfg.train.run_name == "repa_raw-patch-s0":
-            tr.data.loader = Interrupt(tr.data.loader, 0, lambda: os.kill(os.getpid(), signal.SIGINT))
+            tr.run.data.loader = Interrupt(tr.run.data.loader, 0, lambda: os.kill(os.getpid(), signal.SIGINT))
         return tr.train()
 
     out = tmp_path / "study"
