@@ -8,10 +8,10 @@ import signal
 
 import numpy as np
 import pytest
-import torch
 from scipy import stats as sp
 
 from irepa.compare import backend
+from irepa.metrics import classifier_fd
 from irepa.study import StudySpec, digits_default
 from irepa.study import stats
 from irepa.study.runner import Study
@@ -89,13 +89,9 @@ def _study(out, cache):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, digits_cache):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path_factory.mktemp("study")
+    out = tmp_path_factory.mktemp("study")
+    with classifier_fd.one_thread():
         _study(out, digits_cache)
-    finally:
-        torch.set_num_threads(n)
     return {name: (out / name).read_bytes() for name in OUTPUTS}
 
 
