@@ -309,13 +309,18 @@ def run(args) -> tuple[list[dict], list[str]]:
                     print(f"[bench_step] {name} {config}: micro-batch {micro} of {args.batch}", flush=True)
                     continue
                 times, first = measure(step, device, args.warmup, 0 if args.gate_only else args.steps)
-                classes = profile(step, args, device, name, config, common) if args.profile else None
             except Exception as e:  # OOM, a backend that does not compile here, ...: the other cases still run
                 print(f"[bench_step] FAILED {name} {config}: {_failure(e)}", flush=True)
                 failed.append(f"{name} {config}: {_failure(e)}")
-                continue
-            finally:
                 step = None
+                continue
+            classes = None
+            if args.profile and not args.gate_only:
+                try:  # the row below is measured already: a profiler that breaks costs only its own table
+                    classes = profile(step, args, device, name, config, common)
+                except Exception as e:
+                    print(f"[bench_step] profile of {name} {config} failed: {_failure(e)}", flush=True)
+            step = None
             row = _row(common, args, name, config, micro, times, first, fpi, peak, base, ref, ref_norms, device,
                        table[name])
             if row["gate"] == "ref":

@@ -7,7 +7,7 @@ excluded), one process per part, the baseline before our configurations.
 
 Parts, in order (limits in seconds, GPU / CPU practice):
   preflight       versions, GPU, measured GEMM / SDPA / copy rates (perf/preflight.py)   30 / 60
-  kernels         the kernel tests with compiled Triton on CUDA (interpreted on CPU)     45 / 300
+  kernels         the kernel tests with compiled Triton on CUDA (interpreted on CPU)     50 / 300
   alignment       fused alignment loss vs eager and compile, CUDA graphs, contiguous
                   and the conv projector's [B, E, T] layout, E 768 and 1024              25 / 240
   <model> ref     the eager step 0 at the fixed seed: the correctness gate's reference  20 / 60
@@ -15,7 +15,8 @@ Parts, in order (limits in seconds, GPU / CPU practice):
                   step (time per op class beside the roofline's), device state           STEPS_GPU / _CPU
   loader          memmap loader on this host's cores, records built in seconds           15 / 60
 A failed preflight or kernel test skips every later part (the call ends early with what
-failed). Each part's limit is the smaller of its own and what the call's total has left.
+failed); so does a preflight that runs out of time (a hung GPU), not kernel tests that do (slow
+compiles are no wrong result). Each part's limit is the smaller of its own and what the call's total has left.
 Rows land in OUT as they are measured (OUT_FILES: the 8 files a device call can return);
 OUT/parts.csv says how each part ended; OUT/summary.md (rewritten after every part) puts each
 figure beside its target and prediction, with the gate's verdicts and the time per op class;
@@ -48,7 +49,7 @@ GPU_TOTAL_S, CPU_TOTAL_S = 420, 2100
 OUT_FILES = ("call.log", "parts.csv", "summary.md", "preflight.json", "bench_alignment.csv", "bench_step.csv",
              "step_profile.csv", "bench_loader.csv")
 # (model, config, GPU limit, CPU limit): the baseline first, then ours by importance
-STEPS_GPU = [("SiT-XL/2", "baseline", 100), ("SiT-XL/2", "compile+fusedloss", 60), ("SiT-XL/2", "compile+fused", 55),
+STEPS_GPU = [("SiT-XL/2", "baseline", 95), ("SiT-XL/2", "compile+fusedloss", 60), ("SiT-XL/2", "compile+fused", 55),
              ("JiT-B/16", "compile+fusedloss", 45)]
 STEPS_CPU = [("SiT-Tiny/2", "baseline", 420), ("SiT-Tiny/2", "compile", 300), ("JiT-Tiny/4", "compile", 300)]
 REF_LIMIT = {"cuda": 20, "cpu": 60}
@@ -77,7 +78,8 @@ def plan(out: Path, device: str, py: list[str], scratch: Path | None = None) -> 
     parts = [Part("preflight", [*py, "-m", "perf.preflight", str(out), "--device", device], 60 if cpu else 30,
                   gate=True),
              Part("kernels", [*py, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "tests/test_kernel_alignment.py",
-                              "tests/test_kernel_adaln.py"], 300 if cpu else 45, gate=True, env=kt_env),
+                              "tests/test_kernel_adaln.py"], 300 if cpu else 50, gate=True, gate_on_timeout=False,
+                  env=kt_env),
              Part("alignment", [*py, "-m", "perf.bench_alignment", "--layout", "both", "--csv",
                                 str(out / "bench_alignment.csv"),
                                 *(["--device", "cpu", "--quick", "--shapes", "2x16x64,2x16x96"] if cpu else

@@ -32,6 +32,9 @@ class Part:
     """its own time limit; less if the call's total has less left"""
     gate: bool = False
     """a failure ends the call: the remaining parts are skipped (the preflight, the kernel tests)"""
+    gate_on_timeout: bool = True
+    """a gate part that runs out of time ends the call too (a hung GPU), unless this is False (slow,
+    not wrong: the kernel tests' compiles)"""
     env: dict = field(default_factory=dict)
 
 
@@ -130,7 +133,7 @@ def run_parts(parts: list[Part], out: Path, total_s: float, device: str, commit:
                 log.write(banner + "\n")
                 outcome = run_part(part, limit, log, env)
                 print(f"=== {part.name}: {outcome.status} ({outcome.seconds:.0f} s) {outcome.note}", flush=True)
-                if part.gate and outcome.status != "ok":
+                if part.gate and (outcome.status == "failed" or outcome.status == "timeout" and part.gate_on_timeout):
                     stop_reason = f"{part.name} {outcome.status}: {outcome.note}"[:200]
             write_rows(out / "parts.csv", [dict(part=part.name, device=device, status=outcome.status,
                                                 seconds=f"{outcome.seconds:.0f}", limit=f"{outcome.limit:.0f}",

@@ -6,6 +6,7 @@ and the roofline taking the preflight's measured rates."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_a_crash_or_a_timeout_loses_no_other_part(tmp_path):
     parts = [Part("crash", PY + ["import os; print('about to crash', flush=True); os.abort()"], 30),
              Part("hang", PY + ["import time; print('working', flush=True); time.sleep(60)"], 2),
              Part("rows", PY + [f"open({str(out / 'rows.csv')!r}, 'w').write('a\\n1\\n'); print('1 passed')"], 30)]
-    done = run_parts(parts, out, 100, "cpu", "abc", env=dict(__import__("os").environ))
+    done = run_parts(parts, out, 100, "cpu", "abc", env=dict(os.environ))
     rows = read_csv(out / "parts.csv")
     assert [(r["part"], r["status"]) for r in rows] == [("crash", "failed"), ("hang", "timeout"), ("rows", "ok")]
     assert int(rows[1]["seconds"]) < 20 and rows[1]["limit"] == "2" and "working" in rows[1]["note"]
@@ -96,12 +97,19 @@ def test_a_crash_or_a_timeout_loses_no_other_part(tmp_path):
 
 
 def test_a_failed_gate_part_ends_the_call_and_the_total_budget_skips(tmp_path):
+    """A failed preflight skips the rest; kernel tests stopped at their limit do not; a part with
+    less than 10 s of the total left is skipped, not started."""
     parts = [Part("preflight", PY + ["print('preflight: FAILED: gemm_tflops not measured'); raise SystemExit(1)"], 30,
                   gate=True), Part("later", PY + ["print('ran')"], 30)]
-    run_parts(parts, tmp_path, 100, "cpu", "abc", env=dict(__import__("os").environ))
+    run_parts(parts, tmp_path, 100, "cpu", "abc", env=dict(os.environ))
     rows = read_csv(tmp_path / "parts.csv")
     assert [r["status"] for r in rows] == ["failed", "skipped"]
     assert "gemm_tflops not measured" in rows[0]["note"] and rows[1]["note"].startswith("preflight failed")
+    slow = tmp_path / "slow"  # kernel tests that run out of time are slow, not wrong: the call goes on
+    slow.mkdir()
+    run_parts([Part("kernels", PY + ["import time; time.sleep(30)"], 1, gate=True, gate_on_timeout=False),
+               Part("later", PY + ["print('ran')"], 30)], slow, 100, "cpu", "abc", env=dict(os.environ))
+    assert [r["status"] for r in read_csv(slow / "parts.csv")] == ["timeout", "ok"]
     out2 = tmp_path / "b"
     out2.mkdir()
     run_parts([Part("late", PY + ["print('ran')"], 30)], out2, 3, "cpu", "abc", env={})

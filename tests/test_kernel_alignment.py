@@ -268,10 +268,12 @@ def compile_check(bench: str) -> dict:
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = str(Path(__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", f"perf.{bench}", "--compile-check"], env=env, capture_output=True,
-                         text=True, timeout=600, cwd=root)
+    # -P and the root last on the path: an installed or linked irepa (the device machine's) comes first
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH", ""), root]))
+    res = subprocess.run([sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", f"perf.{bench}",
+                          "--compile-check"], env=env, capture_output=True, text=True, timeout=600, cwd=root)
     if res.returncode != 0 and ("ptxas" in res.stderr or "No module named 'triton.backends.nvidia'" in res.stderr):
         pytest.skip("this triton cannot compile for sm_90 here")
     assert res.returncode == 0, res.stderr[-3000:]
