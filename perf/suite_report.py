@@ -125,13 +125,16 @@ def _pred_step(preds: dict, dm: str | None, model: str, what: str) -> str:
 
 
 def alignment_figures(rows: list[dict], preds: dict, gpu_only: bool = True) -> list[dict]:
-    """Per E of the newest bench_alignment run: fused fwd+bwd against copy bandwidth, compile, eager."""
+    """Per E and layout of the newest bench_alignment run: fused fwd+bwd against copy bandwidth, compile, eager."""
     timed = [r for r in rows if r.get("mode") == "full" and (not gpu_only or _is_gpu(r.get("device_name", "")))]
     out = []
-    shapes = sorted({(r["B"], r["T"], r["E"]) for r in timed}, key=lambda s: tuple(int(v) for v in s)) or \
-        [("256", "256", "768"), ("256", "256", "1024")]
-    for B, T, E in shapes:
-        rs = [r for r in timed if (r["B"], r["T"], r["E"]) == (B, T, E)]
+    def lay(r):
+        return r.get("layout") or "contiguous"
+    shapes = sorted({(r["B"], r["T"], r["E"], lay(r)) for r in timed},
+                    key=lambda s: (*(int(v) for v in s[:3]), s[3] != "contiguous")) or \
+        [("256", "256", "768", "contiguous"), ("256", "256", "1024", "contiguous")]
+    for B, T, E, layout in shapes:
+        rs = [r for r in timed if (r["B"], r["T"], r["E"], lay(r)) == (B, T, E, layout)]
         key = f"alignment-loss {B}x{T}x{E}"
         dm = None
         by = {}
@@ -140,7 +143,8 @@ def alignment_figures(rows: list[dict], preds: dict, gpu_only: bool = True) -> l
             by = {r["provider"]: r for r in rs if r["date"] == date}
             dm = device_model(rs[0]["device_name"])
         fused, comp, eager = (by.get(p) for p in ("fused", "compile", "eager"))
-        label = f"fused alignment loss fwd+bwd, B={B} T={T} E={E} bf16"
+        label = f"fused alignment loss fwd+bwd, B={B} T={T} E={E} bf16" + (
+            "" if layout == "contiguous" else f", {layout} (the conv projector's [B, E, T] output)")
         pr = {p: preds.get((d, key, p)) for d in ([dm] if dm else sorted({k[0] for k in preds})) for p in
               ("fused", "compile", "eager")}
         pf, pc, pe = (_f(pr[p]["pred_ms"]) if pr.get(p) else None for p in ("fused", "compile", "eager"))

@@ -178,3 +178,16 @@ def test_rows_with_new_columns_extend_the_file(tmp_path):
     write_rows(path, [{"a": 3, "b": 4}])
     write_rows(path, [{"a": 5, "c": 6}])
     assert open(path).read().splitlines() == ["a,b,c", "1,2,", "3,4,", "5,,6"]
+
+
+def test_alignment_figures_per_layout(tmp_path):
+    """The conv projector's layout is a figure of its own, not mixed into the contiguous one."""
+    rows = [_align("fused", 0.2, kfrac="0.9"), _align("eager", 1.0), _align("compile", 0.5)]
+    rows += [{**r, "layout": "transposed", "ms_median": str(2 * float(r["ms_median"])), "kernel_frac_copy": "0.45"
+              if r["provider"] == "fused" else ""} for r in rows]
+    figs = {f["figure"]: f for f in S.alignment_figures(rows, {})}
+    plain = figs["fused alignment loss fwd+bwd, B=256 T=256 E=768 bf16: bandwidth"]
+    conv = figs["fused alignment loss fwd+bwd, B=256 T=256 E=768 bf16, transposed (the conv projector's [B, E, T] "
+                "output): bandwidth"]
+    assert plain["measured"].startswith("0.200 ms, 90%") and plain["met"] == "yes"
+    assert conv["measured"].startswith("0.400 ms, 45%") and conv["met"] == "no"
