@@ -182,7 +182,7 @@ def test_rows_with_new_columns_extend_the_file(tmp_path):
 
 def test_alignment_figures_per_layout(tmp_path):
     """The conv projector's layout is a figure of its own, not mixed into the contiguous one."""
-    rows = [_align("fused", 0.2, kfrac="0.9"), _align("eager", 1.0), _align("compile", 0.5)]
+    rows = [_align("fused", 0.2, frac="0.45", kfrac="0.9"), _align("eager", 1.0), _align("compile", 0.5)]
     rows += [{**r, "layout": "transposed", "ms_median": str(2 * float(r["ms_median"])), "kernel_frac_copy": "0.45"
               if r["provider"] == "fused" else ""} for r in rows]
     figs = {f["figure"]: f for f in S.alignment_figures(rows, {})}
