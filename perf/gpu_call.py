@@ -52,7 +52,7 @@ OUT_FILES = ("call.log", "parts.csv", "summary.md", "preflight.json", "bench_ali
              "step_profile.csv", "bench_loader.csv")
 # CPU practice warm-up (compile) seconds of the tiny models (2 shared cores; perf/RESULTS.md): the ratio of a
 # whole-network compile (baseline) to a per-block compile (ours) is what carries over to the GPU
-PRACTICE_WARMUP_S = {"baseline": 209.0, "compile": 106.3}
+PRACTICE_WARMUP_S = {"baseline": 125.3, "compile": 57.4}  # SiT-Tiny/2, 2026-12-06, commit 248c0b1
 GPU_BLOCK_COMPILE_S = 33.0  # assumed: a cold per-block compile (fwd + bwd) of SiT-XL/2 on an H200
 BUILD_S = {"SiT-XL/2": 15.0, "JiT-B/16": 10.0}  # imports, CUDA start, building the run, ungating
 STEPS_S = 10.0  # 12 steps of ~0.35 s (the roofline's SiT-XL/2 step on an H200) and the profiler
