@@ -54,7 +54,7 @@ class AlignedDiffusion(nn.Module):
 
 
 def to_device(module: nn.Module, device: torch.device) -> nn.Module:
-    """module.to(device), skipped where every tensor is there already (fake tensors, perf/roofline.py's
+    """module.to(device), skipped where every tensor is there already (fake tensors, perf/roofline's
     trace, cannot go through the move, which would change nothing)."""
     tensors = [*module.parameters(), *module.buffers()]
     return module if all(t.device == torch.device(device) for t in tensors) else module.to(device)
@@ -83,7 +83,7 @@ class DataBundle:
     online_encoders: list = field(default_factory=list)
     """frozen encoders run in the step on batch["images"] when features are not stored"""
     encoder_autocast: Callable[[], AbstractContextManager] | None = None
-    """the online encoders' autocast; None: bf16 on CUDA, none elsewhere (perf/roofline.py: CUDA's policy)"""
+    """the online encoders' autocast; None: bf16 on CUDA, none elsewhere (perf/roofline: CUDA's policy)"""
 
     def features(self, batch: dict) -> list[torch.Tensor]:
         """Alignment targets of a batch (slice): its stored features, or the online encoders' output."""
