@@ -57,6 +57,8 @@ TRAIN=${IREPA_TRAIN:-${SLURM_SUBMIT_DIR:-.}/launch/train.py}
 SCRATCH=${SCRATCH:-${SLURM_TMPDIR:-/tmp/irepa-$SLURM_JOB_ID}}
 # node-local: the same path names each node's own disk (compiled kernels are per machine anyway)
 export TORCHINDUCTOR_CACHE_DIR=$SCRATCH/inductor TRITON_CACHE_DIR=$SCRATCH/triton
+# each restart's process group gets a store of its own (irepa.dist.check_restartable says why)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 cmd=("${TORCHRUN:-torchrun}" --nnodes="$NNODES" --nproc-per-node="$GPUS"
      --rdzv-backend=c10d --rdzv-endpoint="$HEAD:${RDZV_PORT:-29500}" --rdzv-id="irepa-$SLURM_JOB_ID"

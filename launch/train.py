@@ -32,6 +32,8 @@ def main(preset: str = DEFAULT_PRESET, list_presets: bool = False, **overrides):
     from irepa.train.trainer import train
     last = train(resolve(preset, overrides))  # a bad preset, key or value: a ConfigError, printed by irepa.cli.run
     if last.get("stopped_by"):
+        print(f"train.py: stopped by signal {last['stopped_by']} after the checkpoint of step {last['stopped_at']}; "
+              f"exit status {PREEMPTED}: run the same command again to resume", file=sys.stderr, flush=True)
         sys.exit(PREEMPTED)
 
 

@@ -79,7 +79,7 @@ def test_stop_signal_writes_checkpoint_and_exits_cleanly(tmp_path, sig):
     tr = Trainer(_cfg(tmp_path, "term", **{"train.steps": 50}))
     tr.run.data.loader = Interrupt(tr.run.data.loader, 3, lambda: os.kill(os.getpid(), sig))
     last = tr.train()  # returns normally after the step the signal arrived in
-    assert last["step"] == 4 and last["stopped_by"] == sig
+    assert last["step"] == 4 and last["stopped_by"] == sig and last["stopped_at"] == 4
     assert signal.getsignal(sig) is before  # the handler is put back
     ckpt = checkpoint.latest_checkpoint(tmp_path / "term")
     assert ckpt.name == "step-0000004"

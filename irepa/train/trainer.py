@@ -62,7 +62,7 @@ class Trainer:
 
     def train(self) -> dict:
         """Run to train.steps; a stop signal ends it after the current step with a checkpoint, and the
-        returned row then holds "stopped_by" (the signal's number)."""
+        returned row then holds "stopped_by" (the signal) and "stopped_at" (the step of that checkpoint)."""
         with self.stop.handlers():  # they point at this trainer only while it runs
             return self._loop()
 
@@ -95,7 +95,7 @@ class Trainer:
         if stopped and self.step < t.steps:
             self._log(f"signal {stopped}: writing a checkpoint at step {self.step} and exiting")
             self.save()
-            last = {**last, "stopped_by": stopped}
+            last = {**last, "stopped_by": stopped, "stopped_at": self.step}
         else:
             self.evaluator.sample_grid(self.step, metrics)
         metrics.close()
