@@ -214,6 +214,9 @@ def test_two_node_run_resumes_on_one_node(tmp_path, digits_cache, slurm_run):
     assert procs[0].returncode == 0, procs[0].stderr[-3000:]
     assert "resumed from" in procs[0].stderr and "at step 4" in procs[0].stderr
     assert _losses(tmp_path / "one") == _losses(slurm_run[0])
+    from irepa.train.checkpoint import read_trainer_state
+    trainer_state, _ = read_trainer_state(slurm_run[0] / "checkpoints/step-0000004")
+    assert trainer_state["data"] == {"epoch": 0, "index": 4, "global_batch": 8}  # one global position
 
 
 def test_nodes_with_another_config_are_refused_by_name(tmp_path, digits_cache):
@@ -282,3 +285,55 @@ def test_restarts_across_nodes_need_their_own_store(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # no restart: the shared store is fine
     monkeypatch.setenv("WORLD_SIZE", "1")
     setup("cpu")
+
+
+def test_global_batches_cover_the_same_samples_on_any_number_of_ranks():
+    """The loaders' order (irepa.data.memory.epoch_order): step i of 1 rank x 8 and of 2 ranks x 4
+    reads the same 8 samples, before and after a resume at a global position."""
+    from irepa.data.memory import TensorLoader
+    x = torch.arange(50, dtype=torch.float32).view(50, 1, 1, 1)
+    y = torch.zeros(50, dtype=torch.long)
+
+    def steps(world, start=None, n=8):
+        loaders = [TensorLoader(x, y, [], 8 // world, seed=3, rank=r, world_size=world) for r in range(world)]
+        if start is not None:
+            for ld in loaders:
+                ld.load_state_dict(start)
+        its = [iter(ld) for ld in loaders]
+        return [sorted(int(v) for it in its for v in next(it)["x"].flatten()) for _ in range(n)]
+
+    assert steps(1) == steps(2)  # 6 batches an epoch, so the 8 steps cross into epoch 1
+    assert steps(1, {"epoch": 0, "index": 4}) == steps(2, {"epoch": 0, "index": 4}) == steps(1)[4:] + steps(1, n=12)[8:]
+
+
+def test_saved_data_position_follows_the_global_sample_index():
+    from irepa.train.checkpointer import loader_position
+    assert loader_position({"epoch": 2, "index": 5, "global_batch": 8}, 8, 100) == {"epoch": 2, "index": 5}
+    assert loader_position({"epoch": 2, "index": 5, "global_batch": 8}, 16, 100) == {"epoch": 2, "index": 3}  # 40 -> 48
+    assert loader_position({"epoch": 2, "index": 5, "global_batch": 8}, 4, 100) == {"epoch": 2, "index": 10}
+    assert loader_position({"epoch": 0, "index": 99, "global_batch": 8}, 16, 50) == {"epoch": 1, "index": 0}
+    assert loader_position({"0": {"epoch": 1, "index": 3}, "1": {"epoch": 1, "index": 3}}, 8, 100) == \
+        {"epoch": 1, "index": 3}  # a checkpoint from before the global position: one per rank
+
+
+def _stop_on_one_rank(rank: int, store: str, out: str):
+    import torch.distributed as dist
+    from irepa.train.preemption import StopRequest
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    stop = StopRequest(2)
+    seen = []
+    with stop.handlers():
+        for step in range(3):
+            if rank == 1 and step == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)  # reaches rank 1 only, mid-"step"
+            seen.append(stop.requested())
+    Path(f"{out}.{rank}").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    import torch.multiprocessing as mp
+    mp.start_processes(_stop_on_one_rank, args=(str(tmp_path / "store"), str(tmp_path / "seen")), nprocs=2,
+                       start_method="spawn")
+    stop = signal.SIGUSR1.value
+    assert [json.loads((tmp_path / f"seen.{r}").read_text()) for r in range(2)] == [[0, stop, stop]] * 2
