@@ -29,6 +29,7 @@ RUN = {**PARALLEL_TINY, "train.steps": STEPS, "train.parallel": "fsdp"}
 
 FAKE_SRUN = """#!/bin/bash
 echo "srun $*" >> "$FAKE_SLURM_LOG"
+echo "env $TORCHINDUCTOR_CACHE_DIR $TRITON_CACHE_DIR ${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-}" >> "$FAKE_SLURM_LOG"
 [[ ${FAKE_SRUN_RUN:-0} == 1 ]] || exit 0
 while [[ $1 == --* ]]; do shift; done   # srun's own options
 pids=()
@@ -128,7 +129,9 @@ def test_two_nodes_match_one_process_with_the_same_global_batch(slurm_run, repla
     them, in another order (tests/test_parallel.py's tolerance)."""
     run_dir, log = slurm_run
     losses = _losses(run_dir)
-    assert sorted(losses) == list(range(1, STEPS + 1))
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert sorted(losses) == list(range(1, STEPS + 1)) and len(rows) == STEPS  # one writer: global rank 0
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1 and len(list(run_dir.glob("samples/*.png"))) == 1
     for step, ref in enumerate(replay, 1):
         assert losses[step] == pytest.approx(ref, rel=1e-4, abs=1e-5), (losses, replay)
     manifest = json.loads((run_dir / "checkpoints/step-0000006/manifest.json").read_text())
@@ -146,14 +149,14 @@ def test_slurm_script_builds_one_torchrun_agent_per_node(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "launch/slurm.sh"), "--preset", "sit-xl2-irepa", "--train.out_dir",
                            "/shared/runs"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    line, = (tmp_path / "slurm.log").read_text().splitlines()
+    line, env_line = (tmp_path / "slurm.log").read_text().splitlines()
+    assert env_line == "env /local/job/inductor /local/job/triton 1"  # node-local caches; a store per restart
     assert line.split() == [
         "srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "torchrun", "--nnodes=2",
         "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=gpu003:29611", "--rdzv-id=irepa-4242",
         "--rdzv-conf=join_timeout=900", "--max-restarts=3",
         "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=240",
         f"{ROOT}/launch/train.py", "--preset", "sit-xl2-irepa", "--train.out_dir", "/shared/runs"]
-    assert "scratch /local/job" in proc.stderr
     probe = subprocess.run(["bash", "-c", "source <(sed -n '/^first_host()/,/^}/p' launch/slurm.sh); "
                             "for l in node1 'a[9],b' 'x-[1-3]' 'n[010,2-3]'; do first_host \"$l\"; done"],
                            env=env, capture_output=True, text=True, cwd=ROOT)
