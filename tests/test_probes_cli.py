@@ -39,7 +39,7 @@ def train_cli(monkeypatch):
     """launch/train.py's main through irepa.cli.call; the Config it would train is captured, not trained."""
     import irepa.train.trainer as trainer
     got = {}
-    monkeypatch.setattr(trainer, "train", lambda cfg: got.setdefault("cfg", cfg))
+    monkeypatch.setattr(trainer, "train", lambda cfg: got.update(cfg=cfg) or {})  # train returns the last row
     main = _script("train").main
 
     def run(*argv):
