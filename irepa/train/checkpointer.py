@@ -41,7 +41,7 @@ class Checkpointer:
         return step
 
     def save(self, step: int) -> Path:
-        """Every part, the data position of every rank and the RNG at `step` (collective)."""
+        """Every part, the global data position and the RNG at `step` (collective)."""
         run = self.run
         positions = all_gather_object(run.data.loader.state_dict())
         if any(p != positions[0] for p in positions):  # the ranks step together: a bug, not an input
