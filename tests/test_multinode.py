@@ -340,3 +340,14 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
                        start_method="spawn")
     stop = signal.SIGUSR1.value
     assert [json.loads((tmp_path / f"seen.{r}").read_text()) for r in range(2)] == [[0, stop, stop]] * 2
+
+
+def test_setup_differences_name_the_keys_files_and_versions():
+    from irepa.train.world_checks import setup_differences
+    ref = {"config": {"optim": {"lr": 1e-4}, "train": {"steps": 10}}, "code": {"irepa/a.py": "1", "irepa/b.py": "2"},
+           "versions": {"irepa": "0.1.0", "torch": "2.13.0"}}
+    other = {"config": {"optim": {"lr": 2e-4}, "train": {"steps": 10}}, "code": {"irepa/a.py": "1", "irepa/b.py": "3",
+             "irepa/c.py": "4"}, "versions": {"irepa": "0.1.0", "torch": "2.12.0"}}
+    assert setup_differences(ref, other) == ["config optim.lr 0.0001 vs 0.0002", "source files irepa/b.py, irepa/c.py",
+                                             "torch 2.13.0 vs 2.12.0"]
+    assert setup_differences(ref, ref) == []
