@@ -83,23 +83,36 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
-def _agents(nodes: int, args: list[str], *, per_node: int = 1, max_restarts: int = 0, cwd=(ROOT,), extra=([],),
-            started: int | None = None, rdzv_conf: str = "", timeout: int = 300) -> list[subprocess.CompletedProcess]:
-    """`nodes` torchrun agents on localhost forming one job through the c10d rendezvous, started
-    together (the first `started` of them only, if given), agent i with cwd[i] and args + extra[i]
-    (cycled); their results once all have exited."""
+def _start_agents(nodes, args: list[str], *, per_node: int = 1, max_restarts: int = 0, cwd=(ROOT,), extra=([],),
+                  started: int | None = None, rdzv_conf: str = "", stagger: float = 0) -> list[subprocess.Popen]:
+    """`nodes` torchrun agents on localhost forming one job through the c10d rendezvous (nodes: a
+    count, or torchrun's elastic "min:max"), started together (the first `started` of them only, if
+    given; `stagger` seconds apart), agent i with cwd[i] and args + extra[i] (cycled)."""
     port = _free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc-per-node={per_node}",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", f"--rdzv-id=job{port}",
            f"--max-restarts={max_restarts}", *([f"--rdzv-conf={rdzv_conf}"] if rdzv_conf else []), *args]
     env = {**_env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # irepa.dist.check_restartable
-    procs = [subprocess.Popen(cmd + extra[i % len(extra)], env=env, cwd=cwd[i % len(cwd)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(nodes if started is None else started)]
+    count = started if started is not None else int(str(nodes).split(":")[-1])
+    procs = []
+    for i in range(count):
+        procs.append(subprocess.Popen(cmd + extra[i % len(extra)], env=env, cwd=cwd[i % len(cwd)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        time.sleep(stagger if i + 1 < count else 0)
+    return procs
+
+
+def _results(procs: list[subprocess.Popen], timeout: int = 300) -> list[subprocess.CompletedProcess]:
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=timeout)
         out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
     return out
+
+
+def _agents(nodes: int, args: list[str], timeout: int = 300, **kw) -> list[subprocess.CompletedProcess]:
+    """_start_agents, and their results once all have exited."""
+    return _results(_start_agents(nodes, args, **kw), timeout)
 
 
 @pytest.fixture(scope="module")
@@ -352,3 +365,30 @@ def test_setup_differences_name_the_keys_files_and_versions():
     assert setup_differences(ref, other) == ["config optim.lr 0.0001 vs 0.0002", "source files irepa/b.py, irepa/c.py",
                                              "torch 2.13.0 vs 2.12.0"]
     assert setup_differences(ref, ref) == []
+
+
+def test_a_killed_node_leaves_an_elastic_job_running_on_the_rest(tmp_path, digits_cache):
+    """--nnodes 1:2: one node (its agent and its worker) SIGKILLed after the step-4 checkpoint; the
+    other agent (started first, so it hosts the rendezvous store, which must outlive the job) restarts its worker, the rendezvous closes with one node, and the run resumes from the
+    newest complete checkpoint on a world of 1 (FSDP shards resharded, the same global sample) and
+    finishes, each step logged once."""
+    steps = 40
+    procs = _start_agents("1:2", [str(ROOT / "launch/train.py"),
+                                  *_overrides(tmp_path, "elastic", digits_cache, **{"train.steps": steps})],
+                          max_restarts=1, rdzv_conf="last_call_timeout=1", stagger=3)
+    run_dir = tmp_path / "elastic"
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints/step-0000004/manifest.json").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    node = procs[1]
+    workers = [int(w) for f in Path(f"/proc/{node.pid}/task").glob("*/children") for w in f.read_text().split()]
+    for pid in [node.pid, *workers]:
+        os.kill(pid, signal.SIGKILL)
+    survivor, _ = _results(procs)
+    assert survivor.returncode == 0, survivor.stderr[-3000:]
+    resumed = [line for line in survivor.stderr.splitlines() if line.startswith("[irepa] resumed from")]
+    assert len(resumed) == 1 and int(resumed[0].rsplit(" ", 1)[1]) >= 4, survivor.stderr[-3000:]
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == list(range(1, steps + 1))
+    from irepa.train.checkpoint import read_trainer_state
+    assert read_trainer_state(run_dir / f"checkpoints/step-{steps:07d}")[0]["world_size"] == 1
