@@ -14,6 +14,7 @@ import torch.nn as nn
 from irepa.align import AlignmentHead, alignment_loss
 from irepa.config import Config
 from irepa.errors import InputError
+from irepa.train.world_checks import check_batch_divides
 
 
 def build_head(cfg: Config, dim: int, encoder_dims: list[int], fused: bool) -> AlignmentHead | None:
@@ -127,9 +128,8 @@ def build_data(cfg: Config, recipe, model: nn.Module, rank: int, world_size: int
     """
     from irepa import data as data_pkg
 
+    check_batch_divides(cfg.train.batch_size, world_size)
     local_batch = cfg.train.batch_size // world_size
-    if cfg.train.batch_size % world_size:
-        raise InputError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world_size} ranks")
     path = str(dataset_dir(cfg, recipe.data_kind))
     if cfg.data.source == "digits":
         _prepare_builtin(cfg, path, recipe.data_kind, rank, world_size)
