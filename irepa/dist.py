@@ -58,10 +58,24 @@ def setup(device: str = "auto", backend: str | None = None, timeout: timedelta |
     """Read the ranks, pick the device and, with several ranks, start the process group.
     timeout: how long a collective waits for the slowest rank (torch's default: 10 min NCCL, 30 min gloo)."""
     rank, local, world = env()
+    check_restartable()
     dev = pick_device(device, local)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"), timeout=timeout)
     return Setup(rank, local, world, dev)
+
+
+def check_restartable() -> None:
+    """Refuse torchrun restarts (--max-restarts) across several nodes with the rendezvous store shared
+    with the workers (torch's default): the agents count restarts apart (one after its failed worker,
+    another after the membership change only), so the new group can meet the old group's keys in that
+    store and its start hangs or fails (pytorch/pytorch#135712; seen here with a killed rank)."""
+    e = os.environ
+    if (int(e.get("GROUP_WORLD_SIZE", "1")) > 1 and int(e.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+            and e.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+        raise InputError("torchrun --max-restarts on several nodes needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
+                         "the environment of every node's torchrun (else a restart can hang at the start of the new "
+                         "process group, pytorch/pytorch#135712); launch/slurm.sh sets it")
 
 
 def rank_world() -> tuple[int, int]:

@@ -1,23 +1,25 @@
 """Benchmark: fused adaLN (irepa.kernels) vs eager and torch.compile of modulate_norm_ref.
 
 Same modes, columns and harness (perf/harness.py) as bench_alignment.py: fwd / bwd / full with
-triton.testing.do_bench median and 20/80 % quantiles, GB/s of the bytes the op must move
+CUDA-graph replays (median and 20/80 % quantiles, GB/s of the bytes the op must move
 (fwd: read x, write out; bwd: read dy and x, write dx) against the measured copy
 bandwidth, peak memory, saved-for-backward bytes on fake tensors, a CSV row each.
 
-  python perf/bench_adaln.py                       # GPU: B=256, T=256, D 768 (SiT-B) and 1152 (SiT-XL), bf16
-  python perf/bench_adaln.py --saved-only          # any machine
-  python perf/bench_adaln.py --device cpu --quick  # flow check on CPU (Triton interpreter)
+  python -m perf.bench_adaln                       # GPU: B=256, T=256, D 768 (SiT-B) and 1152 (SiT-XL), bf16
+  python -m perf.bench_adaln --saved-only          # any machine
+  python -m perf.bench_adaln --device cpu --quick  # flow check on CPU (Triton interpreter)
 """
 from __future__ import annotations
 
+import itertools
 import sys
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from harness import (DTYPES, HERE, compile_check, copy_bandwidth, env_info, finish, make_input, parse_common,
-                     peak_memory, print_speedups, saved_bytes, time_modes, timing_rows)
+from perf.common import env_info
+from perf.harness import (DTYPES, HERE, compile_check, copy_bandwidth, finish, layouts, make_input, parse_common,
+                          peak_memory, print_speedups, saved_bytes, time_modes, timing_rows)
 
 SHAPES = [(256, 256, 768), (256, 256, 1152)]
 QUICK_SHAPES = [(2, 16, 64)]
@@ -59,7 +61,7 @@ def main() -> None:
     rows = []
     copy_gbps = float("nan") if args.saved_only else copy_bandwidth(args.device, args.quick)
     print(f"{info['device_name']}: copy {copy_gbps:.0f} GB/s")
-    for B, T, D in QUICK_SHAPES if args.quick else SHAPES:
+    for (B, T, D), layout in itertools.product(QUICK_SHAPES if args.quick else SHAPES, layouts(args.layout)):
         es, n = torch.finfo(dtype).bits // 8, B * T * D
         min_bytes = {"fwd": 2 * n * es, "bwd": 3 * n * es, "full": 5 * n * es}
         with FakeTensorMode():
@@ -69,12 +71,12 @@ def main() -> None:
                      "fused": saved_bytes(lambda *a: K._adaln_fwd_op(*a, 1e-6)[0], xf, *mod)}
         print(f"B={B} T={T} D={D} {args.dtype}: saved for backward: eager {saved['eager'] / 2**20:.1f} MiB, "
               f"fused {saved['fused'] / 2**20:.1f} MiB (ratio {saved['fused'] / saved['eager']:.3f})")
-        base = {**info, "bench": "adaln", "B": B, "T": T, "D": D, "dtype": args.dtype, "layout": args.layout,
+        base = {**info, "bench": "adaln", "B": B, "T": T, "D": D, "dtype": args.dtype, "layout": layout,
                 "quick": args.quick, "copy_gbps": round(copy_gbps, 1)}
         if args.saved_only:
             rows += [{**base, "provider": p, "mode": "saved", "saved_bytes": saved[p]} for p in saved]
             continue
-        x = make_input((B, T, D), args.device, dtype, args.layout).requires_grad_()
+        x = make_input((B, T, D), args.device, dtype, layout).requires_grad_()
         # shift and scale as SiT makes them: chunks of one [B, 6D] modulation
         mod6 = torch.randn(B, 6 * D, device=args.device, dtype=dtype, requires_grad=True)
         grad_out = torch.randn(B, T, D, device=args.device, dtype=dtype)
@@ -89,7 +91,7 @@ def main() -> None:
             mem = peak_memory(lambda: run().backward(grad_out), args.device)
             x.grad = mod6.grad = None
             rows += timing_rows(base, p, results[p], min_bytes, min_bytes if p == "fused" else None,
-                                copy_gbps, mem, saved.get(p))
+                                copy_gbps, mem, saved.get(p), args.device)
         print_speedups(results)
     finish(rows, args.csv)
 

@@ -6,10 +6,13 @@ device-to-device copy bandwidth measured here, peak memory of a full step, and t
 autograd keeps for backward (counted with saved_tensors_hooks on fake tensors: device
 independent). One CSV row per measurement with device, commit and date.
 
-  python perf/bench_alignment.py                       # GPU: B=256, T=256, E 768 and 1536, bf16
-  python perf/bench_alignment.py --shapes 256x256x768,256x256x1024
-  python perf/bench_alignment.py --saved-only          # any machine: saved-for-backward bytes
-  python perf/bench_alignment.py --device cpu --quick  # flow check on CPU (Triton interpreter)
+  python -m perf.bench_alignment                       # GPU: B=256, T=256, E 768 and 1536, bf16
+  python -m perf.bench_alignment --shapes 256x256x768,256x256x1024 --layout both
+  python -m perf.bench_alignment --saved-only          # any machine: saved-for-backward bytes
+  python -m perf.bench_alignment --device cpu --quick  # flow check on CPU (Triton interpreter)
+
+--layout transposed (or both) times z as the conv projector really makes it: a [B, E, T] buffer
+viewed as [B, T, E]. On a GPU every timing replays a CUDA graph (perf/harness.py's `bench`).
 
 GB/s uses the bytes any implementation must move at least, n = B*T*E elements of the
 input dtype: fwd reads z and y (2n), bwd reads a saved tensor of z's size and writes dz
@@ -20,17 +23,19 @@ token rows is counted as an L2 hit), bwd 2n (read it, write dz), full 6n.
 --saved-only also prints what a forward-only (no grad) call of the fused op allocates.
 Rows are appended to the CSV as each provider finishes (a run cut off by a time limit keeps
 what it measured). torch.compile of the reference is static per shape (dynamic=False).
-The measuring harness is perf/harness.py (shared with bench_adaln.py).
+The measuring harness is perf/harness.py (shared with bench_adaln.py and tune_kernels.py).
 """
 from __future__ import annotations
 
+import itertools
 import sys
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from harness import (DTYPES, HERE, compile_check, copy_bandwidth, env_info, finish, make_input, parse_common,
-                     parse_shapes, peak_memory, print_speedups, saved_bytes, time_modes, timing_rows)
+from perf.common import env_info
+from perf.harness import (DTYPES, HERE, compile_check, copy_bandwidth, finish, layouts, make_input, parse_common,
+                          parse_shapes, peak_memory, print_speedups, saved_bytes, time_modes, timing_rows)
 
 SHAPES = [(256, 256, 768), (256, 256, 1536)]
 QUICK_SHAPES = [(2, 16, 64)]
@@ -77,13 +82,13 @@ def main() -> None:
     rows = []
     copy_gbps = float("nan") if args.saved_only else copy_bandwidth(args.device, args.quick)
     print(f"{info['device_name']}: copy {copy_gbps:.0f} GB/s")
-    for B, T, E in shapes:
+    for (B, T, E), layout in itertools.product(shapes, layouts(args.layout)):
         es, n = torch.finfo(dtype).bits // 8, B * T * E
         min_bytes = {"fwd": 2 * n * es, "bwd": 2 * n * es, "full": 3 * n * es}
         fwd_passes = 4 if gamma is not None else 3  # (y for the statistics), z, y, write w
         kernel_bytes = {"fwd": fwd_passes * n * es, "bwd": 2 * n * es, "full": (fwd_passes + 2) * n * es}
         with FakeTensorMode():  # saved bytes need no device and no compute
-            zf = make_input((B, T, E), "cpu", dtype, args.layout).requires_grad_()
+            zf = make_input((B, T, E), "cpu", dtype, layout).requires_grad_()
             yf = torch.empty(B, T, E, dtype=dtype)
             saved = {"eager": saved_bytes(alignment_loss, zf, yf, gamma),
                      # the op itself: fake CPU tensors would send the public function to eager
@@ -94,12 +99,12 @@ def main() -> None:
               f"fused {saved['fused'] / 2**20:.1f} MiB (ratio {saved['fused'] / saved['eager']:.3f}; "
               f"z, y are {2 * n * es / 2**20:.1f} MiB and not saved); fused forward-only extra outputs {extra} B")
         base = {**info, "bench": "alignment", "B": B, "T": T, "E": E, "dtype": args.dtype, "gamma": gamma,
-                "layout": args.layout,
+                "layout": layout,
                 "quick": args.quick, "copy_gbps": round(copy_gbps, 1)}
         if args.saved_only:
             rows += [{**base, "provider": p, "mode": "saved", "saved_bytes": saved[p]} for p in saved]
             continue
-        z = make_input((B, T, E), args.device, dtype, args.layout).requires_grad_()
+        z = make_input((B, T, E), args.device, dtype, layout).requires_grad_()
         y = torch.randn(B, T, E, device=args.device, dtype=dtype)
         results = {}
         for p in providers:
@@ -108,7 +113,7 @@ def main() -> None:
             mem = peak_memory(lambda: fn(z, y, gamma).backward(), args.device)
             z.grad = None
             finish(timing_rows(base, p, results[p], min_bytes, kernel_bytes if p == "fused" else None,
-                               copy_gbps, mem, saved.get(p)), args.csv)
+                               copy_gbps, mem, saved.get(p), args.device), args.csv)
         print_speedups(results)
     finish(rows, args.csv)
 

@@ -1,7 +1,7 @@
 """Cost of a MeanFlow training step relative to a flow-matching step of the same model, side by side.
 
-    python perf/bench_meanflow.py --device cpu                     # digits SiT-T/2 and SiT-B/2 shapes, fp32
-    python perf/bench_meanflow.py --models SiT-B/2 --batch 256 --precision bf16 --configs eager,compile  # GPU
+    python -m perf.bench_meanflow --device cpu                     # digits SiT-T/2 and SiT-B/2 shapes, fp32
+    python -m perf.bench_meanflow --models SiT-B/2 --batch 256 --precision bf16 --configs eager,compile  # GPU
 
 Both steps are perf/bench_step.py cases (the trainer's TrainStep with an iREPA conv head on
 stored features, AdamW, EMA): the SiT recipe (flow matching) and the MeanFlow recipe with
@@ -16,21 +16,16 @@ bench_meanflow table of perf/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "perf"))
-sys.path.insert(0, str(ROOT))
-
-import bench_step  # noqa: E402
+from perf import bench_step
+from perf.common import ROOT, commit, device_name, quantile, read_csv, rewrite_block, write_rows
+from perf.common.provenance import utc_now
 
 # model -> (model kwargs, encoder dim): the digits default's shape and the ImageNet latent shape
 SHAPES = {"SiT-T/2": (dict(input_size=16, in_channels=1, num_classes=10), 64),
@@ -74,10 +69,8 @@ def measure(steps: dict, device, warmup: int, rounds: int) -> dict[str, tuple[li
 
 
 def render(csv_path: Path) -> str:
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
     latest = {}
-    for r in rows:
+    for r in read_csv(csv_path):
         latest[(r["device"], r["model"], r["config"], r["variant"], r["batch"], r["precision"])] = r
     cols = ["device", "model", "config", "variant", "batch", "precision", "threads", "step_ms_median", "cpu_ms_median",
             "ratio_wall", "ratio_cpu", "rounds", "commit", "date", "command"]
@@ -113,18 +106,17 @@ def main(argv=None):
     if "flow-matching" not in variants:
         variants = ["flow-matching", *variants]
     amp = torch.float32 if args.precision == "fp32" else torch.bfloat16
-    common = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                  commit=bench_step._commit(), device=bench_step.device_name(device), torch=torch.__version__,
-                  command="python " + " ".join(shlex.quote(a) for a in sys.argv))
+    common = dict(date=utc_now(), commit=commit(), device=device_name(device), torch=torch.__version__,
+                  command="python -m perf.bench_meanflow " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     path = Path(args.csv)
     for model, batch in zip(models, batches):
         for config in args.configs.split(","):
             steps = {v: build(model, config, v, batch, device, amp) for v in variants}
             times = measure(steps, device, args.warmup, args.rounds)
-            base_w, base_c = (statistics.median(times["flow-matching"][i]) for i in (0, 1))
+            base_w, base_c = (quantile(times["flow-matching"][i], 0.5) for i in (0, 1))
             rows = []
             for v in variants:
-                w, c = statistics.median(times[v][0]), statistics.median(times[v][1])
+                w, c = quantile(times[v][0], 0.5), quantile(times[v][1], 0.5)
                 rows.append(dict(common, model=model, config=config, variant=v, batch=batch, precision=args.precision,
                                  threads=torch.get_num_threads(), step_ms_median=f"{1e3 * w:.1f}",
                                  cpu_ms_median=f"{1e3 * c:.1f}", ratio_wall=f"{w / base_w:.2f}",
@@ -135,21 +127,11 @@ def main(argv=None):
 
 
 def write(rows: list[dict], path: Path, results: Path | None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    write_rows(path, rows, FIELDS, quiet=True)
     if results is not None:
-        text = results.read_text()
-        block = f"{BEGIN}\n{render(path)}\n{END}"
-        if BEGIN in text:
-            text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n## MeanFlow step vs flow-matching step (perf/bench_meanflow.py)\n\n" + block + "\n"
-        results.write_text(text)
+        rewrite_block(results, "bench_meanflow", render(path),
+                      "MeanFlow step vs flow-matching step (perf/bench_meanflow.py)")
+
 
 if __name__ == "__main__":
     main()

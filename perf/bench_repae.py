@@ -1,7 +1,7 @@
 """Cost of a REPA-E end-to-end step against a latent-only step of the same SiT, side by side.
 
-    python perf/bench_repae.py --device cpu --preset digits        # the digits demo's shapes (CPU)
-    python perf/bench_repae.py --preset xl                         # SiT-XL/2 + SD-VAE f8d4 at 256 px (GPU)
+    python -m perf.bench_repae --device cpu --preset digits        # the digits demo's shapes (CPU)
+    python -m perf.bench_repae --preset xl                         # SiT-XL/2 + SD-VAE f8d4 at 256 px (GPU)
 
 end-to-end   irepa.recipes.repae.RepaEStep in the run the trainer builds (irepa.train.assemble.build_run):
              VAE forward, VAE update through the
@@ -20,22 +20,18 @@ perf/results/bench_repae.csv (device, commit, date, command).
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from irepa import recipes  # noqa: E402
-from irepa.train.assemble import build_run  # noqa: E402
-from irepa.train.build import DataBundle  # noqa: E402
+from irepa import recipes
+from irepa.train.assemble import build_run
+from irepa.train.build import DataBundle
+from perf.common import ROOT, commit, device_name, quantile, write_rows
+from perf.common.provenance import utc_now
 
 # bench preset -> (recipe preset, overrides): random weights everywhere (no files needed); LPIPS at the
 # recipe's width (the digits demo's tiny one, else VGG16's at random init)
@@ -75,11 +71,6 @@ def _timed(fn, steps: int, warmup: int, device) -> list[float]:
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return times
-
-
-def _q(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
 def main(argv=None):
@@ -135,18 +126,16 @@ def main(argv=None):
         e2e += _timed(e2e_fn, 1, 0, device) if i >= a.warmup else (_timed(e2e_fn, 0, 1, device) and [])
     rows = []
     name = r.cfg.model.name
-    commit = _commit()
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({_cpu()})"
-    cmd = "python perf/bench_repae.py " + " ".join(shlex.quote(s) for s in (argv if argv is not None else sys.argv[1:]))
+    sha, dev_name = commit(), device_name(device)
+    cmd = "python -m perf.bench_repae " + " ".join(shlex.quote(s) for s in (argv if argv is not None else sys.argv[1:]))
     base = None
     for kind, ts in (("latent-only", lat), ("end-to-end", e2e)):
-        med = _q(ts, 0.5)
+        med = quantile(ts, 0.5)
         base = base or med
-        rows.append({"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                     "commit": commit, "device": dev_name, "torch": torch.__version__, "preset": a.preset,
+        rows.append({"date": utc_now(), "commit": sha, "device": dev_name, "torch": torch.__version__, "preset": a.preset,
                      "model": name, "vae": r.options.vae, "image": res, "step": kind,
                      "batch": batch, "precision": prec, "step_ms_median": round(1e3 * med, 2),
-                     "step_ms_p20": round(1e3 * _q(ts, 0.2), 2), "step_ms_p80": round(1e3 * _q(ts, 0.8), 2),
+                     "step_ms_p20": round(1e3 * quantile(ts, 0.2), 2), "step_ms_p80": round(1e3 * quantile(ts, 0.8), 2),
                      "img_per_s": round(batch / med, 2), "cost_vs_latent_only": round(med / base, 2),
                      "gflop_per_step": round(flops[kind] / 1e9, 3),
                      "flop_ratio": round(flops[kind] / flops["latent-only"], 2),
@@ -156,31 +145,8 @@ def main(argv=None):
               f"(p20 {r['step_ms_p20']:.1f}, p80 {r['step_ms_p80']:.1f}), {r['img_per_s']:.1f} img/s, "
               f"x{r['cost_vs_latent_only']:.2f} the latent-only step; {r['gflop_per_step']} GFLOP "
               f"(x{r['flop_ratio']})")
-    path = Path(a.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    write_rows(Path(a.csv), rows, quiet=True)
     return rows
-
-
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                               text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
-def _cpu() -> str:
-    import os
-    import platform
-    return f"{platform.machine()}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Training-step throughput of SiT / JiT with iREPA, per optimization, against a reference-style baseline.
 
-    python perf/bench_step.py                         # GPU: SiT-B/2, SiT-XL/2, JiT-B/16, batch 256, bf16
-    python perf/bench_step.py --models SiT-XL/2 --configs compile+fused+flash,baseline
-    python perf/bench_step.py --quick --device cpu    # tiny models: proves the script runs end to end
+    python -m perf.bench_step                         # GPU: SiT-B/2, SiT-XL/2, JiT-B/16, batch 256, bf16
+    python -m perf.bench_step --models SiT-XL/2 --configs compile+fused+flash,baseline
+    python -m perf.bench_step --quick --device cpu    # tiny models: proves the script runs end to end
 
 One step = the trainer's own step, built by the trainer's own assembly (irepa.train.assemble.
 build_run) and called as the trainer calls it: the recipe's draws for the whole batch, autocast
@@ -12,7 +12,7 @@ Configurations:
   eager                iREPA (conv projector, spatial norm), stored features, SDPA, bf16
   compile              + torch.compile per block (fullgraph), as train.compile=True
   compile+fusedloss    + the fused Triton alignment loss; adaLN left to Inductor (CUDA only; the
-                       roofline, perf/roofline.py, predicts it above compile+fused: the adaLN op
+                       roofline, perf/roofline, predicts it above compile+fused: the adaLN op
                        is opaque to Inductor, so the residual add and gate around it cannot fuse)
   compile+fused        + fused Triton adaLN and alignment loss (CUDA only; the trainer's CUDA default)
   compile+fused+flash  + flash-attn (when installed)
@@ -25,6 +25,15 @@ Micro-batches: a batch whose activations do not fit the device (SiT-XL/2 at 256 
 in eager bf16) accumulates gradients over equal micro-batches, as the trainer does
 (train.micro_batch_size); `--micro_batch auto` (default) takes the trainer's planner
 (irepa.train.memory) for every configuration, the baseline included.
+Correctness gate (perf/gate.py): every row carries the loss and gradient norm of step 0 (fixed
+seed: same weights and draws in every configuration; the zero-initialised gates get small seeded
+noise first, `ungate`, so the blocks' arithmetic shows in that step) and its `gate` verdict against the eager
+step's (in this run, or --gate_ref's CSV); `--gate_only` runs just that step (the reference).
+`--profile CSV`: one profiled step per configuration after the timed ones, its time per op class
+beside the roofline's prediction (perf/attribution.py; --predictions: the roofline CSV).
+Every row also carries warmup_s (the warm-up steps' wall time: compilation, the figure the GPU
+call sizes its time limits from), peak reserved memory, clocks / power / throttle reasons after
+the timed steps and the SDPA backend torch picks for the model's attention shape.
 MFU counts the same useful FLOPs for every configuration: the diffusion model and its
 projector, forward + backward (irepa.train.flops); the baseline's online encoder is
 overhead. Timing: per-step wall time with a device sync per step after warm-up (which
@@ -34,12 +43,9 @@ commit, date, command) and rewrites the bench_step tables in perf/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import gc
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,18 +54,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-try:
-    import irepa.kernels  # noqa: F401  installed, or linked by perf/gpu_suite.sh
-except ImportError:  # a bare checkout: irepa/ from here (its kernels/ and data/ need the install)
-    sys.path.insert(0, str(ROOT))
-
-from irepa import models, recipes  # noqa: E402
-from irepa.config import build_config  # noqa: E402
-from irepa.models.attention import available_backends  # noqa: E402
-from irepa.train.assemble import build_run  # noqa: E402
-from irepa.train.build import DataBundle  # noqa: E402
-from irepa.train.flops import peak_tflops  # noqa: E402
+from irepa import models, recipes
+from irepa.config import build_config
+from irepa.models.attention import available_backends
+from irepa.train.assemble import build_run
+from irepa.train.build import DataBundle
+from irepa.train.flops import peak_tflops
+from perf import gate
+from perf.common import ROOT, commit, device_name, quantile, read_csv, rewrite_block, write_rows
+from perf.common.device_state import row_state
+from perf.common.provenance import utc_now
 
 CONFIGS = ("eager", "compile", "compile+fusedloss", "compile+fused", "compile+fused+flash", "baseline")
 # name -> (model kwargs, recipe, iREPA spatial-norm gamma, encoder image side, encoder patch, encoder dim/depth/heads)
@@ -74,7 +78,8 @@ QUICK = {
 }
 FIELDS = ["date", "commit", "device", "torch", "model", "config", "batch", "micro_batch", "precision", "step_ms_median",
           "step_ms_p20", "step_ms_p80", "img_per_s", "tflops", "mfu", "peak_mem_gb", "speedup_vs_baseline",
-          "command"]
+          "command", "loss0", "grad_norm0", "gate", "warmup_s", "peak_reserved_gib", "sm_clock_mhz", "mem_clock_mhz",
+          "power_w", "temp_c", "throttle", "sdpa_backend", "call"]
 
 
 class StandInViT(nn.Module):
@@ -167,62 +172,110 @@ def build_case(name, spec, config, batch, device, micro_batch="auto", budget_gib
                     compile_scope="model" if baseline else "blocks")
     if plan_only:
         return None, run.flops_per_image, run.micro_batch
-    return (lambda i: run.step_fn(batch_data, i)["loss"]), run.flops_per_image, run.micro_batch
+    ungate(run.model.params, device)
+
+    def step(i: int, probe: bool = False) -> dict:
+        """The trainer's step; probe: also each parameter's gradient norm as the optimizer sees it."""
+        if not probe:
+            return run.step_fn(batch_data, i)
+        norms = {}
+        names = {id(p): n.replace("_orig_mod.", "") for n, p in run.model.module.named_parameters()}
+
+        def grab(optimizer, args, kwargs):
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        norms[names.get(id(p), str(len(norms)))] = float(p.grad.float().norm())
+        handle = run.model.optimizer.register_step_pre_hook(grab)
+        try:
+            out = run.step_fn(batch_data, i)
+        finally:
+            handle.remove()
+        return {**out, "grad_norms": norms}
+    return step, run.flops_per_image, run.micro_batch
 
 
-def measure(step, device, warmup: int, steps: int) -> list[float]:
-    for i in range(warmup):
+def ungate(params, device, seed: int = 0, std: float = 0.02) -> None:
+    """Fill the zero-initialised parameters (adaLN-zero gates and modulation, the final layer) with
+    small seeded noise, alike in every configuration. adaLN-zero starts every block as the identity,
+    which would hide the blocks' own arithmetic (attention, adaLN, MLP) from step 0's loss and leave
+    the correctness gate blind to a wrong kernel there; values do not change a step's speed."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for p in params:  # the same tree (every configuration but the baseline) has the same zeros in the same order
+            if not p.any():
+                p.copy_((torch.randn(p.shape, generator=g) * std).to(device=p.device, dtype=p.dtype))
+
+
+def measure(step, device, warmup: int, steps: int) -> tuple[list[float], dict]:
+    """-> (timed steps' seconds, first: step 0's loss and grad norm (host floats) and the warm-up's
+    seconds). Step 0 runs first in every configuration: the gate compares it."""
+    t0 = time.perf_counter()
+    out0 = step(0, probe=True)
+    first = {"loss0": float(out0["loss"]), "grad_norm0": float(out0["grad_norm"]), "grad_norms": out0["grad_norms"]}
+    for i in range(1, warmup):
         step(i)
     _sync(device)
+    first["warmup_s"] = time.perf_counter() - t0
     times = []
     for i in range(steps):
         t0 = time.perf_counter()
-        step(warmup + i)
+        step(max(warmup, 1) + i)
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return times
+    return times, first
 
 
-def _quantile(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+def _failure(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
-def _commit() -> str:
-    """The checkout's commit (-dirty with uncommitted changes to tracked files); $IREPA_COMMIT
-    where the GPU suite set it (a copy of the tree without .git, as on the device machine)."""
-    if os.environ.get("IREPA_COMMIT"):
-        return os.environ["IREPA_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
+def _row(common, args, name, config, micro, times, first, fpi, peak, base, ref, ref_norms, device, spec) -> dict:
+    med = quantile(times, 0.5) if times else float("nan")
+    img_s = args.batch / med if times else float("nan")
+    tflops = img_s * fpi / 1e12
+    label = config if config in ("eager", "baseline") or args.compile_mode == "default" else \
+        f"{config}[{args.compile_mode}]"
+    heads_dim = _attention_shape(name, spec, micro)
+    row = dict(common, model=name, config=label, batch=args.batch, micro_batch=micro,
+               precision="fp16" if config == "baseline" and device.type == "cuda" else "bf16",
+               step_ms_median=f"{1e3 * med:.2f}" if times else "",
+               step_ms_p20=f"{1e3 * quantile(times, 0.2):.2f}" if times else "",
+               step_ms_p80=f"{1e3 * quantile(times, 0.8):.2f}" if times else "",
+               img_per_s=f"{img_s:.1f}" if times else "", tflops=f"{tflops:.4g}" if times else "",
+               mfu=f"{tflops / peak:.3f}" if peak and times else "",
+               peak_mem_gb=f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "",
+               speedup_vs_baseline=f"{img_s / base:.2f}" if base and times else "",
+               loss0=f"{first['loss0']:.6g}", grad_norm0=f"{first['grad_norm0']:.6g}",
+               warmup_s=f"{first['warmup_s']:.1f}", **row_state(device, heads_dim))
+    row["gate"] = gate.gate_row({**row, "config": config}, ref, first["grad_norms"], ref_norms)
+    return row
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+def _attention_shape(name: str, spec, micro: int) -> tuple[int, int, int, int]:
+    """[micro-batch, heads, tokens, head dim] of the model's attention: what SDPA's backend choice sees."""
+    with torch.device("meta"):
+        m = models.build(name, **spec[0])
+    heads = next(getattr(mod, a) for mod in m.modules() for a in ("heads", "num_heads")
+                 if isinstance(getattr(mod, a, None), int))
+    return micro, heads, m.num_tokens, m.dim // heads
 
 
-def run(args) -> list[dict]:
+def run(args) -> tuple[list[dict], list[str]]:
     device = torch.device(args.device)
     table = QUICK if args.quick else FULL
     names = args.models.split(",") if args.models else list(table)
     configs = args.configs.split(",") if args.configs else list(CONFIGS)
     peak = peak_tflops(device)
-    common = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                  commit=_commit(), device=device_name(device), torch=torch.__version__,
-                  command="python " + " ".join(shlex.quote(a) for a in sys.argv))
+    common = dict(date=utc_now(), commit=commit(), device=device_name(device), torch=torch.__version__,
+                  command="python -m perf.bench_step " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                  call=os.environ.get("IREPA_CALL_ID", ""))
+    refs = read_csv(Path(args.gate_ref)) if args.gate_ref else []
     rows, failed = [], []
 
     def emit(row):  # every row is on disk as soon as it is measured: a later OOM or kill keeps it
         rows.append(row)
-        append_csv(Path(args.csv), [row])
+        write_rows(Path(args.csv), [row], FIELDS, quiet=True)
         if not args.no_update:
             update_results(Path(args.results), Path(args.csv))
 
@@ -232,7 +285,12 @@ def run(args) -> list[dict]:
         if name not in models.names():
             print(f"[bench_step] skip {name}: not in irepa.models (not written yet?)", flush=True)
             continue
-        base = None
+        # a baseline measured earlier in the same GPU call (its own process) gives later rows their speed-up
+        base = next((float(r["img_per_s"]) for r in reversed(refs) if r.get("model") == name and r.get("img_per_s")
+                     and r.get("config") == "baseline" and common["call"] and r.get("call") == common["call"]), None)
+        ref = gate.reference(refs, name, args.batch)
+        ref_norms = gate.load_fingerprint(args.gate_grads or gate.fingerprint_path(args.gate_ref), name, args.batch) \
+            if ref else None
         # the baseline first, so every later row carries its speed-up when it is written; with
         # --keep_order the given order (most important first when a time limit may cut the run)
         for config in configs if args.keep_order else sorted(configs, key=lambda c: c != "baseline"):
@@ -250,74 +308,58 @@ def run(args) -> list[dict]:
                 if args.plan_only:
                     print(f"[bench_step] {name} {config}: micro-batch {micro} of {args.batch}", flush=True)
                     continue
-                times = measure(step, device, args.warmup, args.steps)
+                times, first = measure(step, device, args.warmup, 0 if args.gate_only else args.steps)
             except Exception as e:  # OOM, a backend that does not compile here, ...: the other cases still run
-                msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-                print(f"[bench_step] FAILED {name} {config}: {msg}", flush=True)
-                failed.append(f"{name} {config}: {msg}")
-                continue
-            finally:
+                print(f"[bench_step] FAILED {name} {config}: {_failure(e)}", flush=True)
+                failed.append(f"{name} {config}: {_failure(e)}")
                 step = None
-            med = _quantile(times, 0.5)
-            img_s = args.batch / med
-            tflops = img_s * fpi / 1e12
-            if config == "baseline":
-                base = img_s
-            label = config if config in ("eager", "baseline") or args.compile_mode == "default" else \
-                f"{config}[{args.compile_mode}]"
-            row = dict(common, model=name, config=label, batch=args.batch, micro_batch=micro,
-                       precision="fp16" if config == "baseline" and device.type == "cuda" else "bf16",
-                       step_ms_median=f"{1e3 * med:.2f}", step_ms_p20=f"{1e3 * _quantile(times, 0.2):.2f}",
-                       step_ms_p80=f"{1e3 * _quantile(times, 0.8):.2f}", img_per_s=f"{img_s:.1f}",
-                       tflops=f"{tflops:.4g}", mfu=f"{tflops / peak:.3f}" if peak else "",
-                       peak_mem_gb=f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"
-                       if device.type == "cuda" else "",
-                       speedup_vs_baseline=f"{img_s / base:.2f}" if base else "")
-            print(f"[bench_step] {name:10s} {label:20s} {row['step_ms_median']:>9s} ms  {row['img_per_s']:>8s} img/s"
-                  f"  {row['tflops']:>8s} TFLOP/s  MFU {row['mfu'] or 'n/a'}  micro-batch {micro}", flush=True)
+                continue
+            classes = None
+            if args.profile and not args.gate_only:
+                try:  # the row below is measured already: a profiler that breaks costs only its own table
+                    classes = profile(step, args, device, name, config, common)
+                except Exception as e:
+                    print(f"[bench_step] profile of {name} {config} failed: {_failure(e)}", flush=True)
+            step = None
+            row = _row(common, args, name, config, micro, times, first, fpi, peak, base, ref, ref_norms, device,
+                       table[name])
+            if row["gate"] == "ref":
+                ref, ref_norms = row, first["grad_norms"]
+                gate.save_fingerprint(args.gate_grads or gate.fingerprint_path(args.csv), name, args.batch, ref_norms)
+            if config == "baseline" and times:
+                base = float(row["img_per_s"])
+            print(f"[bench_step] {name:10s} {row['config']:20s} {row['step_ms_median'] or '-':>9s} ms  "
+                  f"{row['img_per_s'] or '-':>8s} img/s  MFU {row['mfu'] or 'n/a'}  micro-batch {micro}  "
+                  f"loss0 {row['loss0']} grad0 {row['grad_norm0']} gate {row['gate']}"
+                  + (f"  profiled: {classes}" if classes else ""), flush=True)
             emit(row)
     return rows, failed
 
 
-def append_csv(path: Path, rows: list[dict]) -> None:
-    """Append rows; a file written with an older column set is rewritten once with the current
-    columns (old rows keep their values, new columns stay empty), through a temp file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old: list[dict] = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames == FIELDS:
-                old = None
-            else:
-                unknown = set(reader.fieldnames or []) - set(FIELDS)
-                if unknown:
-                    raise SystemExit(f"{path}: unknown columns {sorted(unknown)}; not touching it")
-                old = list(reader)
-    if old is None:
-        with open(path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=FIELDS).writerows(rows)
-        return
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, restval="")
-        w.writeheader()
-        w.writerows(old + rows)
-    os.replace(tmp, path)
+def profile(step, args, device, name, config, common) -> str:
+    """One profiled step after the timed ones: ms per op class beside the roofline's prediction."""
+    from perf.attribution import attribution_rows, profile_step
+    from perf.op_classes import CLASSES
+    from perf.suite_report import device_model
 
-
-BEGIN, END = "<!-- bench_step:begin -->", "<!-- bench_step:end -->"
+    measured = profile_step(step, 10_000, device)
+    dm = device_model(common["device"]) or ""
+    preds = [r for r in read_csv(Path(args.predictions)) if r.get("model") == name and r.get("config") == config]
+    pred = next((r for r in reversed(preds) if r.get("device_model") == dm), preds[-1] if preds else None)
+    write_rows(Path(args.profile), attribution_rows(common, name, config, measured, pred, CLASSES), quiet=True)
+    return ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(measured.items(), key=lambda kv: -kv[1])[:3])
 
 
 def render_tables(csv_path: Path) -> str:
     """Newest row per (device, model, config, batch): GPU table, then the newest CPU smoke run."""
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
     latest = {}
-    for r in rows:
-        latest[(r["device"], r["model"], r["config"], r["batch"])] = {**r, "micro_batch": r.get("micro_batch") or r["batch"]}
+    for r in read_csv(csv_path):
+        if not r.get("step_ms_median"):
+            continue  # a --gate_only reference: no speed
+        latest[(r["device"], r["model"], r["config"], r["batch"])] = {**r, "micro_batch": r.get("micro_batch") or r["batch"],
+                                                                      "gate": r.get("gate") or ""}
     cols = ["device", "model", "config", "batch", "micro_batch", "precision", "step_ms_median", "img_per_s", "tflops", "mfu",
-            "speedup_vs_baseline", "peak_mem_gb", "commit", "date", "command"]
+            "speedup_vs_baseline", "peak_mem_gb", "gate", "commit", "date", "command"]
     gpu = [r for r in latest.values() if not r["device"].startswith("cpu")]
     cpu = [r for r in latest.values() if r["device"].startswith("cpu")]
 
@@ -332,13 +374,7 @@ def render_tables(csv_path: Path) -> str:
 
 
 def update_results(md_path: Path, csv_path: Path) -> None:
-    text = md_path.read_text() if md_path.is_file() else ""
-    block = f"{BEGIN}\n{render_tables(csv_path)}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## Training step (perf/bench_step.py)\n\n" + block + "\n"
-    md_path.write_text(text)
+    rewrite_block(md_path, "bench_step", render_tables(csv_path), "Training step (perf/bench_step.py)")
 
 
 def main(argv=None):
@@ -362,6 +398,13 @@ def main(argv=None):
     p.add_argument("--plan_only", action="store_true",
                    help="only print each case's memory plan (no timing, nothing written); with --device cpu "
                         "and --memory_budget_gib it tells what fits a GPU without one")
+    p.add_argument("--gate_ref", default="", help="a bench_step CSV holding the eager reference (gate 'ref') rows")
+    p.add_argument("--gate_grads", default="", help="the reference's per-parameter gradient norms (JSON; default "
+                                                    "beside the CSV: <csv>.grads.json)")
+    p.add_argument("--gate_only", action="store_true", help="only step 0 (loss, grad norm): the gate's reference")
+    p.add_argument("--profile", default="", help="CSV for one profiled step's time per op class (perf/attribution.py)")
+    p.add_argument("--predictions", default=str(ROOT / "perf/results/roofline.csv"),
+                   help="roofline CSV whose per-class times go beside --profile's")
     p.add_argument("--csv", default=str(ROOT / "perf/results/bench_step.csv"))
     p.add_argument("--results", default=str(ROOT / "perf/RESULTS.md"))
     p.add_argument("--no_update", action="store_true", help="do not touch RESULTS.md")

@@ -1,30 +1,21 @@
 #!/usr/bin/env bash
 # Every GPU measurement this project records.
 #
-#   bash perf/gpu_suite.sh quick OUT_DIR [--device cpu]   # all headline figures in one call of <= 8 minutes
+#   bash perf/gpu_suite.sh quick OUT_DIR [--device cpu]   # all headline figures in one call of <= 7 minutes
 #   bash perf/gpu_suite.sh PART OUT_DIR                   # one part, each within 10 minutes
 #
-# quick (the call to make first when GPU time is short), in this order, each part under a hard
-# time limit (QUICK_TOTAL_S, default 465 s, first compiles included; a part that runs out is
-# stopped and the next one starts):
-#   kernels    kernel tests on CUDA (compiled Triton; pytest -n 4 where pytest-xdist is there)   55 s
-#   alignment  fused alignment loss fwd+bwd vs eager and torch.compile, B=256 T=256 E 768 and 1024,
-#              bf16: time, GB/s against the measured copy bandwidth, peak memory                55 s
-#   step-xl    SiT-XL/2 + iREPA, batch 256 (micro-batches as planned), bf16: XL_CONFIGS in order
-#              (default compile+fusedloss, baseline, compile+fused): img/s, MFU, peak memory   180 s
-#   step-b     JiT-B/16 + iREPA, batch 256: B_CONFIGS (default compile+fusedloss, baseline)    125 s
-#   loader     the memmap loader on this host's cores (SiT-B/2 + DINOv2-B records)              30 s
-# Every row is in OUT_DIR the moment it is measured (bench_*.csv), parts.csv says how each part
-# ended, summary.md (rewritten after every part, printed at the end) puts each headline figure
-# beside its target and its roofline prediction (perf/results/roofline.csv), suite.log holds
-# all output. A run cut off from outside still leaves every finished row. Here, afterwards:
-#   python perf/suite_report.py --merge OUT_DIR   # rows -> perf/results/*.csv, tables -> RESULTS.md
-# --device cpu is the practice run: tiny models and shapes, the Triton interpreter, CPU budgets
-# (QUICK_TOTAL_S 1650; 13 minutes on 2 cores when other jobs load them); it exercises every command
-# the GPU run makes.
+# quick: the prepared call, python -m perf.gpu_call (its docstring lists the parts, their limits and
+# what they write): preflight, kernel tests, alignment loss, one bench_step process per configuration
+# (the baseline first, each gated against eager and profiled once), loader; at most 7 minutes on a
+# GPU. Before the call, here: python -m perf.common.provenance --write (the tree then carries its
+# commit in COMMIT). Afterwards, here:
+#   python -m perf.roofline --measured OUT_DIR/preflight.json --record
+#   python -m perf.suite_report --merge OUT_DIR   # rows -> perf/results/*.csv, tables -> RESULTS.md
+# --device cpu is the practice run: tiny models and shapes, the Triton interpreter, CPU limits.
+# QUICK_TOTAL_S replaces the call's total budget.
 #
 # tune OUT_DIR [--device cpu]: a follow-up when GPU time is left: block sizes of the Triton kernels
-#   (perf/tune_kernels.py, every variant checked against the reference), rows in OUT_DIR/tune_kernels.csv.
+#   (python -m perf.tune_kernels, every variant checked against the reference), rows in OUT_DIR/tune_kernels.csv.
 #
 # Parts (the older per-part entry points; results packed in OUT_DIR/results.tgz):
 #   kernels   kernel tests on CUDA + bench_alignment + bench_adaln
@@ -33,10 +24,9 @@
 #   loader    bench_loader on this host's cores (the 16-core figure)
 #   all       the four, in that order
 #   env       only the versions and nvidia-smi (a smoke test of the machine)
-# Env: CONFIGS, STEPS, WARMUP, COMPILE_MODE (bench_step), XL_CONFIGS / B_CONFIGS / QUICK_TOTAL_S /
-#      BUDGET_<PART> (quick), PYTHON (default python3), IREPA_COMMIT (the commit to record where the
-#      tree has no .git, as on the device machine: the suite sets it from git when it can),
-#      INDUCTOR_CACHE_IN (a .tgz from an earlier run's KEEP_INDUCTOR_CACHE=1: skips recompiles).
+# Env: CONFIGS, STEPS, WARMUP, COMPILE_MODE (bench_step), QUICK_TOTAL_S (quick, tune), PYTHON
+#      (default python3), IREPA_COMMIT (the commit rows record where the tree has neither .git nor a
+#      COMMIT file; perf/common/provenance.py).
 #
 # Runs offline with only torch + triton + numpy + pillow + pytest: the package is imported from
 # this checkout through a temporary folder of links (no install, nothing written into the tree;
@@ -93,12 +83,16 @@ if ! ours; then
             || { echo "[suite] irepa from this checkout cannot be imported"; exit 2; }
     fi
 fi
+# perf/ is a package of this checkout (python -m perf.x), importable under -P through a link too
+mkdir -p "$tmp/perfpath" && ln -s "$root/perf" "$tmp/perfpath/perf"
+export PYTHONPATH="$tmp/perfpath${PYTHONPATH:+:$PYTHONPATH}"
 if [ -z "${IREPA_COMMIT:-}" ] && command -v git >/dev/null && git rev-parse --short HEAD >/dev/null 2>&1; then
     IREPA_COMMIT=$(git rev-parse --short HEAD)
     [ -z "$(git status --porcelain --untracked-files=no)" ] || IREPA_COMMIT="$IREPA_COMMIT-dirty"
     export IREPA_COMMIT
 fi
-[ -n "${IREPA_COMMIT:-}" ] || echo "[suite] WARNING: no git here and IREPA_COMMIT unset: rows will say the commit is unknown"
+[ -n "${IREPA_COMMIT:-}" ] || [ -s COMMIT ] \
+    || echo "[suite] WARNING: no git here, no COMMIT file and IREPA_COMMIT unset: rows will say the commit is unknown"
 
 # ---- what is here ----------------------------------------------------------------------------
 env_report() {
@@ -142,13 +136,13 @@ step_args=(--steps "${STEPS:-20}" --warmup "${WARMUP:-5}")
 do_kernels() {
     run kernel_tests env IREPA_KERNEL_TEST_DEVICE=cuda "$PY" "${PYP[@]}" -m pytest -q -p no:cacheprovider \
         tests/test_kernel_alignment.py tests/test_kernel_adaln.py
-    run bench_alignment "$PY" perf/bench_alignment.py
-    run bench_alignment_t "$PY" perf/bench_alignment.py --layout transposed
-    run bench_adaln "$PY" perf/bench_adaln.py
+    run bench_alignment "$PY" "${PYP[@]}" -m perf.bench_alignment
+    run bench_alignment_t "$PY" "${PYP[@]}" -m perf.bench_alignment --layout transposed
+    run bench_adaln "$PY" "${PYP[@]}" -m perf.bench_adaln
 }
-do_step_xl() { run bench_step_xl "$PY" perf/bench_step.py --models SiT-XL/2 "${step_args[@]}"; }
-do_step_b() { run bench_step_b "$PY" perf/bench_step.py --models SiT-B/2,JiT-B/16 "${step_args[@]}"; }
-do_loader() { run bench_loader "$PY" perf/bench_loader.py; }
+do_step_xl() { run bench_step_xl "$PY" "${PYP[@]}" -m perf.bench_step --models SiT-XL/2 "${step_args[@]}"; }
+do_step_b() { run bench_step_b "$PY" "${PYP[@]}" -m perf.bench_step --models SiT-B/2,JiT-B/16 "${step_args[@]}"; }
+do_loader() { run bench_loader "$PY" "${PYP[@]}" -m perf.bench_loader; }
 
 # ---- quick ------------------------------------------------------------------------------------------
 record_part() {  # NAME STATUS SECONDS BUDGET NOTE
@@ -163,7 +157,7 @@ qpart() {  # qpart NAME BUDGET_S CMD...: run under a hard limit; rows are alread
     if [ "$left" -lt 15 ]; then
         echo "=== $name: skipped, ${left}s left of the ${total}s budget" | tee -a "$log"
         record_part "$name" skipped 0 "$budget" "no time left in the ${total}s budget"
-        "$PY" perf/suite_report.py "$out" >/dev/null 2>>"$log"
+        "$PY" "${PYP[@]}" -m perf.suite_report "$out" >/dev/null 2>>"$log"
         return
     fi
     [ "$budget" -le "$left" ] || budget=$left
@@ -187,63 +181,15 @@ qpart() {  # qpart NAME BUDGET_S CMD...: run under a hard limit; rows are alread
     fi
     echo "=== $name: $st (exit $rc, ${secs}s)" | tee -a "$log"
     record_part "$name" "$st" "$secs" "$budget" "$note"
-    "$PY" perf/suite_report.py "$out" >/dev/null 2>>"$log"
+    "$PY" "${PYP[@]}" -m perf.suite_report "$out" >/dev/null 2>>"$log"
 }
 
-do_quick() {
-    log=$out/suite.log
-    : > "$log"
-    rm -f "$out/parts.csv" "$out/summary.md" "$out"/bench_step.csv "$out"/bench_alignment.csv "$out"/bench_loader.csv
-    total=${QUICK_TOTAL_S:-465}
-    [ "$device" = cpu ] && total=${QUICK_TOTAL_S:-1650}
-    deadline=$(( $(date +%s) + total ))
-    export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$tmp/inductor}
-    export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$TORCHINDUCTOR_CACHE_DIR/triton}
-    if [ -n "${INDUCTOR_CACHE_IN:-}" ]; then
-        mkdir -p "$TORCHINDUCTOR_CACHE_DIR" && tar xzf "$INDUCTOR_CACHE_IN" -C "$TORCHINDUCTOR_CACHE_DIR" \
-            && echo "[suite] compile caches from $INDUCTOR_CACHE_IN" | tee -a "$log"
-    fi
-    env_report 2>&1 | tee -a "$log"
-    local cpu=0; [ "$device" = cpu ] && cpu=1
-    local xdist=()
-    "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 4)
-    local steps=(--steps "${STEPS:-8}" --warmup "${WARMUP:-3}" --keep_order)
-    if [ $cpu = 1 ]; then
-        steps=(--steps "${STEPS:-3}" --warmup "${WARMUP:-1}" --keep_order)
-        local kt=(env IREPA_KERNEL_TEST_DEVICE=cpu TRITON_INTERPRET=1)
-        local align=(--device cpu --quick --shapes 2x16x64,2x16x96)
-        local xl=(--device cpu --quick --models SiT-Tiny/2 --configs "${XL_CONFIGS:-compile,baseline}")
-        local b=(--device cpu --quick --models JiT-Tiny/4 --configs "${B_CONFIGS:-compile,baseline}")
-        local loader=(--n 256 --batch 32 --steps 16)
-        local budgets=(240 200 480 540 150)
-    else
-        local kt=(env IREPA_KERNEL_TEST_DEVICE=cuda)
-        local align=(--shapes 256x256x768,256x256x1024)
-        local xl=(--models SiT-XL/2 --configs "${XL_CONFIGS:-compile+fusedloss,baseline,compile+fused}")
-        local b=(--models JiT-B/16 --configs "${B_CONFIGS:-compile+fusedloss,baseline}")
-        local loader=(--n 2048 --batch 256 --steps 40)
-        local budgets=(55 55 180 125 30)
-    fi
-    qpart kernels "${BUDGET_KERNELS:-${budgets[0]}}" "${kt[@]}" "$PY" "${PYP[@]}" -m pytest -v -rfE -p no:cacheprovider \
-        "${xdist[@]}" tests/test_kernel_alignment.py tests/test_kernel_adaln.py
-    qpart alignment "${BUDGET_ALIGNMENT:-${budgets[1]}}" "$PY" perf/bench_alignment.py "${align[@]}" \
-        --csv "$out/bench_alignment.csv"
-    qpart step-xl "${BUDGET_STEP_XL:-${budgets[2]}}" "$PY" perf/bench_step.py "${xl[@]}" "${steps[@]}" \
-        --csv "$out/bench_step.csv" --no_update
-    qpart step-b "${BUDGET_STEP_B:-${budgets[3]}}" "$PY" perf/bench_step.py "${b[@]}" "${steps[@]}" \
-        --csv "$out/bench_step.csv" --no_update
-    qpart loader "${BUDGET_LOADER:-${budgets[4]}}" "$PY" perf/bench_loader.py "${loader[@]}" --loaders memmap \
-        --csv "$out/bench_loader.csv"
-    if [ "${KEEP_INDUCTOR_CACHE:-0}" = 1 ] && [ -d "$TORCHINDUCTOR_CACHE_DIR" ]; then
-        tar czf "$tmp/cache.tgz" -C "$TORCHINDUCTOR_CACHE_DIR" . 2>>"$log"
-        if [ "$(stat -c %s "$tmp/cache.tgz")" -le $(( 15 * 2**20 )) ]; then
-            mv "$tmp/cache.tgz" "$out/inductor_cache.tgz"
-        else
-            echo "[suite] compile caches are $(( $(stat -c %s "$tmp/cache.tgz") / 2**20 )) MiB: not kept" | tee -a "$log"
-        fi
-    fi
-    "$PY" perf/suite_report.py "$out" 2>>"$log" | tee -a "$log"
-    echo "quick: $(( $(date +%s) - deadline + total ))s; rows in $out (exit $status)"
+do_quick() {  # the prepared call: python -m perf.gpu_call (one process per part, each appends to call.log)
+    env_report 2>&1 | tee "$out/call.log"
+    local total=()
+    [ -n "${QUICK_TOTAL_S:-}" ] && total=(--total_s "$QUICK_TOTAL_S")
+    "$PY" "${PYP[@]}" -m perf.gpu_call "$out" --device "$device" "${total[@]}"
+    status=$?
 }
 
 do_tune() {  # a follow-up call: the kernels' block sizes (perf/tune_kernels.py), rows into OUT as measured
@@ -253,7 +199,7 @@ do_tune() {  # a follow-up call: the kernels' block sizes (perf/tune_kernels.py)
     env_report 2>&1 | tee -a "$log"
     local args=()
     [ "$device" = cpu ] && args=(--device cpu --quick)
-    qpart tune "$total" "$PY" perf/tune_kernels.py "${args[@]}" --csv "$out/tune_kernels.csv"
+    qpart tune "$total" "$PY" "${PYP[@]}" -m perf.tune_kernels "${args[@]}" --csv "$out/tune_kernels.csv"
     grep -E '^(alignment|adaln) B=.*: best' "$log" || echo "tune: no complete sweep (see $log)"
 }
 

@@ -1,25 +1,28 @@
-"""The kernel-benchmark harness shared by perf/bench_alignment.py and perf/bench_adaln.py.
+"""The kernel-benchmark harness shared by perf/bench_alignment.py, perf/bench_adaln.py and
+perf/tune_kernels.py.
 
-Command line (`parse_common`), inputs (`make_input`), timing (`bench`: triton.testing.do_bench
-median and 20/80 % quantiles on a GPU, a wall-clock loop on CPU; `time_modes`: fwd / bwd /
-full), the device-to-device copy bandwidth that GB/s figures are compared against, bytes
-autograd saves for the backward (on fake tensors), peak memory, an sm_90 compile check of the
-Triton kernels without a GPU, and CSV rows with device, commit and date (`timing_rows`, `finish`,
-`write_rows`: appended as each provider finishes, so a run cut off by a time limit keeps what it
-measured); `parse_shapes` reads --shapes.
+Command line (`parse_common`), inputs (`make_input`: contiguous, or the conv projector's real
+[B, C, T] buffer viewed as [B, T, C]), timing (`bench`: on a GPU the launches are captured in a
+CUDA graph and replayed (triton.testing.do_bench_cudagraph), so a ~0.1 ms op that goes through
+Python custom-op dispatch is timed on the GPU, not the CPU; plain do_bench where capture fails,
+the row's `timer` says which; a wall-clock loop on CPU; median and 20/80 % quantiles;
+`time_modes`: fwd / bwd / full), the device-to-device copy bandwidth that GB/s figures are
+compared against, bytes autograd saves for the backward (on fake tensors), peak memory, an
+sm_90 compile check of the Triton kernels without a GPU, and CSV rows with device, commit,
+date and the device's state (`timing_rows`, `finish`: appended as each provider finishes, so a
+run cut off by a time limit keeps what it measured); `parse_shapes` reads --shapes.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
-import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+
+from perf.common import quantiles, write_rows
+from perf.common.device_state import gpu_state
 
 HERE = Path(__file__).resolve().parent
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -35,8 +38,9 @@ def parse_common(description: str, default_csv: Path) -> argparse.Namespace:
                    help="compile the kernels for sm_90 here (no GPU needed), print their global load/store kinds as JSON")
     p.add_argument("--providers", default="fused,eager,compile")
     p.add_argument("--shapes", default="", help="BxTxC list, e.g. 256x256x768,256x256x1024 (default: the script's)")
-    p.add_argument("--layout", default="contiguous", choices=["contiguous", "transposed"],
-                   help="transposed: the first input is a [B, C, T] buffer viewed as [B, T, C] (conv projector)")
+    p.add_argument("--layout", default="contiguous", choices=["contiguous", "transposed", "both"],
+                   help="transposed: the first input is a [B, C, T] buffer viewed as [B, T, C] (the conv "
+                        "projector's output); both: each shape in the two layouts")
     p.add_argument("--csv", type=Path, default=default_csv)
     args = p.parse_args()
     if args.device == "cpu" and not args.compile_check:  # the fused op runs on CPU only interpreted
@@ -51,28 +55,23 @@ def make_input(shape, device: str, dtype, layout: str) -> torch.Tensor:
     return torch.randn(B, T, C, device=device, dtype=dtype)
 
 
-def env_info(device: str) -> dict:
-    """Provenance of a row; the commit is $IREPA_COMMIT where the GPU suite set it (no .git there)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                               capture_output=True, text=True).stdout.strip()
-        commit += "+dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    commit = os.environ.get("IREPA_COMMIT") or commit
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu x{os.cpu_count()}"
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
-            "device_name": name, "torch": torch.__version__}
+TIMER = {"name": "wall"}  # what the last GPU timing used: "cudagraph", or "do_bench" where capture failed
 
 
 def bench(fn, device: str, grad_to_none=None, quick: bool = False) -> tuple[float, float, float]:
-    """(median, p20, p80) in ms: do_bench on a GPU, a plain wall-clock loop on CPU."""
+    """(median, p20, p80) in ms: CUDA-graph replays on a GPU, a plain wall-clock loop on CPU."""
     if device.startswith("cuda"):
         import triton.testing
-        ms = triton.testing.do_bench(fn, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8],
-                                     warmup=5 if quick else 25, rep=20 if quick else 200)
+        try:
+            ms = triton.testing.do_bench_cudagraph(fn, rep=20 if quick else 100, grad_to_none=grad_to_none,
+                                                   quantiles=[0.5, 0.2, 0.8])
+            TIMER["name"] = "cudagraph"
+        except Exception as e:  # capture refused (a sync inside fn, ...): events around each launch instead
+            print(f"  CUDA graph capture failed ({type(e).__name__}: {str(e)[:120]}); timing with do_bench")
+            torch.cuda.synchronize()
+            ms = triton.testing.do_bench(fn, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8],
+                                         warmup=5 if quick else 25, rep=20 if quick else 200)
+            TIMER["name"] = "do_bench"
         return tuple(ms)
     fn()
     times = []
@@ -83,8 +82,8 @@ def bench(fn, device: str, grad_to_none=None, quick: bool = False) -> tuple[floa
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
-    return statistics.median(times), q[1], q[7]
+    TIMER["name"] = "wall"
+    return quantiles(times)
 
 
 def copy_bandwidth(device: str, quick: bool = False) -> float:
@@ -112,16 +111,21 @@ def saved_bytes(fn, *args) -> int:
     return sum(storages.values())
 
 
-def peak_memory(fn, device: str) -> float:
-    """Extra MiB allocated at the peak of fn() over what was allocated before it (GPU only)."""
+def peak_memory(fn, device: str) -> tuple[float, float]:
+    """(extra MiB allocated at the peak of fn() over what was allocated before it, MiB the caching
+    allocator reserved at that peak), GPU only."""
     if not device.startswith("cuda"):
-        return float("nan")
+        return float("nan"), float("nan")
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     fn()
     torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20, torch.cuda.max_memory_reserved(device) / 2**20
+
+
+def layouts(arg: str) -> list[str]:
+    return ["contiguous", "transposed"] if arg == "both" else [arg]
 
 
 def compile_check(specs: dict) -> None:
@@ -147,37 +151,6 @@ def compile_check(specs: dict) -> None:
     print(json.dumps(out))
 
 
-def write_rows(path: Path, rows: list[dict]) -> None:
-    """Append rows. Columns are the union of the file's and the rows' (first seen first); a file
-    whose header lacks some of the rows' columns is rewritten once with them (its rows keep
-    their values, the new columns stay empty), through a temporary file."""
-    if not rows:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old_fields, old_rows = [], None
-    if path.exists() and path.stat().st_size:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            old_fields = list(reader.fieldnames or [])
-            if any(k not in old_fields for r in rows for k in r):
-                old_rows = list(reader)
-    fields = list(dict.fromkeys(old_fields + [k for r in rows for k in r]))
-    if old_rows is None:
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, restval="")
-            if not old_fields:
-                w.writeheader()
-            w.writerows(rows)
-    else:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, restval="")
-            w.writeheader()
-            w.writerows(old_rows + rows)
-        os.replace(tmp, path)
-    print(f"appended {len(rows)} rows to {path}", flush=True)
-
-
 def parse_shapes(text: str, default: list) -> list[tuple[int, int, int]]:
     if not text:
         return default
@@ -200,16 +173,20 @@ def time_modes(make_out, inputs: list[torch.Tensor], device: str, quick: bool, g
 
 
 def timing_rows(base: dict, provider: str, timings: dict, min_bytes: dict, kernel_bytes: dict | None,
-                copy_gbps: float, mem: float, saved) -> list[dict]:
-    """CSV rows (and a printed line) per mode; kernel_bytes only for the fused provider."""
+                copy_gbps: float, mem: tuple[float, float], saved, device: str = "cpu") -> list[dict]:
+    """CSV rows (and a printed line) per mode; kernel_bytes only for the fused provider; mem is
+    peak_memory's (allocated, reserved) MiB."""
     rows = []
+    mem, reserved = mem
+    state = gpu_state(device)
     for mode, (med, p20, p80) in timings.items():
         gbps = min_bytes[mode] / med / 1e6
         kfrac = round(kernel_bytes[mode] / med / 1e6 / copy_gbps, 3) if kernel_bytes else ""
         rows.append({**base, "provider": provider, "mode": mode, "ms_median": round(med, 4),
                      "ms_p20": round(p20, 4), "ms_p80": round(p80, 4), "gbps": round(gbps, 1),
                      "frac_copy": round(gbps / copy_gbps, 3), "kernel_frac_copy": kfrac,
-                     "peak_mem_mib": round(mem, 1), "saved_bytes": saved if saved is not None else ""})
+                     "peak_mem_mib": round(mem, 1), "saved_bytes": saved if saved is not None else "",
+                     "peak_reserved_mib": round(reserved, 1), "timer": TIMER["name"], **state})
         print(f"  {provider:8s} {mode:5s} {med:9.4f} ms [{p20:.4f}, {p80:.4f}]  {gbps:8.1f} GB/s "
               f"({gbps / copy_gbps:.0%} of copy)  peak {mem:.1f} MiB")
     return rows

@@ -1,8 +1,8 @@
 """Multi-node scaling of a training step, on paper: communication bytes, time and overlap.
 
-    python perf/scaling.py                                  # SiT-XL/2 + iREPA head, 8 / 32 / 128 H100s
-    python perf/scaling.py --gpus 8,16,64 --per_gpu 32      # weak scaling at 32 images per GPU
-    python perf/scaling.py --write                          # also record it in perf/RESULTS.md
+    python -m perf.scaling                                  # SiT-XL/2 + iREPA head, 8 / 32 / 128 H100s
+    python -m perf.scaling --gpus 8,16,64 --per_gpu 32      # weak scaling at 32 images per GPU
+    python -m perf.scaling --write                          # also record it in perf/RESULTS.md
 
 For each GPU count and parallel mode (DDP: fp32 gradient all-reduce; FSDP2 as the trainer
 shards, MixedPrecisionPolicy(param bf16, reduce fp32), parameters re-gathered for the
@@ -28,18 +28,18 @@ communication. A prediction: the measured figures replace it when several GPUs a
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from perf.common import read_csv, rewrite_block
 
 HERE = Path(__file__).resolve().parent
 GPUS_PER_NODE = 8
 NVLINK_GBS = 450.0   # per GPU, each way (900 GB/s both ways, H100 SXM NVLink 4)
 IB_GBS = 50.0        # per GPU, each way (400 Gb/s NIC per GPU)
 DDP_BUCKET_BYTES = 25 * 2**20
-BEGIN, END = "<!-- scaling:begin -->", "<!-- scaling:end -->"
 
 
 def collective_seconds(nbytes: float, gpus: int, kind: str, nvlink_gbs: float = NVLINK_GBS,
@@ -95,13 +95,10 @@ def step_case(params: int, gpus: int, mode: str, per_gpu: int, s_per_image: floa
 
 def roofline_seconds_per_image(model: str, device: str, config: str, path: Path = HERE / "results" / "roofline.csv"):
     """The roofline's predicted step time per image (newest row for model/device/config), or None."""
-    if not path.is_file():
-        return None
     best = None
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            if r["model"] == model and r["device_model"] == device and r["config"] == config:
-                best = float(r["pred_ms"]) / 1e3 / int(r["batch"])
+    for r in read_csv(path):
+        if r["model"] == model and r["device_model"] == device and r["config"] == config:
+            best = float(r["pred_ms"]) / 1e3 / int(r["batch"])
     return best
 
 
@@ -129,15 +126,8 @@ def table(cases: list[Case], params: int, s_per_image: float, source: str) -> st
 
 
 def write_results(md: Path, text: str, command: str) -> None:
-    body = md.read_text()
-    block = f"{BEGIN}\nPrediction written by `{command}` on {datetime.date.today()} (no multi-GPU measurement yet).\n\n" \
-            f"{text}\n{END}"
-    if BEGIN in body:
-        head, rest = body.split(BEGIN, 1)
-        body = head + block + rest.split(END, 1)[1]
-    else:
-        body = body.rstrip("\n") + "\n\n## Multi-node scaling, predicted (perf/scaling.py)\n\n" + block + "\n"
-    md.write_text(body)
+    body = f"Prediction written by `{command}` on {datetime.date.today()} (no multi-GPU measurement yet).\n\n{text}"
+    rewrite_block(md, "scaling", body, "Multi-node scaling, predicted (perf/scaling.py)")
 
 
 def seconds_per_image(a) -> tuple[float, str]:
@@ -198,7 +188,7 @@ def main(argv=None) -> str:
               scenario(a, params, s_img, source, 32, "fp32"))]
     text = "\n\n".join(f"{title}\n\n{body}" for title, body in parts)
     print(text)
-    write_results(HERE / "RESULTS.md", text, "python perf/scaling.py " + " ".join(argv if argv is not None
+    write_results(HERE / "RESULTS.md", text, "python -m perf.scaling " + " ".join(argv if argv is not None
                                                                                    else sys.argv[1:]))
     return text
 

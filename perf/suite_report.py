@@ -1,10 +1,10 @@
 """The headline figures of a GPU suite run against their targets, with the roofline prediction beside each.
 
-    python perf/suite_report.py OUT            # (re)write OUT/summary.md from OUT's CSVs (the suite does this
+    python -m perf.suite_report OUT            # (re)write OUT/summary.md from OUT's CSVs (the suite does this
                                                # after every part; no torch needed)
-    python perf/suite_report.py --merge OUT    # here, after a device run: append OUT's rows to perf/results/*.csv,
+    python -m perf.suite_report --merge OUT    # here, after a device run: append OUT's rows to perf/results/*.csv,
                                                # rewrite the bench_step tables and the targets table of RESULTS.md
-    python perf/suite_report.py --update       # rewrite the targets table of RESULTS.md from perf/results
+    python -m perf.suite_report --update       # rewrite the targets table of RESULTS.md from perf/results
 
 Targets (issue 20), each measured in the same run as its baseline:
   SiT-XL/2 + iREPA, batch 256, bf16, one H100/H200: >= 50% MFU and >= 1.5x the reference-style baseline
@@ -14,27 +14,22 @@ Targets (issue 20), each measured in the same run as its baseline:
     reference, >= 4x eager
   loader: >= 20,000 samples/s of SiT-B/2 + DINOv2-B records on 16 cores
 A figure is 'open' until a GPU (or a 16-core host, for the loader) measured it. Predictions come
-from perf/results/roofline.csv (perf/roofline.py --record), matched by device model.
+from perf/results/roofline.csv (python -m perf.roofline --record), matched by device model. A
+step row that failed the correctness gate (perf/gate.py) never counts as a speed figure.
 """
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import os
-import sys
 from pathlib import Path
+
+from perf.common import read_csv, rewrite_block, write_rows
+from perf.gate import counted
 
 HERE = Path(__file__).resolve().parent
 OURS = ("compile+fusedloss", "compile+fused", "compile+fused+flash", "compile", "eager")
-CSVS = ("bench_step.csv", "bench_alignment.csv", "bench_loader.csv", "tune_kernels.csv")
-BEGIN, END = "<!-- targets:begin -->", "<!-- targets:end -->"
-
-
-def read_csv(path: Path) -> list[dict]:
-    if not path.is_file() or path.stat().st_size == 0:
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+CSVS = ("bench_step.csv", "bench_alignment.csv", "bench_loader.csv", "tune_kernels.csv", "step_profile.csv")
 
 
 def device_model(name: str) -> str | None:
@@ -67,9 +62,12 @@ def step_figures(rows: list[dict], model: str, mfu_target: float, ratio_target: 
                  gpu_only: bool = True) -> list[dict]:
     """Our best configuration and the baseline of the newest bench_step run of `model` at batch 256."""
     runs: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if r.get("model") == model and (not gpu_only or _is_gpu(r.get("device", ""))):
-            runs.setdefault((r["device"], r["date"], r["command"]), []).append(r)
+    for r in rows:  # rows that failed the correctness gate are no speed result; --gate_only rows have no speed
+        if r.get("model") == model and (not gpu_only or _is_gpu(r.get("device", ""))) and counted(r) \
+                and r.get("img_per_s"):
+            # one run: the rows of one GPU call (its `call` id: one process per configuration), else of one command
+            key = (r["device"], r["call"]) if r.get("call") else (r["device"], r["date"], r["command"])
+            runs.setdefault(key, []).append(r)
     batches = sorted({r["batch"] for rs in runs.values() for r in rs}) or ["256"]
     label = f"{model} + iREPA, batch {'/'.join(batches)}"
     if not runs:
@@ -78,7 +76,8 @@ def step_figures(rows: list[dict], model: str, mfu_target: float, ratio_target: 
             [dict(figure=f"{label}: speed-up over the reference-style baseline", measured="open",
                   target=f">= {ratio_target}x", met="open", predicted=_pred_step(preds, None, model, "ratio"))]
             if ratio_target else [])
-    (dev, date, _), rs = max(runs.items(), key=lambda kv: kv[0][1])
+    rs = max(runs.values(), key=lambda rows: max(r["date"] for r in rows))
+    dev, date = rs[0]["device"], max(r["date"] for r in rs)
     dm = device_model(dev)
     ours = [r for r in rs if r["config"].split("[")[0] in OURS and _f(r.get("img_per_s"))]
     base = next((r for r in rs if r["config"] == "baseline" and _f(r.get("img_per_s"))), None)
@@ -126,13 +125,16 @@ def _pred_step(preds: dict, dm: str | None, model: str, what: str) -> str:
 
 
 def alignment_figures(rows: list[dict], preds: dict, gpu_only: bool = True) -> list[dict]:
-    """Per E of the newest bench_alignment run: fused fwd+bwd against copy bandwidth, compile, eager."""
+    """Per E and layout of the newest bench_alignment run: fused fwd+bwd against copy bandwidth, compile, eager."""
     timed = [r for r in rows if r.get("mode") == "full" and (not gpu_only or _is_gpu(r.get("device_name", "")))]
     out = []
-    shapes = sorted({(r["B"], r["T"], r["E"]) for r in timed}, key=lambda s: tuple(int(v) for v in s)) or \
-        [("256", "256", "768"), ("256", "256", "1024")]
-    for B, T, E in shapes:
-        rs = [r for r in timed if (r["B"], r["T"], r["E"]) == (B, T, E)]
+    def lay(r):
+        return r.get("layout") or "contiguous"
+    shapes = sorted({(r["B"], r["T"], r["E"], lay(r)) for r in timed},
+                    key=lambda s: (*(int(v) for v in s[:3]), s[3] != "contiguous")) or \
+        [("256", "256", "768", "contiguous"), ("256", "256", "1024", "contiguous")]
+    for B, T, E, layout in shapes:
+        rs = [r for r in timed if (r["B"], r["T"], r["E"], lay(r)) == (B, T, E, layout)]
         key = f"alignment-loss {B}x{T}x{E}"
         dm = None
         by = {}
@@ -141,7 +143,8 @@ def alignment_figures(rows: list[dict], preds: dict, gpu_only: bool = True) -> l
             by = {r["provider"]: r for r in rs if r["date"] == date}
             dm = device_model(rs[0]["device_name"])
         fused, comp, eager = (by.get(p) for p in ("fused", "compile", "eager"))
-        label = f"fused alignment loss fwd+bwd, B={B} T={T} E={E} bf16"
+        label = f"fused alignment loss fwd+bwd, B={B} T={T} E={E} bf16" + (
+            "" if layout == "contiguous" else f", {layout} (the conv projector's [B, E, T] output)")
         pr = {p: preds.get((d, key, p)) for d in ([dm] if dm else sorted({k[0] for k in preds})) for p in
               ("fused", "compile", "eager")}
         pf, pc, pe = (_f(pr[p]["pred_ms"]) if pr.get(p) else None for p in ("fused", "compile", "eager"))
@@ -219,11 +222,12 @@ def summary(out: Path, root: Path = HERE.parent) -> str:
         target=">= 20,000 samples/s on 16 cores", met="n/a (not 16 cores)", predicted="n/a") for r in loader_rows]
     lines = [f"# GPU suite summary ({out.name})", ""]
     if parts:
-        lines += ["| part | device | status | seconds | budget | note |", "|---|---|---|---|---|---|"]
-        lines += [f"| {p['part']} | {p.get('device', '')} | {p['status']} | {p['seconds']} | {p['budget']} | "
+        lines += ["| part | device | status | seconds | limit | note |", "|---|---|---|---|---|---|"]
+        lines += [f"| {p['part']} | {p.get('device', '')} | {p['status']} | {p['seconds']} | "
+                  f"{p.get('limit') or p.get('budget', '')} | "
                   f"{p.get('note', '')} |" for p in parts]
         lines.append("")
-    lines += [table(figs), ""]
+    lines += preflight_lines(out) + [table(figs), ""] + gate_lines(steps) + attribution_lines(out)
     if not gpu:
         lines.append("CPU practice run: tiny models and shapes; these rows prove the suite, not a performance figure.")
     text = "\n".join(lines) + "\n"
@@ -231,6 +235,56 @@ def summary(out: Path, root: Path = HERE.parent) -> str:
     tmp.write_text(text)
     os.replace(tmp, out / "summary.md")
     return text
+
+
+def preflight_row(path: Path) -> dict | None:
+    """OUT/preflight.json (perf/preflight.py) as one row: versions, GPU, measured rates, failures."""
+    if not path.is_file():
+        return None
+    pre = json.loads(path.read_text())
+    v, g, m = pre["versions"], pre["gpu"], pre["measured"]
+    return {"date": pre["date"], "commit": pre["commit"], "device_name": g["name"], "python": v["python"],
+            "torch": v["torch"], "triton": v["triton"], "cuda": v["cuda"], "driver": v["driver"],
+            "gemm_tflops": f"{m.get('gemm_tflops', float('nan')):.4g}", "sdpa_ms": f"{m.get('sdpa_ms', float('nan')):.4g}",
+            "sdpa_backend": m.get("sdpa_backend", ""), "copy_tbs": f"{m.get('copy_tbs', float('nan')):.4g}",
+            "sm_clock_mhz": g.get("sm_clock_mhz", ""), "max_sm_clock_mhz": g.get("max_sm_clock_mhz", ""),
+            "throttle": g.get("throttle", ""), "failures": "; ".join(pre["failures"])}
+
+
+def preflight_lines(out: Path) -> list[str]:
+    r = preflight_row(out / "preflight.json")
+    if r is None:
+        return []
+    return [f"Preflight on {r['device_name']}: python {r['python']}, torch {r['torch']}, triton {r['triton']}, "
+            f"cuda {r['cuda'] or '-'}, driver {r['driver'] or '-'}; measured GEMM (SiT-XL/2 shapes) "
+            f"{r['gemm_tflops']} TFLOP/s, copy {r['copy_tbs']} TB/s, SDPA fwd+bwd {r['sdpa_ms']} ms "
+            f"({r['sdpa_backend']}); {('FAILED: ' + r['failures']) if r['failures'] else 'ok'}.", ""]
+
+
+def gate_lines(steps: list[dict]) -> list[str]:
+    """Each step row's correctness verdict; a FAIL row is left out of every figure above."""
+    rows = [r for r in steps if r.get("gate")]
+    if not rows:
+        return []
+    lines = ["Correctness gate (step 0 at a fixed seed against eager; perf/gate.py):", "",
+             "| model | config | loss0 | grad norm0 | gate |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['config']} | {r.get('loss0', '')} | {r.get('grad_norm0', '')} | {r['gate']} |"
+              for r in rows]
+    return lines + [""]
+
+
+def attribution_lines(out: Path) -> list[str]:
+    """Measured time per op class of one profiled step beside the roofline's prediction."""
+    rows = read_csv(out / "step_profile.csv")
+    if not rows:
+        return []
+    lines = ["Time per op class, one profiled step (measured) beside the roofline (predicted; device model "
+             "in brackets):", "", "| model | config | op class | measured ms | predicted ms |", "|---|---|---|---|---|"]
+    for r in rows:
+        dm = f" ({r['prediction_device']})" if r.get("prediction_device") else ""
+        lines.append(f"| {r['model']} | {r['config']} | {r['op_class']} | {r['measured_ms']} | "
+                     f"{r['predicted_ms'] or 'n/a'}{dm} |")
+    return lines + [""]
 
 
 def targets_markdown(root: Path) -> str:
@@ -247,21 +301,11 @@ def targets_markdown(root: Path) -> str:
 
 
 def update_targets(root: Path) -> None:
-    md = root / "perf/RESULTS.md"
-    text = md.read_text() if md.is_file() else "# Performance results\n"
-    block = f"{BEGIN}\n{targets_markdown(root)}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## Targets (issue 20)\n\n" + block + "\n"
-    md.write_text(text)
+    rewrite_block(root / "perf/RESULTS.md", "targets", targets_markdown(root), "Targets")
 
 
 def merge(out: Path, root: Path) -> None:
     """Append OUT's rows that perf/results does not hold yet; then rewrite RESULTS.md's tables."""
-    sys.path.insert(0, str(HERE))
-    from harness import write_rows
-
     for name in CSVS:
         new = read_csv(out / name)
         if not new:
@@ -270,13 +314,17 @@ def merge(out: Path, root: Path) -> None:
         have = {tuple(sorted((k, v) for k, v in r.items() if v)) for r in read_csv(dest)}
         rows = [r for r in new if tuple(sorted((k, v) for k, v in r.items() if v)) not in have]
         if name == "bench_step.csv":
-            from bench_step import append_csv, update_results
-            if rows:
-                append_csv(dest, rows)
+            from perf.bench_step import FIELDS, update_results
+            write_rows(dest, rows, FIELDS, quiet=True)
             update_results(root / "perf/RESULTS.md", dest)
         elif rows:
             write_rows(dest, rows)
         print(f"{name}: {len(rows)} new rows -> {dest}")
+    pre = preflight_row(out / "preflight.json")
+    have = {(r["date"], r["device_name"]) for r in read_csv(root / "perf/results/preflight.csv")}
+    if pre is not None and (pre["date"], pre["device_name"]) not in have:
+        write_rows(root / "perf/results/preflight.csv", [pre], quiet=True)
+        print(f"preflight.json -> {root / 'perf/results/preflight.csv'}")
     update_targets(root)
     print(f"targets table rewritten in {root / 'perf/RESULTS.md'}")
 

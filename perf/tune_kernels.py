@@ -1,14 +1,14 @@
 """Block-size sweep of the Triton kernels at the GPU suite's shapes: a follow-up for GPU time left.
 
-    python perf/tune_kernels.py                          # GPU: alignment E 768 and 1024, adaLN D 1152, bf16
-    python perf/tune_kernels.py --device cpu --quick     # flow check (Triton interpreter, tiny shapes)
+    python -m perf.tune_kernels                          # GPU: alignment E 768 and 1024, adaLN D 1152, bf16
+    python -m perf.tune_kernels --device cpu --quick     # flow check (Triton interpreter, tiny shapes)
 
 The kernels pick their tiles with heuristics not yet measured on a GPU
 (irepa.kernels.alignment._token_blocks: BLOCK_T, BLOCK_E, warps of the token kernels;
 irepa.kernels.adaln._blocks: ROWS, warps, the whole row in one BLOCK_D). Each variant replaces
 that function for the run (nothing in kernels/ changes), is checked against the eager reference
 on fresh random inputs (value and gradient within bf16 tolerance, every output element written),
-then timed fwd+bwd with triton.testing.do_bench (median). One CSV row per variant, written as it
+then timed fwd+bwd with perf/harness.py's `bench` (CUDA-graph replays, median). One CSV row per variant, written as it
 is measured, with the heuristic's own choice marked; the fastest correct variant is printed.
 If it beats the heuristic by more than the timing spread, change the heuristic (and say so in
 perf/RESULTS.md with the figures).
@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 from pathlib import Path
 from unittest import mock
 
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 ALIGN_TILES = [(16, 256), (8, 256), (32, 256), (4, 256), (32, 128), (16, 128), (64, 64)]
 ADALN_ROWS = [1, 2, 4, 8]
@@ -41,7 +39,7 @@ def check_and_time(fn, ref, inputs, grad_inputs, device: str, quick: bool, K) ->
     """(value rel. error, gradient rel. error, median ms of fwd+bwd) against `ref` in float64, the
     check with NaN-poisoned outputs, the timing without. grad_inputs: the inputs (in their order in
     `inputs`) whose gradients are compared."""
-    from harness import bench
+    from perf.harness import bench
 
     with contextlib.ExitStack() as stack:
         for patch in _poisoned(K):
@@ -81,7 +79,7 @@ def _poisoned(K):
 
 
 def sweep_alignment(shapes, device, quick, csv_path, info):
-    from harness import finish
+    from perf.harness import finish
     from irepa.align import alignment_loss
     from irepa.kernels import alignment as K
     from irepa.kernels import fused_alignment_loss
@@ -116,7 +114,7 @@ def sweep_alignment(shapes, device, quick, csv_path, info):
 def sweep_adaln(shapes, device, quick, csv_path, info):
     import triton
 
-    from harness import finish
+    from perf.harness import finish
     from irepa.kernels import adaln as K
     from irepa.kernels import fused_adaln
     from irepa.models.layers import modulate_norm_ref
@@ -173,7 +171,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before irepa.kernels (and triton) are imported
-    from harness import env_info
+    from perf.common import env_info
 
     info = env_info(a.device)
     torch.manual_seed(0)

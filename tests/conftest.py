@@ -9,11 +9,20 @@ TRITON_INTERPRET is read when triton is first imported, so it must be set before
 test module (or irepa.kernels) imports it; per-file settings come too late once another
 module has imported triton in compiled mode. It is set for "cpu" only: on "cuda" the
 whole session uses compiled kernels (CPU tensors elsewhere then take the eager references).
+
+perf/ is a package of the checkout, not of the install: its tests import it from the root, put
+last on sys.path so the installed (or, on the device machine, linked) irepa still comes first.
 """
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch  # does not import triton
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
 
 _DEVICES = ("cpu", "cuda")
 _asked = os.environ.get("IREPA_KERNEL_TEST_DEVICE", "").strip().lower()

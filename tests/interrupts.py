@@ -3,14 +3,18 @@
     tr.run.data.loader = Interrupt(tr.run.data.loader, 5, crash)          # dies before batch 5 is handed out
     tr.run.data.loader = Interrupt(tr.run.data.loader, 2, nan_into("x"))  # batch 2 (step 3) holds a NaN latent
 
-Run as a script (under torchrun), it trains with a NaN put into one rank's batch, for the
-multi-rank fault tests; each rank prints `[rank R] <error>` on stdout before it exits with it:
+Run as a script (under torchrun), it trains with a NaN put into one rank's batch, or with one
+rank killed by SIGKILL before a batch on the group's first start (torchrun's restart then runs
+clean), for the multi-rank fault tests; each rank prints `[rank R] <error>` on stdout before it
+exits with it:
 
     torchrun --nproc_per_node=2 tests/interrupts.py --nan_rank 1 --nan_at 2 --nan_key x [config overrides]
+    torchrun --max-restarts 1 ... tests/interrupts.py --kill_rank 1 --kill_at 3 [config overrides]
 """
 from __future__ import annotations
 
 import os
+import signal
 
 from irepa.recipes import DEFAULT_PRESET
 
@@ -54,12 +58,20 @@ def nan_into(key: str):
     return edit
 
 
-def _train_with_nan(nan_rank: int, nan_at: int, nan_key: str, preset: str = DEFAULT_PRESET, **overrides):
+def kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _train_with_fault(nan_rank: int = -1, nan_at: int = 0, nan_key: str = "x", kill_rank: int = -1, kill_at: int = 0,
+                      preset: str = DEFAULT_PRESET, **overrides):
     from irepa.recipes import resolve
     from irepa.train.trainer import Trainer
     trainer = Trainer(resolve(preset, overrides))
     if trainer.run.rank == nan_rank:
         trainer.run.data.loader = Interrupt(trainer.run.data.loader, nan_at, nan_into(nan_key))
+    first_start = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if trainer.run.rank == kill_rank and first_start:
+        trainer.run.data.loader = Interrupt(trainer.run.data.loader, kill_at - trainer.step, kill_self)
     try:
         trainer.train()
     except Exception as e:
@@ -72,6 +84,6 @@ if __name__ == "__main__":
     from irepa.cli import run
     from irepa.dist import teardown
     try:
-        run(_train_with_nan, "interrupts.py")
+        run(_train_with_fault, "interrupts.py")
     finally:
         teardown()

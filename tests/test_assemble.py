@@ -4,9 +4,10 @@ live in the recipe's own section (with the old spellings mapped); the registry i
 list; nothing outside irepa/recipes/ compares a recipe name; the trainer's components work alone."""
 from __future__ import annotations
 
+import importlib
+
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,11 +24,7 @@ TINY = {"model.name": "SiT-Tiny/2", "model.input_size": 8, "data.resolution": 64
 
 
 def _perf(name: str):
-    sys.path.insert(0, str(ROOT / "perf"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(ROOT / "perf"))
+    return importlib.import_module(f"perf.{name}")
 
 
 def test_every_tool_builds_its_run_through_build_run(tmp_path, digits_cache, one_thread, monkeypatch):
@@ -35,7 +32,7 @@ def test_every_tool_builds_its_run_through_build_run(tmp_path, digits_cache, one
     entry, once per run they build (the same function object, not a copy)."""
     from irepa.train import trainer
     tools = {"trainer": trainer, "offline_parts": assemble, "bench_step": _perf("bench_step"),
-             "bench_repae": _perf("bench_repae"), "roofline": _perf("roofline")}
+             "bench_repae": _perf("bench_repae"), "roofline": _perf("roofline.trace")}
     calls, real = [], assemble.build_run
     for who, module in tools.items():
         assert module.build_run is real, who
@@ -51,7 +48,7 @@ def test_every_tool_builds_its_run_through_build_run(tmp_path, digits_cache, one
     tools["bench_step"].build_case("SiT-Tiny/2", tools["bench_step"].QUICK["SiT-Tiny/2"], "eager", 4,
                                    torch.device("cpu"), plan_only=True)
     tools["bench_repae"].build("digits", torch.device("cpu"), 2, "fp32")
-    tools["roofline"].trace_step("SiT-Tiny/2", "eager", 4, tools["roofline"].DEVICES["h200"], micro_batch=4,
+    tools["roofline"].trace_step("SiT-Tiny/2", "eager", 4, _perf("roofline").DEVICES["h200"], micro_batch=4,
                                  quick=True)
     assert calls == list(tools)
 

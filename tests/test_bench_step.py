@@ -18,7 +18,7 @@ def test_quick_cpu_run_writes_csv_and_table(tmp_path):
                 "command"]
     old_row = ["cpu (old)" if c == "device" else "old" for c in old_cols]
     csv_path.write_text(",".join(old_cols) + "\n" + ",".join(old_row) + "\n")
-    cmd = [sys.executable, str(ROOT / "perf/bench_step.py"), "--quick", "--device", "cpu", "--models", "SiT-Tiny/2",
+    cmd = [sys.executable, "-m", "perf.bench_step", "--quick", "--device", "cpu", "--models", "SiT-Tiny/2",
            "--steps", "2", "--warmup", "1", "--csv", str(csv_path), "--results", str(md)]
     proc = subprocess.run(cmd + ["--configs", "eager,compile+fused"], capture_output=True, text=True, timeout=300,
                           cwd=ROOT)
@@ -43,7 +43,7 @@ def test_quick_cpu_run_writes_csv_and_table(tmp_path):
     rows = rows[1:]
     assert [(r["config"], r["micro_batch"]) for r in rows] == [("eager", "8"), ("eager", "4")]
     r = rows[0]
-    assert r["device"].startswith("cpu") and r["commit"] and r["date"] and "bench_step.py" in r["command"]
+    assert r["device"].startswith("cpu") and r["commit"] and r["date"] and "perf.bench_step" in r["command"]
     assert float(r["img_per_s"]) > 0 and float(r["tflops"]) > 0 and r["mfu"] == ""
     text = md.read_text()
     assert "intro kept" in text and "<!-- bench_step:begin -->" in text and "| SiT-Tiny/2 | eager |" in text

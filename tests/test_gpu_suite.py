@@ -1,8 +1,8 @@
-"""perf/gpu_suite.sh quick and perf/suite_report.py: the per-part time limits, skipping when the
-total budget is spent, importing the package from a checkout that was never installed (as on the
-device machine), and the headline figures computed from rows of a (synthetic) GPU run against
-their targets and the roofline predictions. The suite's real CPU practice run (about 15 minutes)
-is not part of CI; these tests check its mechanics in seconds."""
+"""perf/gpu_suite.sh quick and perf/suite_report.py: skipping when the total budget is spent,
+importing the package from a checkout that was never installed (as on the device machine), and
+the headline figures computed from rows of a (synthetic) GPU run against their targets and the
+roofline predictions. The call's real CPU practice run (about 15 minutes) is not part of CI; these
+tests and tests/test_gpu_call.py check its mechanics in seconds."""
 from __future__ import annotations
 
 import csv
@@ -14,13 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from perf import suite_report as S
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "perf"))
-
-import suite_report as S  # noqa: E402
-
-PARTS = ["kernels", "alignment", "step-xl", "step-b", "loader"]
-
 
 def suite(out: Path, env: dict, cwd: Path = ROOT, *args) -> subprocess.CompletedProcess:
     e = {**os.environ, "PYTHON": sys.executable, **env}
@@ -32,37 +28,35 @@ def parts(out: Path) -> list[dict]:
     return list(csv.DictReader(open(out / "parts.csv")))
 
 
-def test_every_part_is_stopped_at_its_limit(tmp_path):
-    """1-second limits: no part can finish (Python and torch alone take longer); each is stopped,
-    recorded as such, the next one still runs, summary.md is written and the exit code says so."""
-    p = suite(tmp_path, {"QUICK_TOTAL_S": "600", **{f"BUDGET_{k.upper().replace('-', '_')}": "1" for k in PARTS}})
-    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
-    rows = parts(tmp_path)
-    assert [r["part"] for r in rows] == PARTS
-    assert all(r["status"] == "timeout" and r["device"] == "cpu" and int(r["seconds"]) <= 12 for r in rows), rows
-    assert "| step-xl | cpu | timeout |" in (tmp_path / "summary.md").read_text()
-    assert "=== loader: timeout" in (tmp_path / "suite.log").read_text()
-
-
 def test_parts_are_skipped_when_the_total_budget_is_spent_and_a_fresh_checkout_imports(tmp_path):
     """A copy of the tracked files (no .git, never installed, like the tree on the device machine):
-    the package is imported from it through the suite's temporary links, the missing commit is
-    named, and with a 5-second total every part is skipped rather than started."""
+    the package is imported from it through the suite's temporary links, perf through its own link;
+    without a COMMIT file the missing commit is named, with one every row carries it; with a
+    5-second total every part is skipped rather than started (the per-part limits and crashes:
+    tests/test_gpu_call.py)."""
+    from perf import gpu_call
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    files += [str(p.relative_to(ROOT)) for p in (ROOT / "perf").rglob("*.py")]  # new files not yet committed
     tree = tmp_path / "tree"
-    for f in files + ["perf/suite_report.py", "perf/roofline.py"]:
+    for f in files:
         if (ROOT / f).is_file():
             (tree / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, tree / f)
     out = tmp_path / "out"
     env = {"QUICK_TOTAL_S": "5", "IREPA_COMMIT": ""}
     p = suite(out, env, tree)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    log = (out / "suite.log").read_text()
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]  # nothing ran: not a success
+    log = (out / "call.log").read_text()
     irepa_line = next(line for line in log.splitlines() if line.strip().startswith("irepa "))
     assert "irepa-suite." in irepa_line and "/path/irepa/__init__.py" in irepa_line, irepa_line
     assert "IREPA_COMMIT unset" in p.stdout + p.stderr
-    assert [r["status"] for r in parts(out)] == ["skipped"] * 5
+    n = len(gpu_call.plan(out, "cpu", ["python"]))
+    assert [r["status"] for r in parts(out)] == ["skipped"] * n and parts(out)[0]["commit"] == "unknown"
+    assert {f.name for f in out.iterdir()} <= set(gpu_call.OUT_FILES)  # a device call returns 8 files at most
+    (tree / "COMMIT").write_text("abc1234-dirty\n")
+    p = suite(out, env, tree)
+    assert "IREPA_COMMIT unset" not in p.stdout + p.stderr
+    assert {r["commit"] for r in parts(out)} == {"abc1234-dirty"}
 
 
 def test_usage_errors():
@@ -84,7 +78,7 @@ def _step(config, img_s, mfu, model="SiT-XL/2", date="2026-12-02 10:00 UTC"):
     return dict(date=date, commit="abc1234", device="NVIDIA H200", torch="2.11.0", model=model, config=config,
                 batch="256", micro_batch="256", precision="bf16", step_ms_median="1", step_ms_p20="1", step_ms_p80="1",
                 img_per_s=str(img_s), tflops="1", mfu=str(mfu), peak_mem_gb="100.0", speedup_vs_baseline="",
-                command=f"python perf/bench_step.py --models {model}")
+                command=f"python -m perf.bench_step --models {model}")
 
 
 def _align(provider, ms, E="768", frac="", kfrac=""):
@@ -166,7 +160,7 @@ def test_device_model(name, model):
 def test_kernel_sweep_flow(tmp_path):
     """perf/tune_kernels.py --quick on CPU (Triton interpreter): every variant, the heuristic's own
     included, is checked against the float64 reference and gets its CSV row as it is measured."""
-    import tune_kernels
+    from perf import tune_kernels
     path = tmp_path / "tune.csv"
     tune_kernels.main(["--device", "cpu", "--quick", "--csv", str(path)])
     rows = list(csv.DictReader(open(path)))
@@ -178,9 +172,22 @@ def test_kernel_sweep_flow(tmp_path):
 def test_rows_with_new_columns_extend_the_file(tmp_path):
     """bench_alignment.write_rows (all perf CSVs but bench_step's): rows with a column the file's
     header lacks rewrite it once with the union of columns; old rows keep their values."""
-    from harness import write_rows
+    from perf.common import write_rows
     path = tmp_path / "x.csv"
     write_rows(path, [{"a": 1, "b": 2}])
     write_rows(path, [{"a": 3, "b": 4}])
     write_rows(path, [{"a": 5, "c": 6}])
     assert open(path).read().splitlines() == ["a,b,c", "1,2,", "3,4,", "5,,6"]
+
+
+def test_alignment_figures_per_layout(tmp_path):
+    """The conv projector's layout is a figure of its own, not mixed into the contiguous one."""
+    rows = [_align("fused", 0.2, frac="0.45", kfrac="0.9"), _align("eager", 1.0), _align("compile", 0.5)]
+    rows += [{**r, "layout": "transposed", "ms_median": str(2 * float(r["ms_median"])), "kernel_frac_copy": "0.45"
+              if r["provider"] == "fused" else ""} for r in rows]
+    figs = {f["figure"]: f for f in S.alignment_figures(rows, {})}
+    plain = figs["fused alignment loss fwd+bwd, B=256 T=256 E=768 bf16: bandwidth"]
+    conv = figs["fused alignment loss fwd+bwd, B=256 T=256 E=768 bf16, transposed (the conv projector's [B, E, T] "
+                "output): bandwidth"]
+    assert plain["measured"].startswith("0.200 ms, 90%") and plain["met"] == "yes"
+    assert conv["measured"].startswith("0.400 ms, 45%") and conv["met"] == "no"

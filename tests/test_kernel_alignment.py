@@ -261,17 +261,19 @@ def test_forward_only_makes_no_gradient(monkeypatch, mode):
 
 
 def compile_check(bench: str) -> dict:
-    """Run perf/<bench>.py --compile-check in a fresh process: real Triton compilation for
+    """Run python -m perf.<bench> --compile-check in a fresh process: real Triton compilation for
     sm_90 (no GPU needed) cannot share a process with the interpreter."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "perf" / f"{bench}.py"
+    root = str(Path(__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, str(script), "--compile-check"], env=env, capture_output=True,
-                         text=True, timeout=600)
+    # -P and the root last on the path: an installed or linked irepa (the device machine's) comes first
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH", ""), root]))
+    res = subprocess.run([sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", f"perf.{bench}",
+                          "--compile-check"], env=env, capture_output=True, text=True, timeout=600, cwd=root)
     if res.returncode != 0 and ("ptxas" in res.stderr or "No module named 'triton.backends.nvidia'" in res.stderr):
         pytest.skip("this triton cannot compile for sm_90 here")
     assert res.returncode == 0, res.stderr[-3000:]

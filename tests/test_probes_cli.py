@@ -39,7 +39,7 @@ def train_cli(monkeypatch):
     """launch/train.py's main through irepa.cli.call; the Config it would train is captured, not trained."""
     import irepa.train.trainer as trainer
     got = {}
-    monkeypatch.setattr(trainer, "train", lambda cfg: got.setdefault("cfg", cfg))
+    monkeypatch.setattr(trainer, "train", lambda cfg: got.update(cfg=cfg) or {})  # train returns the last row
     main = _script("train").main
 
     def run(*argv):
@@ -259,7 +259,8 @@ def test_torchrun_batch_not_divisible_ends_with_the_message(tmp_path):
               "--train.batch_size", "7", "--train.device", "cpu", "--out_dir", str(tmp_path),
               "--data.cache_dir", str(tmp_path / "cache")])
     out = p.stdout + p.stderr
-    msg = "train.py: train.batch_size 7 is not divisible by 2 ranks"
+    msg = ("train.py: train.batch_size 7 is not divisible by 2 ranks (1 node(s) x 2 process(es)); use a "
+           "multiple of 2 or another node count")
     assert p.returncode != 0
     assert out.splitlines().count(msg) == 1, out               # printed by rank 0 only
     assert f"traceback : {msg}" in out, out                     # rank 0 and 1 error files, in torchrun's block

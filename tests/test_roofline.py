@@ -1,22 +1,17 @@
-"""perf/roofline.py: the op counting against hand-computed FLOPs and bytes (a Linear, attention),
+"""perf/roofline: the op counting against hand-computed FLOPs and bytes (a Linear, attention),
 the CUDA autocast emulation against ATen's CUDA lists, the fusion model on two small graphs
 worked out by hand, and whole-model matmul FLOPs against irepa.train.flops and the published
 forward GMACs (DiT paper for SiT, the JiT release for JiT)."""
 from __future__ import annotations
 
 import csv
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "perf"))
-
-import roofline as R  # noqa: E402
+from perf import roofline as R
 
 
 def record(fn, stack=None):
@@ -187,7 +182,7 @@ def test_cli_records_a_prediction(tmp_path, capsys):
     assert [(r["model"], r["config"]) for r in rows] == [
         ("SiT-Tiny/2", "compile+fusedloss"), ("SiT-Tiny/2", "baseline"), ("alignment-loss 2x16x64", "eager"),
         ("alignment-loss 2x16x64", "compile"), ("alignment-loss 2x16x64", "fused")]
-    assert all(r["device_model"] == "h200" and r["commit"] and "roofline.py" in r["command"] for r in rows)
+    assert all(r["device_model"] == "h200" and r["commit"] and "-m perf.roofline" in r["command"] for r in rows)
     text = md.read_text()
     assert "kept" in text and "<!-- roofline:begin -->" in text and "Prediction, not a measurement" in text
     R.main(["--quick", "--models", "SiT-Tiny/2", "--configs", "eager", "--loss_shapes", "", "--micro_batch", "4",

@@ -73,12 +73,14 @@ def test_resume_after_a_crash_matches_uninterrupted(tmp_path):
     assert list((tmp_path / "full").glob("events.out.tfevents.*"))
 
 
-def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path):
-    before = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])  # SIGUSR1: SLURM's --signal warning
+def test_stop_signal_writes_checkpoint_and_exits_cleanly(tmp_path, sig):
+    before = signal.getsignal(sig)
     tr = Trainer(_cfg(tmp_path, "term", **{"train.steps": 50}))
-    tr.run.data.loader = Interrupt(tr.run.data.loader, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    tr.run.data.loader = Interrupt(tr.run.data.loader, 3, lambda: os.kill(os.getpid(), sig))
     last = tr.train()  # returns normally after the step the signal arrived in
-    assert last["step"] == 4 and signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+    assert last["step"] == 4 and last["stopped_by"] == sig and last["stopped_at"] == 4
+    assert signal.getsignal(sig) is before  # the handler is put back
     ckpt = checkpoint.latest_checkpoint(tmp_path / "term")
     assert ckpt.name == "step-0000004"
     state = checkpoint.read_checkpoint(ckpt)

@@ -28,7 +28,7 @@ this module key for key (its pos_embed parameter is our buffer).
 JiT has no fused RMSNorm + adaLN kernel yet (model.fused_kernels applies to SiT only, see
 irepa.models.takes_fused_kernels): it runs the eager ops, which torch.compile per block fuses.
 Blocks call the modulation through their `modulate` attribute (as SiT blocks call
-`modulate_norm`), where a tool can see it (perf/roofline.py tags it).
+`modulate_norm`), where a tool can see it (perf/roofline tags it).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """One assembly of a training run: `build_run(cfg, ...) -> Run`.
 
 The trainer, the export of sharded checkpoints (`offline_parts`), perf/bench_step.py,
-perf/bench_repae.py and perf/roofline.py all build their run here, so what they measure and
+perf/bench_repae.py and perf/roofline all build their run here, so what they measure and
 predict is what trains. In this order (the seeds and the order of random draws are part of
 a run's definition: a rerun gives the same initial weights):
 
@@ -13,7 +13,7 @@ a run's definition: a rerun gives the same initial weights):
 
 Options for tools that build a run unlike the trainer's: `data` (batches they make
 themselves), `compile_scope="model"` (one graph for the whole tree, perf/bench_step.py's
-reference-style baseline), `autocast` and `fused_optimizer` (perf/roofline.py traces a CUDA
+reference-style baseline), `autocast` and `fused_optimizer` (perf/roofline traces a CUDA
 step on fake CPU tensors), `instrument` (called with the trained tree before the plan: the
 roofline tags its ops).
 """

@@ -14,6 +14,7 @@ import torch.nn as nn
 from irepa.align import AlignmentHead, alignment_loss
 from irepa.config import Config
 from irepa.errors import InputError
+from irepa.train.world_checks import check_batch_divides
 
 
 def build_head(cfg: Config, dim: int, encoder_dims: list[int], fused: bool) -> AlignmentHead | None:
@@ -54,7 +55,7 @@ class AlignedDiffusion(nn.Module):
 
 
 def to_device(module: nn.Module, device: torch.device) -> nn.Module:
-    """module.to(device), skipped where every tensor is there already (fake tensors, perf/roofline.py's
+    """module.to(device), skipped where every tensor is there already (fake tensors, perf/roofline's
     trace, cannot go through the move, which would change nothing)."""
     tensors = [*module.parameters(), *module.buffers()]
     return module if all(t.device == torch.device(device) for t in tensors) else module.to(device)
@@ -83,7 +84,7 @@ class DataBundle:
     online_encoders: list = field(default_factory=list)
     """frozen encoders run in the step on batch["images"] when features are not stored"""
     encoder_autocast: Callable[[], AbstractContextManager] | None = None
-    """the online encoders' autocast; None: bf16 on CUDA, none elsewhere (perf/roofline.py: CUDA's policy)"""
+    """the online encoders' autocast; None: bf16 on CUDA, none elsewhere (perf/roofline: CUDA's policy)"""
 
     def features(self, batch: dict) -> list[torch.Tensor]:
         """Alignment targets of a batch (slice): its stored features, or the online encoders' output."""
@@ -127,9 +128,8 @@ def build_data(cfg: Config, recipe, model: nn.Module, rank: int, world_size: int
     """
     from irepa import data as data_pkg
 
+    check_batch_divides(cfg.train.batch_size, world_size)
     local_batch = cfg.train.batch_size // world_size
-    if cfg.train.batch_size % world_size:
-        raise InputError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world_size} ranks")
     path = str(dataset_dir(cfg, recipe.data_kind))
     if cfg.data.source == "digits":
         _prepare_builtin(cfg, path, recipe.data_kind, rank, world_size)

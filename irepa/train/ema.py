@@ -76,7 +76,7 @@ class EMA:
 
 
 def _fp32_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in fp32; an fp32 model is copied as it is (fake tensors, perf/roofline.py's trace,
+    """A deep copy in fp32; an fp32 model is copied as it is (fake tensors, perf/roofline's trace,
     cannot go through the conversion pass, which would change nothing)."""
     out = copy.deepcopy(model)
     tensors = [*out.parameters(), *out.buffers()]

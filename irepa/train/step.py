@@ -71,7 +71,7 @@ class TrainStep:
         """batch (slice) -> alignment targets: stored features, or the online encoders run on its images"""
         self.micro_batch, self.amp_dtype, self.scaler = micro_batch, amp_dtype, scaler
         self.autocast_fn = autocast or (lambda dtype: torch.autocast(device.type, dtype))
-        """dtype -> the autocast context of the forward passes (perf/roofline.py: CUDA's policy on fake CPU tensors)"""
+        """dtype -> the autocast context of the forward passes (perf/roofline: CUDA's policy on fake CPU tensors)"""
         self.align_weight, self.warmup_steps = align_weight, warmup_steps
         self.seed, self.rank, self.device = seed, rank, device
         self.grad_norms: dict[str, torch.Tensor] = {}
@@ -109,7 +109,7 @@ class TrainStep:
     def optimizer_step(self, part: Part, step: int, update_scale: bool = True) -> torch.Tensor:
         """Unscale (fp16: an overflow on any rank skips the step), clip, set the lr, step, zero the
         gradients, update the EMA; returns the gradient norm before clipping. Marked for profilers
-        (record_function UPDATE: perf/roofline.py counts what runs inside as the update)."""
+        (record_function UPDATE: perf/roofline counts what runs inside as the update)."""
         with torch.profiler.record_function(UPDATE):
             return self._optimizer_step(part, step, update_scale)
 

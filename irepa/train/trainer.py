@@ -10,11 +10,11 @@ calls its step and the components around it:
 
 A step's randomness comes from a generator seeded by (seed, rank, step), so a resumed run repeats
 an uninterrupted one exactly. The hot loop does not synchronize with the device except on log
-and checkpoint steps. SIGTERM / SIGINT end the run after the current step with a checkpoint.
+and checkpoint steps. SIGTERM / SIGINT / SIGUSR1 end the run after the current step with a
+checkpoint, on every rank at the same step (irepa.train.preemption); `train` then reports the signal.
 """
 from __future__ import annotations
 
-import signal
 import sys
 import time
 
@@ -29,12 +29,15 @@ from irepa.train.checkpointer import Checkpointer
 from irepa.train.evaluation import Evaluator
 from irepa.train.metrics_log import MetricsLog, summary
 from irepa.train.nonfinite import FiniteWatch
+from irepa.train.preemption import StopRequest
+from irepa.train.world_checks import check_world
 
 
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         env = setup(cfg.train.device)
+        check_world(cfg, env.rank, env.world)  # batch over the ranks, same setup and run folder on every node
         self.is_main = env.is_main
         self.run_dir = cfg.run_dir
         run_folder.check(cfg, self.run_dir, recipes.get(cfg.train.recipe))  # reads only: a refusal changes nothing
@@ -46,7 +49,7 @@ class Trainer:
         self.evaluator = Evaluator(self.run, self.run_dir, self.is_main, self._log)
         self.checkpointer = Checkpointer(self.run, self.run_dir, self._log)
         self.step = self.checkpointer.resume()
-        self._stop_signal: int | None = None
+        self.stop = StopRequest(env.world)
         if self.is_main:
             run_folder.start(cfg, self.run_dir, self.step, self._log)
         barrier()
@@ -58,16 +61,10 @@ class Trainer:
         return out
 
     def train(self) -> dict:
-        """Run to train.steps; SIGTERM / SIGINT end it after the current step with a checkpoint."""
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
+        """Run to train.steps; a stop signal ends it after the current step with a checkpoint, and the
+        returned row then holds "stopped_by" (the signal) and "stopped_at" (the step of that checkpoint)."""
+        with self.stop.handlers():  # they point at this trainer only while it runs
             return self._loop()
-        finally:  # the handlers point at this trainer only while it runs
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _on_signal(self, signum, frame):
-        self._stop_signal = signum
 
     def _loop(self) -> dict:
         t, run = self.cfg.train, self.run
@@ -77,7 +74,8 @@ class Trainer:
         metrics.open(self.step)
         it = iter(run.data.loader)
         last: dict = {}
-        while self.step < t.steps and self._stop_signal is None:
+        stopped = 0
+        while self.step < t.steps and not stopped:
             t0 = time.perf_counter()
             batch = next(it)
             metrics.waited(time.perf_counter() - t0)
@@ -92,10 +90,12 @@ class Trainer:
                 self.evaluator.sample_grid(self.step, metrics)
             if t.fid_every and self.step % t.fid_every == 0:
                 self.evaluator.online_fid(self.step, metrics)
+            stopped = self.stop.requested()
         metrics.close_bar()
-        if self._stop_signal is not None:
-            self._log(f"signal {self._stop_signal}: writing a checkpoint at step {self.step} and exiting")
+        if stopped and self.step < t.steps:
+            self._log(f"signal {stopped}: writing a checkpoint at step {self.step} and exiting")
             self.save()
+            last = {**last, "stopped_by": stopped, "stopped_at": self.step}
         else:
             self.evaluator.sample_grid(self.step, metrics)
         metrics.close()

@@ -1,0 +1,3 @@
+from perf.roofline.cli import main
+
+main()
