@@ -3,7 +3,8 @@
 Both follow the loader interface in data/memory.py and agree batch for batch: the same
 (seed, epoch) permutation, strided over ranks, and the same per-sample flip as
 TensorLoader. A flip selects the stored record of the mirrored view (its own latent,
-tokens and image), so each step reads exactly one view's bytes.
+tokens and image), so each step reads exactly one view's bytes; hflip=False reads the
+unmirrored view only (data whose mirror image is another thing, like digits).
 
 Raw fields travel host -> device as stored (int16 bf16 bits, uint8 fp8 bits + scales,
 uint8 images) in pinned memory with non-blocking copies, and are decoded on the device:
@@ -65,8 +66,9 @@ class _PreparedLoader:
     def __init__(self, path: str | os.PathLike, batch_size: int, encoders: Sequence[str] = (), *, seed: int = 0,
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", images: bool = False,
                  latent_norm: str | tuple = "stats", feats_dtype: torch.dtype = torch.bfloat16,
-                 num_workers: int | None = None, prefetch: int = 3, verify: str = "sampled"):
+                 num_workers: int | None = None, prefetch: int = 3, verify: str = "sampled", hflip: bool = True):
         self.root = Path(path)
+        self.hflip = bool(hflip)
         m = self.manifest = fmt.read_manifest(self.root)
         self.n = m["num_samples"]
         if not 0 <= rank < world_size:
@@ -127,11 +129,12 @@ class _PreparedLoader:
         self._generation += 1  # an iterator from before the reload stops instead of going on
 
     def records(self, epoch: int, start_batch: int = 0) -> np.ndarray:
-        """Record ids this rank reads in `epoch` from batch `start_batch` on (2*sample + flip)."""
+        """Record ids this rank reads in `epoch` from batch `start_batch` on (2*sample + flip; flip 0
+        throughout without hflip)."""
         count = self.batches_per_epoch * self.batch_size
         order = epoch_order(self.seed, epoch, self.n, self.rank, self.world_size, count)
-        flips = epoch_flips(self.seed, epoch, self.n)[order]
-        return (2 * order + flips.long()).numpy()[start_batch * self.batch_size:]
+        flips = epoch_flips(self.seed, epoch, self.n)[order].long() * int(self.hflip)
+        return (2 * order + flips).numpy()[start_batch * self.batch_size:]
 
     def check_batch(self, epoch: int, index: int) -> str | None:
         """The stored data of batch `index` of `epoch` (this rank's), read again from the dataset
@@ -392,7 +395,7 @@ def build_loader(path: str | os.PathLike, batch_size: int, encoders: Sequence[st
     """Loader over a prepared dataset folder. backend "auto": FFCV when the folder has an
     FFCV file and ffcv imports, else memmap. Extra keywords: images, latent_norm
     ("stats" | "none" | (shift, scale)), feats_dtype, num_workers, prefetch,
-    verify ("sampled" | "full" | "none")."""
+    verify ("sampled" | "full" | "none"), hflip (False: never the mirrored view)."""
     m = fmt.read_manifest(path)
     if backend == "auto":
         backend = "ffcv" if "ffcv" in m["formats"] and ffcv_available() else "memmap"

@@ -285,10 +285,14 @@ def _encoder_name(e) -> str:
 
 
 def _encoder_family(name: str) -> str | None:
-    """The registry family of a registered encoder name (None for a module given directly)."""
-    from irepa.encoders import REGISTRY
+    """The registry family of an encoder name, a control's ("control") included (None for a module given
+    directly)."""
+    from irepa.encoders import get_spec
 
-    return REGISTRY[name].family if name in REGISTRY else None
+    try:
+        return get_spec(name).family
+    except InputError:
+        return None
 
 
 def _settings_diff(manifest: dict, src, resolution: int, kind: str, vae: str | None, encoders, storages,

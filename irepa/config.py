@@ -93,6 +93,9 @@ class DataConfig:
     """run the encoders in the train step on streamed images instead of stored features"""
     cache_dir: str | None = None
     """where the built-in dataset is prepared once; None = <train.out_dir>/datasets"""
+    hflip: bool = True
+    """train on each sample's mirrored view half the time (the prepared data stores both, ADM's augmentation);
+    false: the unmirrored view only (the digits presets: a mirrored digit is not a digit of its class)"""
     verify: str = "sampled"
     """check of the prepared files at startup: sampled (sizes + sampled digests) | full (every byte against
     full digests where prepare recorded them, and every record scanned for non-finite values) | none"""

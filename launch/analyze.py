@@ -4,9 +4,11 @@
   python launch/analyze.py metrics --encoders=dinov2-vit-b --images=/data/val --limit=2000
   python launch/analyze.py correlate --table=encoders.csv [--gfid=gfid.csv] --out=runs/analysis
   python launch/analyze.py spatialnorm --image=0 --encoders=hog,sift --gamma=0.6 --out=runs/analysis
+  torchrun --nproc_per_node=2 launch/analyze.py study --out=runs/study/digits   # the whole study, resumable
 
 `metrics` writes metrics.json / metrics.csv (one row per encoder: the NaN-aware mean over
-images of LDS (release-code and paper variants), CDS, SRSS, RMSC, and the linear-probe
+images of LDS (release-code and paper variants), CDS, SRSS, RMSC, the global share (the
+tokens' energy in their per-image mean), and the linear-probe
 accuracy when labels exist) and per_image.csv. Without --images it measures the embedded
 digits with ink (pixel > --ink) as the foreground mask. Masks become token masks by max
 pooling (a token is foreground if any of its pixels is) and SRSS is NaN only for an image
@@ -26,7 +28,11 @@ A misspelt command or option is refused before anything is computed or written.
 joins --gfid, a CSV of encoder,gfid) and writes correlation.csv (Pearson and Spearman r
 per metric) and correlation.png (metric vs gFID, fit line, r in the title; the paper's
 Figure 4). `spatialnorm` writes spatialnorm.png: cosine-similarity maps from anchor
-patches before and after irepa.align.spatial_norm, per encoder.
+patches before and after irepa.align.spatial_norm, per encoder. `study` answers the paper's
+question on the digits in one command: for each target it measures the spatial metrics and the
+probe, trains the same SiT with REPA and with iREPA aligned to it (several seeds), scores
+generation at fixed steps and writes the correlation table (Pearson and Spearman with bootstrap
+intervals and permutation p-values) and the scatter plots (irepa.study).
 
 The library is irepa.analysis; its functions take encoders as callables (images
 [B, 3, H, W] in [0, 1] -> tokens [B, (H/16)^2, E]), so they run on any feature function.
@@ -43,7 +49,7 @@ import torch
 
 from irepa.cli import UsageError  # a command line that names something wrong
 from irepa.dist import pick_device
-from irepa.errors import InputError
+from irepa.errors import InputError, InputNotFound
 from irepa.analysis import (
     EncoderFn, ImageSet, correlate_rows, default_anchors, digits_set,
     encoder_anchor_maps, filter_by_mask, folder_set, join_column, measure_encoders, plot_correlation,
@@ -234,7 +240,59 @@ def spatialnorm(image="0", encoders="hog,sift", gamma: float = 0.6, anchors=None
     return str(outdir / "spatialnorm.png")
 
 
-COMMANDS = {"metrics": metrics, "correlate": correlate, "spatialnorm": spatialnorm}
+def study(spec: str | None = None, out: str = "runs/study/digits", targets=None, seeds: list[int] | None = None,
+          eval_steps: list[int] | None = None, cache_dir: str | None = None, device: str = "auto",
+          report_only: bool = False, print_spec: bool = False):
+    """Spatial structure vs global information, end to end on the digits -> OUT/summary.md, targets.csv,
+    correlation.csv, scatter.png. Rerunning the same command continues an interrupted study.
+
+    --spec: a study spec (.json; default: the embedded one, --print_spec shows it).
+    --targets: encoder names A,B,... (replaces the spec's; NAME+global / NAME+perm are controls).
+    --seeds, --eval_steps: A,B or [A, B] (replace the spec's).
+    --cache_dir: prepared data and the metric classifier (default: OUT/datasets).
+    --report_only: rewrite the report from what OUT holds."""
+    from irepa.study import StudySpec, digits_default
+
+    try:
+        s = StudySpec.load(spec) if spec else digits_default()
+        changes = {k: v for k, v in (("targets", _names(targets) if targets is not None else None),
+                                     ("seeds", seeds), ("eval_steps", eval_steps)) if v is not None}
+        if changes:
+            s = StudySpec.from_dict({**s.to_dict(), **changes})
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if print_spec:
+        print(json.dumps(s.to_dict(), indent=2))
+        return None
+    from irepa.study.report import write_report
+    if report_only:
+        if not (Path(out) / "compare" / "spec.json").is_file():
+            raise InputNotFound(f"{out}: no study here (no compare/spec.json); run the study first")
+        text = write_report(out, s).read_text()
+        print(text)
+        return str(Path(out) / "summary.md")
+    import os
+    from irepa.compare.backend import Interrupted
+    from irepa.study.runner import Study
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if rank == 0 else \
+        (lambda m: print(f"[rank {rank}] {m}", file=sys.stderr, flush=True))
+    try:
+        summary = Study(s, out, cache_dir=cache_dir, device=device, rank=rank, world_size=world, log=log).run()
+    except (Interrupted, KeyboardInterrupt) as e:
+        sys.exit(f"analyze.py: interrupted ({e or 'SIGINT'}); finished pieces are kept in {out}: "
+                 f"run the same command again to continue")
+    except (ValueError, FileNotFoundError) as e:  # a bad spec, preset, override or folder
+        raise InputError(str(e)) from None
+    if summary is None:
+        return None
+    print(summary.read_text())
+    print(f"report: {out}/summary.md, {out}/targets.csv, {out}/correlation.csv, {out}/scatter.png")
+    return str(summary)
+
+
+COMMANDS = {"metrics": metrics, "correlate": correlate, "spatialnorm": spatialnorm, "study": study}
 
 
 def check_args(argv: list[str]) -> None:

@@ -26,13 +26,14 @@ README_NAMES = [
     "spatialpe-vit-b", "spatialpe-vit-l", "spatialpe-vit-g",
     "sam2-vit-s", "sam2-vit-b", "sam2-vit-l",
 ]
-CLASSICAL = ["hog", "hog-patch", "sift", "sift-upright", "vgg16"]
+CLASSICAL = ["hog", "hog-patch", "sift", "sift-upright", "raw-patch", "vgg16"]
+DIGITS_CNN = ["digits-cnn-l2", "digits-cnn-l4", "digits-cnn-l2-init", "digits-cnn-l4-init"]  # trained here (study)
 RADIO = ["c-radio-v2-vit-b", "c-radio-v2-vit-l", "c-radio-v2-vit-h", "c-radio-v2-vit-g",
          "c-radio-v3-vit-b", "c-radio-v3-vit-l", "c-radio-v3-vit-h", "c-radio-v3-vit-g", "c-radio-v4-vit-h"]
 # the other choice where the release's looks like a mistake (registry.VARIANTS)
 VARIANT_NAMES = ["mae-vit-l+norm", "pe-vit-bnorm", "pe-vit-lnorm", "pe-vit-gnorm"] + [
     n + "+siglip-norm" for n in README_NAMES if n.startswith("siglip")]
-ALL_NAMES = README_NAMES + RADIO + CLASSICAL + VARIANT_NAMES
+ALL_NAMES = README_NAMES + RADIO + CLASSICAL + DIGITS_CNN + VARIANT_NAMES
 
 # documented widths of the real models (the iREPA paper's encoder list and the model cards)
 REAL_DIMS = {

@@ -17,6 +17,7 @@ SOURCES = {"irepa": ROOT / "irepa", "irepa.kernels": ROOT / "kernels", "irepa.da
 # highest first; a module belongs to the longest prefix listed. Same-layer imports are allowed.
 LAYERS = [
     ["irepa.metrics.spatial"],  # the public name of the spatial metrics: an alias of irepa.analysis.spatial
+    ["irepa.study"],  # a comparison per target plus the targets' metrics and the correlations
     ["irepa.compare"],  # trains runs and evaluates them (only irepa.compare.backend imports train / recipes)
     ["irepa.train"],
     ["irepa.recipes"],

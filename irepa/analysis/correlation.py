@@ -16,7 +16,7 @@ import numpy as np
 from irepa.analysis.spatial import correlation
 from irepa.errors import InputError, InputNotFound
 
-METRIC_COLUMNS = ("lds", "lds_paper", "cds", "srss", "rmsc", "probe_acc")
+METRIC_COLUMNS = ("lds", "lds_paper", "cds", "srss", "rmsc", "probe_acc", "global_share")
 
 
 # ---------------------------------------------------------------------------------------

@@ -19,6 +19,10 @@ similarity of tokens t and u, d(t, u) the Manhattan distance |drow| + |dcol| on 
         foreground or background tokens before any metric: that is a dataset filter, not
         part of the metric (`mask_filter`, used by irepa.analysis).
 - rmsc: sqrt(mean_t ||n_t - mean_u n_u||^2), n_t the L2-normalized token.
+- global_share: ||mean_t y_t||^2 / mean_t ||y_t||^2 of the raw tokens, the share of their
+        energy in the per-image mean token (what spatial normalization removes): 1 when every
+        token is the same, about 1/T for zero-mean noise. Not a spatial metric of the paper; it
+        measures the global component they are contrasted with.
 
 Means over pairs pool all (ordered) pairs of one image, so each image weighs the same
 in the average over images; `nan_mean` averages per-image values, skipping NaN.
@@ -49,7 +53,7 @@ SRSS_MIN_FOREGROUND, SRSS_MIN_BACKGROUND = 2, 1  # metric_srss@99ad4ac: NaN belo
 RELEASE_MASK_FILTER = 64  # spatial_metrics_comparison.py@99ad4ac: num_target_count
 POOLINGS = ("max", "area")
 VARIANTS = ("code", "paper")
-METRICS = ("lds", "lds_paper", "cds", "srss", "rmsc")
+METRICS = ("lds", "lds_paper", "cds", "srss", "rmsc", "global_share")
 
 
 @functools.lru_cache(maxsize=64)
@@ -209,10 +213,17 @@ def rmsc(feats: torch.Tensor) -> torch.Tensor:
     return (n - n.mean(dim=1, keepdim=True)).square().sum(-1).mean(1).sqrt()
 
 
+def global_share(feats: torch.Tensor) -> torch.Tensor:
+    """Share of the tokens' energy in their per-image mean, [B, T, D] -> [B] (fp64 sums, fp32 out)."""
+    _check_feats(feats, "global_share")
+    y = feats.double()
+    return (y.mean(1).square().sum(-1) / y.square().sum(-1).mean(1).clamp(min=1e-300)).float()
+
+
 @torch.no_grad()
 def spatial_metrics(feats: torch.Tensor, masks: torch.Tensor | None = None,
                     pooling: str = "max") -> dict[str, torch.Tensor]:
-    """All metrics from one Gram matrix: {"lds", "lds_paper", "cds", "rmsc"[, "srss"]}, each [B]."""
+    """All metrics from one Gram matrix: {"lds", "lds_paper", "cds", "rmsc", "global_share"[, "srss"]}, each [B]."""
     side = _check_feats(feats, "spatial_metrics")
     K = cosine_gram(feats)
     out = {
@@ -220,6 +231,7 @@ def spatial_metrics(feats: torch.Tensor, masks: torch.Tensor | None = None,
         "lds_paper": lds_from_gram(K, side, "paper"),
         "cds": cds_from_gram(K, side),
         "rmsc": rmsc(feats),
+        "global_share": global_share(feats),
     }
     if masks is not None:
         out["srss"] = srss_from_gram(K, side, _grid_mask_for(feats, masks, side, pooling))

@@ -195,9 +195,10 @@ class Comparison:
                 for e in self.noise_seeds(eval_noise)]
         return [p for p in out if not p.is_file()]
 
-    def run(self, eval_noise: int = 0) -> Path | None:
+    def run(self, eval_noise: int = 0, while_waiting=None) -> Path | None:
         """This rank's runs (and, with eval_noise = K, K more scores of each run's last checkpoint);
-        rank 0 then waits for the others and writes the report (-> summary.md)."""
+        rank 0 then calls `while_waiting()` (other work of a caller: irepa.study measures its
+        targets there), waits for the others and writes the report (-> summary.md)."""
         for recipe in self.spec.recipes:  # a bad preset or override fails here, before anything is written
             self.config(recipe, self.spec.seeds[0], self.spec.steps)
         check_spec(self.out, self.spec, self.rank, self.log)
@@ -209,5 +210,7 @@ class Comparison:
             self.run_noise(recipe, seed, eval_noise)
         if self.rank != 0:
             return None
+        if while_waiting is not None:
+            while_waiting()
         _wait_for(lambda: not self.missing(eval_noise), "the other ranks' evaluations", self.log, poll=5.0)
         return write_report(self.out, self.spec)

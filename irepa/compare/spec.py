@@ -41,8 +41,36 @@ class Recipe:
                              f"{type(self.overrides).__name__}")
 
 
+class JsonSpec:
+    """A dataclass spec kept as JSON: to_dict / from_dict (unknown keys refused) / load (any problem
+    is a ValueError naming the file). `KIND` names the spec in messages."""
+
+    KIND = "spec"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"{cls.KIND}: unknown key(s) {bad}; known: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: not a {cls.KIND} ({e})") from None
+
+
 @dataclass
-class CompareSpec:
+class CompareSpec(JsonSpec):
+    KIND = "comparison spec"
+
     recipes: list[Recipe]
     seeds: list[int]
     eval_steps: list[int]
@@ -103,25 +131,6 @@ class CompareSpec:
         """Every (recipe, seed), seeds outermost: with one run per rank, each seed's recipes run side by side."""
         return [(r, s) for s in self.seeds for r in self.recipes]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CompareSpec":
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"comparison spec: unknown key(s) {bad}; known: {sorted(known)}")
-        return cls(**d)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "CompareSpec":
-        path = Path(path)
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: not a comparison spec ({e})") from None
-
     def incompatible_with(self, old: "CompareSpec") -> list[str]:
         """What differs from the spec a comparison folder was started with, beyond added recipes/seeds."""
         a, b = old.to_dict(), self.to_dict()
@@ -132,14 +141,16 @@ class CompareSpec:
 
 
 def digits_default() -> CompareSpec:
-    """The embedded default: digits, SiT-T/2, no alignment vs REPA (MLP, raw HOG) vs iREPA (conv,
-    spatial norm, HOG), three seeds, one step budget. Its 45 segments took 2,681 s of process
-    CPU at one thread each (6685bbd): about 25 minutes for the rank with 5 of the 9 runs as
-    `torchrun --nproc_per_node=2 launch/compare.py` on 2 free cores (README, "Comparing recipes")."""
+    """The embedded default: the digits presets (SiT-Tiny/2, 800 steps), no alignment vs REPA (MLP,
+    raw HOG) vs iREPA (conv, spatial norm, HOG), three seeds, evaluated over the presets' whole run.
+    A run's 800 steps take about 100 s of process CPU at one thread, an evaluation about 5 s
+    (measured for the presets, docs/study-spatial-vs-global.md): about 10 minutes as
+    `torchrun --nproc_per_node=2 launch/compare.py` on 2 free cores (an estimate from those parts).
+    Before the presets were retuned (SiT-T/2, 500 steps, 6685bbd) its 45 segments took 2,681 s."""
     return CompareSpec(
         recipes=[Recipe("none", "digits-sit-irepa", {"align.encoders": []}),
                  Recipe("repa", "digits-sit-repa"),
                  Recipe("irepa", "digits-sit-irepa")],
         seeds=[0, 1, 2],
-        eval_steps=[100, 200, 300, 400, 500],
+        eval_steps=[200, 400, 600, 800],
         num_samples=500, sample_method="heun", sample_steps=10)

@@ -4,9 +4,10 @@
     y = enc(images)           # images [B, 3, H, W] in [0, 1] -> [B, (H/16)*(W/16), enc.dim]
 
 `names()` lists every encoder (the paper's 36, the C-RADIO family, HOG, SIFT, VGG16
-pool4, and the variants of registry.VARIANTS), `info(name)` its width, input resolution
-and whether its weights are on this machine, `table()` the preprocessing of each as the
-docs/encoders.md shows it. Each name computes the tokens the official iREPA release computes for
+pool4, raw patches, the digits CNN targets trained here, and the variants of registry.VARIANTS);
+any of them + "+global" or "+perm" is a control target (controls.py). `info(name)` gives
+its width, input resolution and whether its weights are on this machine, `table()` the
+preprocessing of each as docs/encoders.md shows it. Each name computes the tokens the official iREPA release computes for
 it (registry.py). Weights are read from local files only (see `base.resolve_weights`);
 `build(name, tiny=True)` gives a randomly initialised small model of the same
 architecture for tests.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .base import Encoder, env_key, resolve_weights
+from .controls import CONTROLS
 from .registry import POS_RULES, REGISTRY, EncoderSpec, get_spec
 
 __all__ = ["Encoder", "EncoderSpec", "build", "names", "info", "infos", "get_spec", "table", "table_markdown"]
@@ -26,6 +28,15 @@ def names() -> list[str]:
 
 
 def _build_module(spec: EncoderSpec, tiny: bool, weights) -> Encoder:
+    if spec.family == "control":
+        from .controls import ControlTarget
+        return ControlTarget(spec.name, _build_module(get_spec(spec.base), tiny, weights), spec.arch)
+    if spec.family == "raw-patch":
+        from .classical import RawPatch
+        return RawPatch(spec.name)
+    if spec.family == "digits-cnn":
+        from .digits_cnn import build_digits_cnn
+        return build_digits_cnn(spec, tiny=tiny)
     if spec.family == "hog-patch":
         from .classical import HOG
         return HOG(spec.name)
@@ -79,7 +90,8 @@ def build(name: str, *, tiny: bool = False, weights=None, device: str | torch.de
 def info(name: str) -> dict:
     """Width, resolution at 256 px, weight location and presence for one encoder."""
     spec = get_spec(name)
-    path = resolve_weights(spec.name, hf_repo=spec.source if "/" in (spec.source or "") else None,
+    weighted = get_spec(spec.base) if spec.base else spec  # a control reads its base encoder's weights
+    path = resolve_weights(weighted.name, hf_repo=spec.source if "/" in (spec.source or "") else None,
                            filename=None if "/" in (spec.source or "") else spec.source,
                            must_exist=False) if spec.needs_weights else None
     return {
@@ -135,4 +147,6 @@ def table_markdown() -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("pos embed: " + "; ".join(f"`{k}` {v}" for k, v in POS_RULES.items()) + ".")
+    lines.append("")
+    lines.append("Controls (any name above): " + "; ".join(f"`NAME+{k}` {v}" for k, v in CONTROLS.items()) + ".")
     return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Classical spatial features as alignment targets: HOG, dense HOG, upright SIFT, VGG16 pool4.
+"""Classical spatial features as alignment targets: HOG, dense HOG, upright SIFT, raw patches, VGG16 pool4.
 
 The iREPA paper (arXiv 2512.10794) shows that features with strong spatial structure
 but no learned semantics still help REPA. All three give one 128-d (HOG, SIFT) or 512-d
@@ -21,6 +21,8 @@ tests use to compare against scikit-image bit for bit).
   patch (Lowe's descriptor, upright, no scale space): 4x4 spatial
   bins x 8 signed orientations, Gaussian window sigma = 8 px, trilinear (bilinear in
   space, linear in angle) vote spreading, L2 normalize -> clip 0.2 -> L2 normalize.
+- Raw patches ("raw-patch", ours): the gray pixels of each 16 px patch as its token
+  (256 values in [0, 1], row-major within the patch), no learned or hand-made feature.
 - VGG16 conv1_1..pool4 (torchvision layer indices), ImageNet normalization, stride 16,
   512 channels. The release loads torchvision's VGG16_Weights.IMAGENET1K_FEATURES
   (vgg16_features-amdegroot-88682ab5.pth, whose classifier is NaN) and still normalizes
@@ -207,6 +209,16 @@ class DenseSIFT(_WeightFree):
         A = self.spatial.to(mag.dtype)
         hist = torch.einsum("bohpwq,pc,qd->bhwcdo", votes.view(B, n, gh, p, gw, p), A, A)
         return _normalize_l2_hys(hist.reshape(B, gh * gw, self.dim), self.clip, self.eps)
+
+
+class RawPatch(_WeightFree):
+    """The gray pixels of each 16 px patch: [B, T, 256]."""
+
+    dim = GRID_PATCH * GRID_PATCH
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        gray = self.gray(x)[:, None]  # [B, 1, H, W]
+        return F.unfold(gray, GRID_PATCH, stride=GRID_PATCH).transpose(1, 2)
 
 
 VGG16_POOL4 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M")

@@ -62,8 +62,9 @@ class EncoderSpec:
     pos: str = "none"                # POS_RULES key
     final_norm: bool | None = None   # apply the model's final norm; None: the model has none
     layer_norm_eps: float | None = None  # override the checkpoint config's LayerNorm eps (transformers)
-    arch: str = ""         # architecture size key for our own implementations (vit.py, radio.py)
+    arch: str = ""         # architecture size key for our own implementations (vit.py, radio.py, digits_cnn.py)
     note: str = ""
+    base: str | None = None  # controls.py: the encoder whose tokens a "+global" / "+perm" control transforms
 
     @property
     def resolution(self) -> int:
@@ -72,7 +73,10 @@ class EncoderSpec:
 
     @property
     def needs_weights(self) -> bool:
-        return self.family not in ("hog", "hog-patch", "sift", "sift-upright")
+        """Whether weights must be put on this machine (the digits CNN trains itself here)."""
+        if self.base is not None:
+            return get_spec(self.base).needs_weights
+        return self.family not in BUILT_HERE
 
     @property
     def normalization(self) -> str:
@@ -83,9 +87,15 @@ class EncoderSpec:
         return known.get((tuple(self.mean), tuple(self.std)), "custom")
 
 
+BUILT_HERE = ("hog", "hog-patch", "sift", "sift-upright", "raw-patch", "digits-cnn")
+"""families that need no weight file: weight free, or trained on this machine (digits_cnn.py)"""
+
+
 def _s(*a, **k) -> EncoderSpec:
     return EncoderSpec(*a, **k)
 
+
+_DIGITS_CNN = "trained here (digits)"
 
 # shared settings per release loader (ldm/vision_encoder.py class in the comment)
 _DINO = dict(normalize_first=True, pos="timm", final_norm=True, layer_norm_eps=1e-6)   # DINOEncoder, DINOv2Encoder
@@ -160,6 +170,17 @@ _SPECS = [
     _s("sift", "sift", 128, 16, None, None, None, interpolation="bilinear",
        note="the release's SIFT: kornia, dominant orientation, 41 px patches"),
     _s("sift-upright", "sift-upright", 128, 16, None, None, None, note="own upright dense SIFT, not in the release"),
+    _s("raw-patch", "raw-patch", 256, 16, None, None, None,
+       note="own: the gray pixels of each 16 px patch, not in the release"),
+    # learned targets of the spatial-vs-global study (irepa.study), trained here on digits (digits_cnn.py)
+    _s("digits-cnn-l2", "digits-cnn", 32, 16, _DIGITS_CNN, None, None, arch="2",
+       note="own: layer 2 of a 4-layer CNN trained on half the digits (receptive field 5 tokens)"),
+    _s("digits-cnn-l4", "digits-cnn", 32, 16, _DIGITS_CNN, None, None, arch="4",
+       note="own: layer 4 (the one its classifier pools; receptive field 9 tokens)"),
+    _s("digits-cnn-l2-init", "digits-cnn", 32, 16, _DIGITS_CNN, None, None, arch="2-init",
+       note="own: digits-cnn-l2 at its seeded initialisation, untrained"),
+    _s("digits-cnn-l4-init", "digits-cnn", 32, 16, _DIGITS_CNN, None, None, arch="4-init",
+       note="own: digits-cnn-l4 at its seeded initialisation, untrained"),
     _s("vgg16", "vgg16", 512, 16, "vgg16_features-amdegroot-88682ab5.pth", interpolation="bilinear",
        note="conv1_1..pool4, torchvision IMAGENET1K_FEATURES file"),
 ]
@@ -191,7 +212,17 @@ ALIASES = {"vgg16-pool4": "vgg16", "dense-sift": "sift", "hog-dense": "hog",
 
 
 def get_spec(name: str) -> EncoderSpec:
+    """The spec of a registered name, an alias, or a control of either (`<name>+global`, `<name>+perm`:
+    controls.py)."""
+    from .controls import CONTROLS, split_control
+
     key = ALIASES.get(name, name)
-    if key not in REGISTRY:
-        raise InputError(f"unknown encoder {name!r}; known: {', '.join(REGISTRY)}")
-    return REGISTRY[key]
+    if key in REGISTRY:
+        return REGISTRY[key]
+    control = split_control(key)
+    if control is None:
+        raise InputError(f"unknown encoder {name!r}; known: {', '.join(REGISTRY)} (and any of them + "
+                         f"{' or '.join('+' + k for k in CONTROLS)})")
+    base = get_spec(control[0])
+    return replace(base, name=f"{base.name}+{control[1]}", family="control", arch=control[1], base=base.name,
+                   note=CONTROLS[control[1]])

@@ -59,10 +59,12 @@ def _presets() -> dict[str, dict]:
         out[f"meanflow-sit-{tag}-irepa"] = merge_trees(base, {"align": {"encoders": ["dinov2-vit-b"],
                                                                         "projector": "conv", "gamma": 0.6,
                                                                         "weight": 1.0}})
-    # digits: the SiT digits default's model and data; MeanFlow's optimizer and B/2 guidance, sized
-    # for a 2-core CPU in minutes (a MeanFlow step costs ~3x a flow-matching one: perf/RESULTS.md).
-    # 1200 steps (5.5 min idle on 2 cores): at 400 the 1-NFE grid is strokes, at 1200 each row is its digit
+    # digits: the SiT digits default's data and target (never mirrored) with the SiT-T/2 it was sized
+    # with; MeanFlow's optimizer and B/2 guidance, for a 2-core CPU in minutes (a MeanFlow step costs
+    # ~3x a flow-matching one: perf/RESULTS.md). 1200 steps (5.5 min idle on 2 cores, measured with
+    # mirrored views): at 400 the 1-NFE grid is strokes, at 1200 each row is its digit
     digits = merge_trees(_sit_presets()["digits-sit-irepa"], {
+        "model": {"name": "SiT-T/2", "align_depth": 2},
         "optim": {"lr": 1e-3, "betas": (0.9, 0.95), "grad_clip": 1.0, "warmup_steps": 50},
         "train": {"steps": 1200, "batch_size": 32, "ema_decays": [0.99], "log_every": 40, "ckpt_every": 600,
                   "sample_method": "euler", "sample_steps": 1},

@@ -150,7 +150,7 @@ def build_data(cfg: Config, recipe, model: nn.Module, rank: int, world_size: int
     check_num_classes(manifest, cfg.model.num_classes, path)
     loader = data_pkg.build_loader(path, local_batch, [] if online else cfg.align.encoders, seed=cfg.train.seed,
                                    rank=rank, world_size=world_size, device=device, backend=cfg.data.backend,
-                                   images=online, verify=cfg.data.verify)
+                                   images=online, verify=cfg.data.verify, hflip=cfg.data.hflip)
     return DataBundle(loader, dims, manifest, online_encoders=encs)
 
 

@@ -18,11 +18,12 @@ import torch
 from irepa import encoders
 from irepa.align import spatial_norm
 from irepa.analysis.features import digits_set
+from irepa.analysis.spatial import global_share
 
 
 def describe(y: torch.Tensor) -> tuple[float, float, float]:
     """(global-mean energy share, neighbour cosine, far cosine) of tokens y [B, T, E] on a square grid."""
-    share = (y.mean(1).pow(2).sum(-1) / y.pow(2).sum(-1).mean(1)).mean().item()
+    share = global_share(y).mean().item()
     u = torch.nn.functional.normalize(y, dim=-1)
     k = u @ u.transpose(1, 2)
     side = int(round(y.shape[1] ** 0.5))
