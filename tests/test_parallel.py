@@ -23,7 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH, WORLD = 4, 8, 2
 TINY = {"model.name": "SiT-Tiny/2", "model.input_size": 4, "data.resolution": 32, "train.batch_size": BATCH,
         "train.precision": "fp32", "train.log_every": 1, "train.ckpt_every": 2, "train.sample_steps": 2,
-        "train.ema_decays": [0.9], "optim.warmup_steps": 0, "train.device": "cpu"}
+        "train.ema_decays": [0.9], "optim.warmup_steps": 0, "train.device": "cpu",
+        # the tolerances below were set with these, the digits presets before their retune (now lr 5e-3,
+        # depth 1, never mirrored); the step-1 denoise equality of the online-encoder test holds exactly only here
+        "optim.lr": 1e-3, "model.align_depth": 2, "data.hflip": True}
 
 
 def _cli(overrides: dict) -> list[str]:

@@ -134,7 +134,7 @@ def test_config_mismatch_names_the_move_aside(two_ckpts, tmp_path):
     from irepa.errors import UserError  # printed as one line by the launch scripts
     with pytest.raises(UserError, match=r"holds another run.*--train.resume false to move that run "
                                          r"aside into .*previous-<time>"):
-        Trainer(_cfg(tmp_path, "run", **{"model.align_depth": 1}))
+        Trainer(_cfg(tmp_path, "run", **{"model.align_depth": 2}))
 
 
 # -- item 3: non-finite values ---------------------------------------------------------------------

@@ -154,7 +154,7 @@ def test_unparseable_safetensors_names_file(finished, tmp_path):
 def test_run_folder_with_other_model_is_refused(finished, tmp_path):
     _copy(finished, tmp_path)
     with pytest.raises(ValueError, match="settings a resume cannot change differ: model.align_depth"):
-        Trainer(_cfg(tmp_path, "bad", **{"model.align_depth": 1}))
+        Trainer(_cfg(tmp_path, "bad", **{"model.align_depth": 2}))
 
 
 def test_load_for_inference_gives_ema_model(finished):
