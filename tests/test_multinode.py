@@ -102,6 +102,24 @@ def _start_agents(nodes, args: list[str], *, per_node: int = 1, max_restarts: in
     return procs
 
 
+SLOW_TRAIN = """import runpy, sys, time
+from irepa.train.trainer import Trainer
+step = Trainer.train_step
+def slow_step(self, batch, index):
+    time.sleep(0.1)
+    return step(self, batch, index)
+Trainer.train_step = slow_step
+sys.argv[0] = "{train}"
+runpy.run_path("{train}", run_name="__main__")
+"""
+
+
+def _complete_checkpoint_from(run_dir: Path, step: int) -> bool:
+    """A complete checkpoint (its manifest written) of `step` or later in the run folder."""
+    return any(int(d.name.split("-")[1]) >= step for d in (run_dir / "checkpoints").glob("step-*[0-9]")
+               if (d / "manifest.json").is_file())
+
+
 def _results(procs: list[subprocess.Popen], timeout: int = 300) -> list[subprocess.CompletedProcess]:
     out = []
     for p in procs:
@@ -373,13 +391,17 @@ def test_a_killed_node_leaves_an_elastic_job_running_on_the_rest(tmp_path, digit
     newest complete checkpoint on a world of 1 (FSDP shards resharded, the same global sample) and
     finishes, each step logged once."""
     steps = 40
-    procs = _start_agents("1:2", [str(ROOT / "launch/train.py"),
-                                  *_overrides(tmp_path, "elastic", digits_cache, **{"train.steps": steps})],
+    # each step sleeps 0.1 s: on an idle machine the 40 tiny steps take ~1 s, less than a poll can
+    # see a checkpoint before the run ends; the kill must land mid-run
+    slow = tmp_path / "slow_train.py"
+    slow.write_text(SLOW_TRAIN.format(train=ROOT / "launch/train.py"))
+    procs = _start_agents("1:2", [str(slow), *_overrides(tmp_path, "elastic", digits_cache, **{"train.steps": steps})],
                           max_restarts=1, rdzv_conf="last_call_timeout=1", stagger=3)
     run_dir = tmp_path / "elastic"
     deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoints/step-0000004/manifest.json").is_file() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    while not _complete_checkpoint_from(run_dir, 4) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (run_dir / f"checkpoints/step-{steps:07d}").exists(), "the run ended before the kill"
     node = procs[1]
     workers = [int(w) for f in Path(f"/proc/{node.pid}/task").glob("*/children") for w in f.read_text().split()]
     for pid in [node.pid, *workers]:
