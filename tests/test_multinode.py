@@ -84,10 +84,11 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def _start_agents(nodes, args: list[str], *, per_node: int = 1, max_restarts: int = 0, cwd=(ROOT,), extra=([],),
-                  started: int | None = None, rdzv_conf: str = "", stagger: float = 0) -> list[subprocess.Popen]:
+                  started: int | None = None, rdzv_conf: str = "", store_first: bool = False) -> list[subprocess.Popen]:
     """`nodes` torchrun agents on localhost forming one job through the c10d rendezvous (nodes: a
     count, or torchrun's elastic "min:max"), started together (the first `started` of them only, if
-    given; `stagger` seconds apart), agent i with cwd[i] and args + extra[i] (cycled)."""
+    given), agent i with cwd[i] and args + extra[i] (cycled). store_first: the others start once
+    agent 0 listens on the rendezvous port, so agent 0 hosts the store."""
     port = _free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc-per-node={per_node}",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", f"--rdzv-id=job{port}",
@@ -98,8 +99,20 @@ def _start_agents(nodes, args: list[str], *, per_node: int = 1, max_restarts: in
     for i in range(count):
         procs.append(subprocess.Popen(cmd + extra[i % len(extra)], env=env, cwd=cwd[i % len(cwd)],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        time.sleep(stagger if i + 1 < count else 0)
+        if store_first and i == 0:
+            _wait_listening(port, procs[0])
     return procs
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the first agent exited: {proc.communicate()[1][-3000:]}"
+        with socket.socket() as s:
+            if s.connect_ex(("localhost", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no rendezvous store on port {port} after {timeout} s")
 
 
 SLOW_TRAIN = """import runpy, sys, time
@@ -118,6 +131,18 @@ def _complete_checkpoint_from(run_dir: Path, step: int) -> bool:
     """A complete checkpoint (its manifest written) of `step` or later in the run folder."""
     return any(int(d.name.split("-")[1]) >= step for d in (run_dir / "checkpoints").glob("step-*[0-9]")
                if (d / "manifest.json").is_file())
+
+
+def _world_of_newest_checkpoint(run_dir: Path) -> int:
+    """The world size saved in the newest complete checkpoint (retried: the running job prunes old ones)."""
+    from irepa.train.checkpoint import read_trainer_state
+    for _ in range(20):
+        done = sorted(d for d in (run_dir / "checkpoints").glob("step-*[0-9]") if (d / "manifest.json").is_file())
+        try:
+            return read_trainer_state(done[-1])[0]["world_size"]
+        except (OSError, IndexError):
+            time.sleep(0.05)
+    raise AssertionError(f"no readable complete checkpoint in {run_dir}")
 
 
 def _results(procs: list[subprocess.Popen], timeout: int = 300) -> list[subprocess.CompletedProcess]:
@@ -387,21 +412,26 @@ def test_setup_differences_name_the_keys_files_and_versions():
 
 def test_a_killed_node_leaves_an_elastic_job_running_on_the_rest(tmp_path, digits_cache):
     """--nnodes 1:2: one node (its agent and its worker) SIGKILLed after the step-4 checkpoint; the
-    other agent (started first, so it hosts the rendezvous store, which must outlive the job) restarts its worker, the rendezvous closes with one node, and the run resumes from the
-    newest complete checkpoint on a world of 1 (FSDP shards resharded, the same global sample) and
-    finishes, each step logged once."""
+    other agent (started first, so it hosts the rendezvous store, which must outlive the job)
+    restarts its worker, the rendezvous closes with one node, and the run resumes from the newest
+    complete checkpoint on a world of 1 (FSDP shards resharded, the same global sample) and
+    finishes, each step logged once. The first round waits up to last_call_timeout for the second
+    node: with 1 s, a second agent slow to start under load missed it, joined later, and its
+    arrival restarted the job from step 1 (a membership change, which costs no restart)."""
     steps = 40
     # each step sleeps 0.1 s: on an idle machine the 40 tiny steps take ~1 s, less than a poll can
     # see a checkpoint before the run ends; the kill must land mid-run
     slow = tmp_path / "slow_train.py"
     slow.write_text(SLOW_TRAIN.format(train=ROOT / "launch/train.py"))
     procs = _start_agents("1:2", [str(slow), *_overrides(tmp_path, "elastic", digits_cache, **{"train.steps": steps})],
-                          max_restarts=1, rdzv_conf="last_call_timeout=1", stagger=3)
+                          max_restarts=1, rdzv_conf="last_call_timeout=15", store_first=True)
     run_dir = tmp_path / "elastic"
     deadline = time.monotonic() + 300
     while not _complete_checkpoint_from(run_dir, 4) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not (run_dir / f"checkpoints/step-{steps:07d}").exists(), "the run ended before the kill"
+    from irepa.train.checkpoint import read_trainer_state
+    assert _world_of_newest_checkpoint(run_dir) == 2, "the first rendezvous round did not hold both nodes"
     node = procs[1]
     workers = [int(w) for f in Path(f"/proc/{node.pid}/task").glob("*/children") for w in f.read_text().split()]
     for pid in [node.pid, *workers]:
@@ -412,5 +442,4 @@ def test_a_killed_node_leaves_an_elastic_job_running_on_the_rest(tmp_path, digit
     assert len(resumed) == 1 and int(resumed[0].rsplit(" ", 1)[1]) >= 4, survivor.stderr[-3000:]
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == list(range(1, steps + 1))
-    from irepa.train.checkpoint import read_trainer_state
     assert read_trainer_state(run_dir / f"checkpoints/step-{steps:07d}")[0]["world_size"] == 1
