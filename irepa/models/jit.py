@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention, resolve_backend
-from .layers import LabelEmbedder, TimestepEmbedder, init_adaln_zero_, sincos_pos_embed_2d
+from .layers import LabelEmbedder, PatchGridModel, TimestepEmbedder, init_adaln_zero_, sincos_pos_embed_2d
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ class JiTFinalLayer(nn.Module):
         return self.linear(self.modulate(self.norm_final(x), shift, scale))
 
 
-class JiT(nn.Module):
+class JiT(PatchGridModel):
     def __init__(self, input_size: int = 256, patch_size: int = 16, in_channels: int = 3,
                  dim: int = 768, depth: int = 12, heads: int = 12, bottleneck: int = 128,
                  mlp_ratio: float = 4.0, num_classes: int = 1000, class_dropout_prob: float = 0.1,
@@ -267,17 +267,6 @@ class JiT(nn.Module):
         if self.in_context_len:
             nn.init.normal_(self.in_context_posemb, std=0.02)
         self.init_buffers()
-
-    @property
-    def null_class(self) -> int | None:
-        """The label index that means "no class" (CFG's unconditional branch); None when the
-        model was built without label dropout and so has no such row."""
-        return self.y_embedder.null_class
-
-    def unpatchify(self, x_BTP: torch.Tensor) -> torch.Tensor:
-        B, p, c, g = x_BTP.shape[0], self.patch_size, self.out_channels, self.grid
-        x = x_BTP.reshape(B, g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(B, c, g * p, g * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 drop_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -93,7 +93,7 @@ class LabelEmbedder(nn.Module):
             if lo < 0 or hi >= self.embedding_table.num_embeddings:
                 bad = lo if lo < 0 else hi
                 null = (f"{self.num_classes} is the null class" if self.null_class is not None else
-                        f"no null class: trained without label dropout, so no classifier-free guidance")
+                        "no null class: trained without label dropout, so no classifier-free guidance")
                 raise ValueError(f"class label {bad} is out of range: the model has classes 0..{self.num_classes - 1} "
                                  f"({null})")
         return self.embedding_table(y)
@@ -128,3 +128,25 @@ def init_adaln_zero_(model: nn.Module) -> None:
     for layer in [blk.adaLN_modulation[-1] for blk in model.blocks] + [final.adaLN_modulation[-1], final.linear]:
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
+
+
+class PatchGridModel(nn.Module):
+    """What SiT and JiT share around their blocks: a label embedder `y_embedder` and a
+    square grid of `grid` x `grid` patches of `patch_size` pixels and `out_channels` channels."""
+
+    y_embedder: LabelEmbedder
+    patch_size: int
+    out_channels: int
+    grid: int
+
+    @property
+    def null_class(self) -> int | None:
+        """The label index that means "no class" (CFG's unconditional branch); None when the
+        model was built without label dropout and so has no such row."""
+        return self.y_embedder.null_class
+
+    def unpatchify(self, x_BTP: torch.Tensor) -> torch.Tensor:
+        """[B, T, p*p*C] tokens -> [B, C, H, W] image."""
+        B, p, c, g = x_BTP.shape[0], self.patch_size, self.out_channels, self.grid
+        x = x_BTP.reshape(B, g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(B, c, g * p, g * p)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .attention import attention, resolve_backend
-from .layers import LabelEmbedder, Mlp, TimestepEmbedder, get_modulate_norm, init_adaln_zero_, sincos_pos_embed_2d
+from .layers import LabelEmbedder, Mlp, PatchGridModel, TimestepEmbedder, get_modulate_norm, init_adaln_zero_, sincos_pos_embed_2d
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class FinalLayer(nn.Module):
         return self.linear(self.modulate_norm(x, shift, scale))
 
 
-class SiT(nn.Module):
+class SiT(PatchGridModel):
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                  dim: int = 1152, depth: int = 28, heads: int = 16, mlp_ratio: float = 4.0,
                  num_classes: int = 1000, class_dropout_prob: float = 0.1, learn_sigma: bool = False,
@@ -117,17 +117,6 @@ class SiT(nn.Module):
     def sincos_pos_embed(self) -> torch.Tensor:
         """The fixed 2-D sin-cos table [1, T, D] (where a trained pos_embed starts)."""
         return torch.from_numpy(sincos_pos_embed_2d(self.dim, self.grid))[None]
-
-    @property
-    def null_class(self) -> int | None:
-        """The label index that means "no class" (CFG's unconditional branch); None when the
-        model was built without label dropout and so has no such row."""
-        return self.y_embedder.null_class
-
-    def unpatchify(self, x_BTP: torch.Tensor) -> torch.Tensor:
-        B, p, c, g = x_BTP.shape[0], self.patch_size, self.out_channels, self.grid
-        x = x_BTP.reshape(B, g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(B, c, g * p, g * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor | None = None,
                 extra_cond: torch.Tensor | None = None, hidden_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
