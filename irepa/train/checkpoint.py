@@ -197,19 +197,44 @@ def save(run_dir: str | Path, step: int, parts: dict, *, trainer_state: dict, rn
                                                       for n, p in parts.items()}}
     if sharded:
         state["sharded"] = True
-    err, hashes = None, {}
+    _all_ranks_ok(_fresh_tmp(root, tmp) if rank == 0 else None, tmp, rank)
+    hashes, err = _write_payload(tmp, parts, rank, sharded, rng, state)
+    gathered = all_gather_object((hashes, err))
+    if any(e for _, e in gathered):
+        _failed_write(tmp, [e for _, e in gathered], rank)
+    hashes = {k: v for part, _ in gathered for k, v in part.items()}
+    _all_ranks_ok(_write_manifest(tmp, step, hashes, sharded, world) if rank == 0 else None, tmp, rank)
     if rank == 0:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        except OSError as e:
-            err = _write_error(e, tmp)
+        if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune(root, keep, final)
+    barrier()
+    return final
+
+
+def _all_ranks_ok(err, tmp: Path, rank: int) -> None:
+    """Collective: every rank raises (and rank 0 removes tmp) when any rank's err is set."""
     errors = all_gather_object(err)
     if any(errors):
         _failed_write(tmp, errors, rank)
-    writing = tmp
+
+
+def _fresh_tmp(root: Path, tmp: Path):
+    """An empty step-N.tmp/ (rank 0); the write error, or None."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        return _write_error(e, tmp)
+    return None
+
+
+def _write_payload(tmp: Path, parts: dict, rank: int, sharded: bool, rng: dict, state: dict) -> tuple[dict, object]:
+    """This rank's files into tmp: (their sizes and digests by name, the write error or None)."""
+    writing, hashes = tmp, {}
     try:
         if sharded:
             writing = tmp / "dcp"
@@ -222,34 +247,25 @@ def save(run_dir: str | Path, step: int, parts: dict, *, trainer_state: dict, rn
             files["trainer.safetensors"] = writing
         hashes = {name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for name, p in files.items()}
     except _FileWriteError as e:
-        err = _write_error(e.__cause__, e.path)
+        return hashes, _write_error(e.__cause__, e.path)
     except Exception as e:  # OSError from our files; DCP wraps its writers' errors in CheckpointException
-        err = _write_error(e, writing)
-    gathered = all_gather_object((hashes, err))
-    if any(e for _, e in gathered):
-        _failed_write(tmp, [e for _, e in gathered], rank)
-    hashes = {k: v for part, _ in gathered for k, v in part.items()}
-    if rank == 0:
-        manifest = {"format_version": FORMAT_VERSION, "step": step, "files": dict(sorted(hashes.items()))}
-        if sharded:
-            manifest.update(sharded=True, world_size=world)
-        try:
-            with open(tmp / "manifest.json", "w") as f:
-                json.dump(manifest, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            err = _write_error(e, tmp / "manifest.json")
-    errors = all_gather_object(err)
-    if any(errors):
-        _failed_write(tmp, errors, rank)
-    if rank == 0:
-        if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _prune(root, keep, final)
-    barrier()
-    return final
+        return hashes, _write_error(e, writing)
+    return hashes, None
+
+
+def _write_manifest(tmp: Path, step: int, hashes: dict, sharded: bool, world: int):
+    """tmp/manifest.json, the mark of a complete checkpoint (rank 0); the write error, or None."""
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "files": dict(sorted(hashes.items()))}
+    if sharded:
+        manifest.update(sharded=True, world_size=world)
+    try:
+        with open(tmp / "manifest.json", "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return _write_error(e, tmp / "manifest.json")
+    return None
 
 
 class _FileWriteError(Exception):
