@@ -46,21 +46,7 @@ def _convert(v: Any, tp: Any) -> Any:
     if tp is Any or tp is inspect.Parameter.empty:
         return v
     if _is_union(tp):
-        args = typing.get_args(tp)
-        if type(None) in args:
-            if v is None:
-                return None
-            # a word for None, unless a string field could mean the word itself (a folder named "none")
-            if isinstance(v, str) and v.strip().lower() in NONE_WORDS and (str not in args or v.strip() == "None"):
-                return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(v, arg)
-            except _Mismatch:
-                pass
-        raise _Mismatch
+        return _union(v, typing.get_args(tp))
     origin = typing.get_origin(tp)
     if origin is Literal:
         for choice in typing.get_args(tp):
@@ -69,45 +55,75 @@ def _convert(v: Any, tp: Any) -> Any:
         raise _Mismatch
     if origin in (list, tuple) or tp in (list, tuple):
         return _sequence(v, tp, origin or tp)
-    if tp is bool:
-        if isinstance(v, bool):
-            return v
-        if isinstance(v, int) and v in (0, 1):
-            return bool(v)
-        if isinstance(v, str) and v.strip().lower() in TRUE_WORDS + FALSE_WORDS:
-            return v.strip().lower() in TRUE_WORDS
-        raise _Mismatch
-    if tp is int:
-        if isinstance(v, bool):
-            raise _Mismatch
-        if isinstance(v, int):
-            return v
-        if isinstance(v, str):
-            try:
-                return int(v.strip())
-            except ValueError:
-                v = _float(v)
-        if isinstance(v, float) and math.isfinite(v) and v.is_integer():  # 4e5 is an integer, 2.5 is not
-            return int(v)
-        raise _Mismatch
-    if tp is float:
-        if isinstance(v, bool):
-            raise _Mismatch
-        f = _float(v) if isinstance(v, str) else float(v) if isinstance(v, (int, float)) else None
-        if f is None or not math.isfinite(f):
-            raise _Mismatch
-        return f
-    if tp is str:
-        if isinstance(v, str):
-            return v
-        if isinstance(v, (int, float)) and not isinstance(v, bool):  # fire read `--out 2024` as a number
-            return str(v)
-        raise _Mismatch
+    if isinstance(tp, type) and tp in _SCALARS:
+        return _SCALARS[tp](v)
     if isinstance(tp, type):
         if isinstance(v, tp):
             return v
         raise _Mismatch
     return v  # an annotation this module does not interpret
+
+
+def _union(v: Any, args: tuple) -> Any:
+    if type(None) in args:
+        if v is None:
+            return None
+        # a word for None, unless a string field could mean the word itself (a folder named "none")
+        if isinstance(v, str) and v.strip().lower() in NONE_WORDS and (str not in args or v.strip() == "None"):
+            return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(v, arg)
+        except _Mismatch:
+            pass
+    raise _Mismatch
+
+
+def _to_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return v.strip().lower() in TRUE_WORDS
+    raise _Mismatch
+
+
+def _to_int(v: Any) -> int:
+    if isinstance(v, bool):
+        raise _Mismatch
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str):
+        try:
+            return int(v.strip())
+        except ValueError:
+            v = _float(v)
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():  # 4e5 is an integer, 2.5 is not
+        return int(v)
+    raise _Mismatch
+
+
+def _to_float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise _Mismatch
+    f = _float(v) if isinstance(v, str) else float(v) if isinstance(v, (int, float)) else None
+    if f is None or not math.isfinite(f):
+        raise _Mismatch
+    return f
+
+
+def _to_str(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):  # fire read `--out 2024` as a number
+        return str(v)
+    raise _Mismatch
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def _float(s: str) -> float | None:
