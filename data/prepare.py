@@ -259,7 +259,10 @@ def prepare(source: str, out: str, *, resolution: int = 256, vae: str | None = N
     ranks = lambda: [_progress(partial, r) for r in range(world_size)]  # noqa: E731
     all_done = lambda: all(p["finished"] for p in ranks())  # noqa: E731
     if d:
-        if not all_done():  # every rank reads the same files after on_every_rank's gather, so all agree
+        # one decision for all ranks, taken before rank 0's finalize moves the progress files into the
+        # dataset: a rank that read them after that move would see none, think the work unfinished and
+        # exit while rank 0 waits for it in finalize's gather
+        if not all(all_gather_object(all_done())):
             return None
     elif not finished or rank != 0:
         return None

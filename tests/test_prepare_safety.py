@@ -270,6 +270,39 @@ def test_bad_options_are_one_line_and_leave_nothing(tmp_path, capsys, monkeypatc
 
 # -- item 9: under torchrun ----------------------------------------------------------------------------
 
+_SLOW_RANK_1 = """
+import sys, time
+import torch.distributed as dist
+from irepa.data.prepare import prepare
+dist.init_process_group("gloo")
+module = sys.modules[prepare.__module__]
+read = module._progress
+if dist.get_rank() == 1:  # a rank that reads the progress files late (a loaded machine)
+    module._progress = lambda partial, r: (time.sleep(1.0), read(partial, r))[1]
+out = prepare(sys.argv[1], sys.argv[2], resolution={res}, kind="pixels", encoders=[], formats=("memmap",),
+              batch_size=2, progress=False, num_threads=1)
+print(f"rank {{dist.get_rank()}}: {{out}}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_a_rank_that_reads_progress_late_still_agrees_the_work_is_done(tmp_path):
+    """Rank 1 reads the progress files a second later than rank 0: both must still decide the
+    preparation is complete before rank 0's finalize moves those files into the dataset (before
+    the fix rank 1 saw no files, returned early and exited, and rank 0 failed in its gather)."""
+    from test_parallel import _env
+
+    src = _folder(tmp_path / "imgs", bad=False, n_good=2)
+    (tmp_path / "w.py").write_text(_SLOW_RANK_1.format(res=RES))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "w.py"), str(src), str(tmp_path / "ds")]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert sorted(line for line in p.stdout.splitlines() if line.startswith("rank ")) == \
+        [f"rank {r}: {tmp_path / 'ds'}" for r in range(2)]
+    _check_records(str(tmp_path / "ds"), src)
+
+
 def test_torchrun_skips_bad_files_and_an_error_on_one_rank_ends_both_with_one_line(tmp_path):
     from test_parallel import _env
 
