@@ -254,11 +254,8 @@ def study(spec: str | None = None, out: str = "runs/study/digits", targets=None,
     from irepa.study import StudySpec, digits_default
 
     try:
-        s = StudySpec.load(spec) if spec else digits_default()
-        changes = {k: v for k, v in (("targets", _names(targets) if targets is not None else None),
-                                     ("seeds", seeds), ("eval_steps", eval_steps)) if v is not None}
-        if changes:
-            s = StudySpec.from_dict({**s.to_dict(), **changes})
+        s = StudySpec.load_or_default(spec, digits_default, targets=_names(targets) if targets is not None else None,
+                                      seeds=seeds, eval_steps=eval_steps)
     except ValueError as e:
         raise InputError(str(e)) from None
     if print_spec:

@@ -58,11 +58,8 @@ def main(spec: str | None = None, out: str = "runs/compare/digits", seeds: list[
     from irepa.compare.spec import CompareSpec, digits_default
 
     try:
-        s = CompareSpec.load(spec) if spec else digits_default()
-        changes = {k: v for k, v in (("seeds", seeds), ("eval_steps", eval_steps), ("num_samples", num_samples),
-                                     ("metric", metric)) if v is not None}
-        if changes:
-            s = CompareSpec.from_dict({**s.to_dict(), **changes})
+        s = CompareSpec.load_or_default(spec, digits_default, seeds=seeds, eval_steps=eval_steps,
+                                        num_samples=num_samples, metric=metric)
     except ValueError as e:
         raise InputError(str(e)) from None
     if print_spec:

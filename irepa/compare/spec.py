@@ -66,6 +66,14 @@ class JsonSpec:
         except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: not a {cls.KIND} ({e})") from None
 
+    @classmethod
+    def load_or_default(cls, path: str | Path | None, default, **changes):
+        """The spec at `path` (else `default()`) with the changes that are not None applied
+        (a command line's overrides); any problem is a ValueError."""
+        spec = cls.load(path) if path else default()
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return cls.from_dict({**spec.to_dict(), **changes}) if changes else spec
+
 
 @dataclass
 class CompareSpec(JsonSpec):
